@@ -1,0 +1,23 @@
+"""mishops: the ``Conv2d -> Mish -> Mish`` block as fast as the hardware allows.
+
+``mish2(x)`` computes ``F.mish(F.mish(x))`` in one pass with the fastest correct backend for the
+input (inline CUDA C++, Triton, CuPy or eager PyTorch); ``ModelNew`` is the whole block.
+"""
+
+from mishops.dispatch import NoBackendError, last_choices
+from mishops.model import ModelNew
+from mishops.ops import mish2
+from mishops.registry import Availability, Backend, register
+
+__version__ = "0.1.0"
+
+
+def backends():
+    """Every registered backend, in preference order, keyed by name."""
+    from mishops import registry
+
+    return registry.backends()
+
+
+__all__ = ["Availability", "Backend", "ModelNew", "NoBackendError", "backends", "last_choices",
+           "mish2", "register", "__version__"]

@@ -1,0 +1,65 @@
+"""``mish2``: the functional entry point, and the ``mishops::mish2`` custom op behind autograd and compile.
+
+The custom op is opaque to ``torch.compile``: the dispatcher chooses at run time inside it, never
+in traced code, and its fake implementation gives the output's shape and strides. Its backward is
+a second custom op that recomputes from the saved input alone (d/dx mish(mish(x)) needs nothing
+else), in one fused pass on the kernel backends.
+
+Calls that need neither autograd nor tracing skip the custom-op machinery: its Python overhead is
+several times the dispatcher's, and a cached call must stay within a few microseconds of calling
+the chosen backend directly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mishops import dispatch
+
+
+@torch.library.custom_op("mishops::mish2", mutates_args=())
+def _mish2_op(x: torch.Tensor, backend: str) -> torch.Tensor:
+    return dispatch.run("forward", x, backend=backend)
+
+
+@_mish2_op.register_fake
+def _(x: torch.Tensor, backend: str) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("mishops::mish2_backward", mutates_args=())
+def _mish2_backward_op(x: torch.Tensor, grad_out: torch.Tensor, backend: str) -> torch.Tensor:
+    return dispatch.run("backward", x, grad_out, backend=backend)
+
+
+@_mish2_backward_op.register_fake
+def _(x: torch.Tensor, grad_out: torch.Tensor, backend: str) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _setup_context(ctx, inputs, output):
+    x, backend = inputs
+    ctx.save_for_backward(x)
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_out):
+    (x,) = ctx.saved_tensors
+    return _mish2_backward_op(x, grad_out, ctx.backend), None
+
+
+_mish2_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def mish2(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``F.mish(F.mish(x))`` in one pass, by the fastest correct backend for this input.
+
+    ``backend`` names one (``mishops.backends()`` lists them) or is ``"auto"``; the
+    ``MISHOPS_BACKEND`` environment variable overrides it. Differentiable, and safe inside
+    ``torch.compile`` and CUDA graphs.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"mish2 expects a torch.Tensor, got {type(x).__name__}")
+    if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
+        return _mish2_op(x, backend)
+    return dispatch.run("forward", x, backend=backend)
