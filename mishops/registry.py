@@ -178,6 +178,8 @@ def backends() -> dict[str, Backend]:
 
 
 def get(name: str) -> Backend:
+    if name in _backends:  # the hot path of a named backend: no import, no sort
+        return _backends[name]
     found = backends()
     if name not in found:
         raise ValueError(f"unknown mishops backend {name!r}; valid names: {', '.join(found)}")

@@ -24,6 +24,8 @@ def isolated_mishops(tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("MISHOPS_CACHE_DIR", str(tmp_path / "mishops-cache"))
     dispatch.clear_memory()
+    for counter in dispatch.stats:
+        dispatch.stats[counter] = 0
     saved_failed = dict(registry._failed)
     yield
     dispatch.clear_memory()

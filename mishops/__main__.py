@@ -1,0 +1,5 @@
+import sys
+
+from mishops.cli import main
+
+sys.exit(main())

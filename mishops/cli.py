@@ -1,0 +1,213 @@
+"""``mishops`` / ``python -m mishops``: info, bench, tune, cache show|clear, report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from mishops import cache, dispatch, layout, registry
+
+console = Console()
+
+REFERENCE_SHAPE = (64, 128, 254, 254)  # the reference conv output: batch 64, 128 channels, 256-3+1
+CPU_SHAPE = (4, 16, 64, 64)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape must look like 64x128x254x254, not {text!r}") from None
+
+
+def _device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "cuda": str(torch.version.cuda)}
+    for package in ("triton", "cupy", "cudnn"):
+        try:
+            versions[package] = str(__import__(package).__version__)
+        except Exception:
+            versions[package] = "absent"
+    return versions
+
+
+def cmd_info(args) -> int:
+    from mishops import __version__
+
+    console.print(f"[bold]mishops {__version__}[/bold]")
+    devices = [f"cuda:{i} {dispatch.device_label(torch.device('cuda', i))}" for i in range(torch.cuda.device_count())]
+    console.print("devices: " + (", ".join(devices) if devices else f"no CUDA GPU; {dispatch.device_label(torch.device('cpu'))}"))
+    console.print("versions: " + ", ".join(f"{k} {v}" for k, v in _versions().items()))
+    console.print(f"tuning cache: {cache.cache_dir()}")
+    table = Table("backend", "priority", "devices", "available", "reason")
+    for name, backend in registry.backends().items():
+        ok = registry.availability(name)
+        devices = "any" if backend.devices is None else ",".join(sorted(backend.devices))
+        table.add_row(name, str(backend.priority), devices, "[green]yes[/green]" if ok else "[red]no[/red]", ok.reason)
+    for name, reason in registry.failures().items():
+        if name not in registry.backends():
+            table.add_row(name, "-", "-", "[red]no[/red]", reason)
+    console.print(table)
+    return 0
+
+
+def _gbps(x: torch.Tensor, ms: float, passes: int = 2) -> float:
+    return passes * x.nbytes / (ms * 1e-3) / 1e9 if ms > 0 else float("nan")
+
+
+def cmd_bench(args) -> int:
+    device = _device(args.device)
+    shape = args.shape or (REFERENCE_SHAPE if device.type == "cuda" else CPU_SHAPE)
+    if args.shape is None and device.type != "cuda":
+        console.print(f"[yellow]no CUDA GPU: using a small CPU shape {'x'.join(map(str, shape))} instead of the "
+                      f"reference {'x'.join(map(str, REFERENCE_SHAPE))}[/yellow]")
+    dtype = DTYPES[args.dtype]
+    x = torch.randn(shape, device=device, dtype=dtype) * 3
+    candidates, rejected = dispatch._candidates(x)
+    budget = args.budget_ms / 1e3
+    measurements: dict[str, dispatch.Measurement] = {}
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("profiling", total=len(candidates) + 1)
+        copy_ms, copy_spread, _ = dispatch._time(lambda: x.clone(), x, budget)
+        progress.advance(task)
+        for backend in candidates:
+            progress.update(task, description=f"profiling {backend.name}")
+            measurements.update(dispatch._profile("forward", [backend], x, budget))
+            progress.advance(task)
+    winner = dispatch.pick(measurements, {b.name: b.priority for b in candidates})
+    table = Table(title=f"mish2 forward, {str(dtype).removeprefix('torch.')} {tuple(shape)} on "
+                        f"{dispatch.device_label(device)}")
+    for col in ("backend", "median ms", "spread ms", "GB/s", "% of copy", "chosen"):
+        table.add_column(col, justify="left" if col == "backend" else "right")
+    table.add_row("copy (yardstick)", f"{copy_ms:.3f}", f"{copy_spread:.3f}", f"{_gbps(x, copy_ms):.0f}", "100", "")
+    for name, m in sorted(measurements.items(), key=lambda kv: kv[1].median_ms):
+        if m.ok:
+            table.add_row(name, f"{m.median_ms:.3f}", f"{m.spread_ms:.3f}", f"{_gbps(x, m.median_ms):.0f}",
+                          f"{100 * copy_ms / m.median_ms:.0f}", "[bold green]<-[/bold green]" if name == winner else "")
+        else:
+            table.add_row(name, "-", "-", "-", "-", f"[red]rejected: {m.reason}[/red]")
+    for name, reasons in rejected.items():
+        table.add_row(name, "-", "-", "-", "-", f"[dim]not run: {'; '.join(reasons)}[/dim]")
+    console.print(table)
+    if winner is None:
+        console.print("[red]no backend produced a correct result[/red]")
+        return 1
+    if len(shape) == 4:
+        from mishops.model import ModelNew
+
+        model = ModelNew(args.in_channels, shape[1], 3, backend=winner).to(device=device, dtype=dtype)
+        inp = torch.randn(shape[0], args.in_channels, shape[2] + 2, shape[3] + 2, device=device, dtype=dtype)
+        with torch.no_grad():
+            out = model(inp)
+        console.print(f"ModelNew({args.in_channels}, {shape[1]}, 3, backend={winner!r}) on input "
+                      f"{tuple(inp.shape)} -> output {tuple(out.shape)}, {layout.memory_format_name(out)}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    device = _device(args.device)
+    shapes = args.shape or [REFERENCE_SHAPE if device.type == "cuda" else CPU_SHAPE]
+    ops = ["forward", "backward"] if args.backward else ["forward"]
+    jobs = [(s, d, op) for s in shapes for d in args.dtype for op in ops]
+    table = Table("op", "dtype", "shape", "chosen", "how", "candidates (median ms)")
+    with Progress(console=console) as progress:
+        task = progress.add_task("tuning", total=len(jobs))
+        for shape, dname, op in jobs:
+            progress.update(task, description=f"tuning {op} {dname} {'x'.join(map(str, shape))}")
+            x = torch.randn(shape, device=device, dtype=DTYPES[dname])
+            if args.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            dispatch.choose(op, x)
+            choice = dispatch.last_choices()[-1]
+            times = ", ".join(f"{n} {m.median_ms:.3f}" if m.ok else f"{n} rejected"
+                              for n, m in sorted(choice.measurements.items(), key=lambda kv: kv[1].median_ms))
+            table.add_row(op, dname, "x".join(map(str, shape)), choice.backend, choice.how, times)
+            progress.advance(task)
+    console.print(table)
+    console.print(f"stored in {cache.cache_dir()}")
+    return 0
+
+
+def cmd_cache(args) -> int:
+    if args.action == "clear":
+        removed = cache.clear()
+        console.print(f"removed {len(removed)} file(s) from {cache.cache_dir()}")
+        return 0
+    files = cache.all_cache_files()
+    if not files:
+        console.print(f"no tuning cache in {cache.cache_dir()}")
+        return 0
+    for path in files:
+        try:
+            doc = json.loads(path.read_text())
+            env, entries = doc["environment"], doc["entries"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            console.print(f"[red]{path}: unreadable ({exc}); it will be rebuilt on next use[/red]")
+            continue
+        table = Table("key", "backend", "ok", "median ms", "spread ms",
+                      title=f"{path.name}: " + ", ".join(f"{k} {v}" for k, v in env.items()))
+        for key, per_backend in sorted(entries.items()):
+            for name, m in sorted(per_backend.items(), key=lambda kv: kv[1].get("median_ms", float("inf"))):
+                table.add_row(key, name, "yes" if m.get("ok") else f"no: {m.get('reason', '')}",
+                              f"{m.get('median_ms', float('nan')):.4f}", f"{m.get('spread_ms', float('nan')):.4f}")
+        console.print(table)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from mishops import report
+
+    return report.main([args.json, "--out", args.out])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mishops", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="device, versions, and every backend with why it is (un)available")
+
+    bench = sub.add_parser("bench", help="profile every backend on one shape and print a table")
+    bench.add_argument("--shape", type=_shape, help="default: the reference conv output on GPU, small on CPU")
+    bench.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    bench.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if present)")
+    bench.add_argument("--in-channels", type=int, default=64, help="ModelNew input channels for the final run")
+    bench.add_argument("--budget-ms", type=float, default=1000.0, help="timing budget per backend")
+
+    tune = sub.add_parser("tune", help="profile shapes ahead of time and store the choices")
+    tune.add_argument("--shape", type=_shape, action="append", help="repeatable; e.g. 64x128x254x254")
+    tune.add_argument("--dtype", choices=list(DTYPES), action="append")
+    tune.add_argument("--device")
+    tune.add_argument("--channels-last", action="store_true")
+    tune.add_argument("--backward", action="store_true", help="tune the backward pass too")
+
+    cache_cmd = sub.add_parser("cache", help="show or clear the tuning cache")
+    cache_cmd.add_argument("action", choices=["show", "clear"])
+
+    rep = sub.add_parser("report", help="turn a pytest-benchmark JSON into a markdown table and a PNG plot")
+    rep.add_argument("json")
+    rep.add_argument("--out", default="benchmarks/results")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "dtype", None) is None and args.command == "tune":
+        args.dtype = ["float32"]
+    handler = {"info": cmd_info, "bench": cmd_bench, "tune": cmd_tune, "cache": cmd_cache, "report": cmd_report}
+    return handler[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
