@@ -76,7 +76,7 @@ class DiskCache:
         except FileNotFoundError:
             return {}
         except OSError as exc:
-            self._warn_once("read", f"cannot read tuning cache {self.path}: {exc}; tuning in memory only")
+            self._warn_once("io", f"cannot read tuning cache {self.path}: {exc}; tuning in memory only")
             return {}
         try:
             doc = json.loads(raw)
@@ -119,7 +119,7 @@ class DiskCache:
                     raise
             return True
         except (OSError, filelock.Timeout) as exc:
-            self._warn_once("write", f"cannot write tuning cache in {self.path.parent}: {exc}; "
+            self._warn_once("io", f"cannot write tuning cache in {self.path.parent}: {exc}; "
                                      "choices are kept in memory for this process only")
             return False
 
