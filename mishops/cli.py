@@ -14,7 +14,7 @@ from rich.table import Table
 
 from mishops import cache, dispatch, layout, registry
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)  # tables stay whole in logs
 
 REFERENCE_SHAPE = (64, 128, 254, 254)  # the reference conv output: batch 64, 128 channels, 256-3+1
 CPU_SHAPE = (4, 16, 64, 64)

@@ -43,7 +43,7 @@ TOLERANCE = {
 }
 
 #: counts that tests and ``mishops info`` read: a warm process must leave them at zero.
-stats = {"profiled_keys": 0, "timed_runs": 0}
+stats = {"profiled_keys": 0, "timed_runs": 0, "cache_writes": 0}
 
 
 class NoBackendError(RuntimeError):
@@ -366,8 +366,8 @@ def _choose(op: str, x: torch.Tensor) -> Choice:
     if _distributed():
         measured, writer = _agree(label, measured)
         fresh = {n: m for n, m in measured.items() if n in fresh}
-    if fresh and writer:
-        store.update(key, {n: m.to_json() for n, m in fresh.items()})
+    if fresh and writer and store.update(key, {n: m.to_json() for n, m in fresh.items()}):
+        stats["cache_writes"] += 1
     winner = pick(measured, priority) or registry.get("eager").name
     how = "profiled" if fresh else "cached"
     return Choice(op, key, winner, how, measured, reasons, time.perf_counter() - started)

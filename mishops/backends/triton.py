@@ -38,7 +38,7 @@ tl = None  # triton.language, bound by _kernels() on first use; the kernels look
 
 def _forward_kernel(x_ptr, y_ptr, n_elements, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # 64-bit: > 2^31 elements
-    mask = offsets < n_elements
+    mask = offsets < n_elements - 1
     v = tl.load(x_ptr + offsets, mask=mask).to(tl.float32)
     for _ in tl.static_range(2):  # mish(x), then mish of that
         e = tl.exp2(tl.minimum(v, 20.0) * 1.4426950408889634)  # e^v as 2^(v log2 e)
@@ -57,8 +57,9 @@ def _backward_kernel(x_ptr, grad_out_ptr, grad_in_ptr, n_elements, BLOCK: tl.con
         n = e * (e + 2.0)
         r = 1.0 / (n + 2.0)
         t = n * r
-        # sigmoid(v) (1 - t^2). Above v = 20 it is below 1e-15, but the clamped e would leave
-        # ~4 e^-20 there: zero it. v * 0 then keeps autograd's NaN at v = +inf (and -inf, e = 0).
+        # sigmoid(v) (1 - t^2) = 4 e (e + 1) r^2. Past the clamp it stays 4 e^-40, which a huge v
+        # would scale up; its true value is nothing in fp32 there, so zero it. v * 0 then keeps
+        # autograd's NaN at v = +inf (and at -inf, where e = 0).
         sigmoid_sech2 = tl.where(v < 20.0, 4.0 * (e * r) * ((e + 1.0) * r), 0.0)
         grad = grad * (t + v * sigmoid_sech2)
         v = v * t
@@ -91,29 +92,25 @@ def _on_device_of(x: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def mish2_forward(x: torch.Tensor) -> torch.Tensor:
-    """``mish(mish(x))`` for a dense ``x`` (any permutation of strides); the output has x's strides."""
-    y = torch.empty_like(x)
-    n = x.numel()
+def _launch(kernel_name: str, out: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+    """One kernel over the flat memory of ``inputs`` and ``out`` (dense, all with the same strides)."""
+    n = out.numel()
     if n:
         block, num_warps = _launch_config(n)
-        grid = ((n + block - 1) // block,)
-        with _on_device_of(x):
-            _kernels(_interpreting()).forward[grid](flat(x), flat(y), n, BLOCK=block, num_warps=num_warps)
-    return y
+        kernel = getattr(_kernels(_interpreting()), kernel_name)
+        with _on_device_of(out):
+            kernel[((n + block - 1) // block,)](*map(flat, inputs), flat(out), n, BLOCK=block, num_warps=num_warps)
+    return out
+
+
+def mish2_forward(x: torch.Tensor) -> torch.Tensor:
+    """``mish(mish(x))`` for a dense ``x`` (any permutation of strides); the output has x's strides."""
+    return _launch("forward", torch.empty_like(x), x)
 
 
 def mish2_backward(x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
     """``grad_out * d/dx mish(mish(x))``, recomputed from ``x``; ``grad_out`` has x's strides."""
-    grad_in = torch.empty_like(x)
-    n = x.numel()
-    if n:
-        block, num_warps = _launch_config(n)
-        grid = ((n + block - 1) // block,)
-        with _on_device_of(x):
-            _kernels(_interpreting()).backward[grid](flat(x), flat(grad_out), flat(grad_in), n,
-                                                     BLOCK=block, num_warps=num_warps)
-    return grad_in
+    return _launch("backward", torch.empty_like(x), x, grad_out)
 
 
 @register

@@ -1,0 +1,234 @@
+// y = mish(mish(x)) and its gradient, one memory pass each, over fp32, fp16 or bf16 storage.
+//
+// The pass is memory-bound (fp32: 8 bytes per element forward, 12 backward), so the kernels move
+// 16-byte packs, put several loads in flight per thread before any math, and spend one exp and
+// one reciprocal per Mish. Arithmetic is fp32 whatever the storage type. Tensors arrive as flat
+// 1-D views of dense storage (mishops.layout.flat), so the kernels never see shapes or strides.
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+namespace {
+
+constexpr int kThreads = 256;
+// 16-byte packs each thread loads before computing on any: 64 bytes (128 backward) in flight per
+// thread covers HBM latency at full occupancy without pushing registers into spills.
+constexpr int kPacksPerThread = 4;
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __float2half_rn(v);
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __float2bfloat16_rn(v);
+  } else {
+    return v;
+  }
+}
+
+// fp32 storage keeps 24 bits, so it gets the accurate expf (about 2 ulp at any |v|) and the more
+// careful form of t below. fp16 and bf16 keep 11 and 8 bits, which hide the error of the bare
+// ex2.approx (relative |v| * 2^-24 from rounding v * log2(e)), and their narrower loads leave
+// fewer cycles per element: 3 instructions for the exp instead of about 10 counts there.
+template <typename T>
+constexpr bool kFullPrecision = std::is_same_v<T, float>;
+
+// The hardware's approximate 2^v and 1/v, flushing denormal results to zero: exp(v) underflows
+// to 0 a little earlier (v < -87.3 instead of -103), where mish(v) is below 1e-36 anyway.
+__device__ __forceinline__ float exp2_approx(float v) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(v));
+  return y;
+}
+
+__device__ __forceinline__ float rcp_approx(float v) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(v));
+  return y;
+}
+
+struct MishAt {
+  float value;  // mish(v)
+  float slope;  // mish'(v)
+};
+
+// tanh(softplus(v)) = n / (n + 2) with n = e (e + 2), e = exp(v): one exp and one reciprocal
+// r = 1 / (n + 2). Clamping v at 20, where the ratio is already 1 in fp32, keeps n finite. In fp32
+// t is n r only while n < 2 and 1 - 2 r beyond, where n r would carry r's 1-ulp error into a
+// value near 1.
+// mish'(v) = t + v sigmoid(v) (1 - t^2); with sigmoid = e / (1 + e), 1 - t^2 = 4 (1 + e)^2 r^2
+// and e (1 + e) = n - e the second term is 4 v (n - e) r^2, free of the cancellation in 1 - t^2.
+// Past the clamp it is below 1e-16 and taken as v * 0, so +-inf and NaN give NaN as autograd
+// through F.mish does.
+template <typename T>
+__device__ __forceinline__ MishAt mish(float v) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  const float c = fminf(v, 20.f);  // fminf(NaN, 20) = 20: the NaN flows on through v
+  const float e = kFullPrecision<T> ? expf(c) : exp2_approx(c * kLog2e);
+  const float n = e * (e + 2.f);
+  const float r = rcp_approx(n + 2.f);
+  const float t = kFullPrecision<T> && n >= 2.f ? fmaf(-2.f, r, 1.f) : n * r;
+  const float tail = v < 20.f ? 4.f * r * (n - e) * r : 0.f;
+  return {v * t, fmaf(v, tail, t)};
+}
+
+struct Forward {
+  static constexpr bool kReadsGrad = false;
+  template <typename T>
+  static __device__ __forceinline__ float apply(float x, float) {
+    return mish<T>(mish<T>(x).value).value;
+  }
+};
+
+struct Backward {
+  static constexpr bool kReadsGrad = true;
+  template <typename T>
+  static __device__ __forceinline__ float apply(float x, float grad) {
+    const MishAt inner = mish<T>(x);
+    return grad * mish<T>(inner.value).slope * inner.slope;
+  }
+};
+
+// kWidth consecutive elements moved by one load or store: 16 bytes, or one element when a
+// pointer is not 16-byte aligned (a view with a storage offset).
+template <typename T, int kWidth>
+struct alignas(sizeof(T) * kWidth) Pack {
+  T v[kWidth];
+};
+
+// out[i] = Op(x[i], grad[i]) for i < n. Grid-stride over whole packs, 64-bit indices; the last
+// n % kWidth elements, fewer than one pack, go one per thread.
+template <typename T, int kWidth, typename Op>
+__global__ void __launch_bounds__(kThreads)
+    mish2_kernel(const T* __restrict__ x, const T* __restrict__ grad, T* __restrict__ out, int64_t n) {
+  using P = Pack<T, kWidth>;
+  const auto* xp = reinterpret_cast<const P*>(x);
+  const auto* gp = reinterpret_cast<const P*>(grad);
+  auto* op = reinterpret_cast<P*>(out);
+  const int64_t packs = n / kWidth;
+  const int64_t block_packs = int64_t(kThreads) * kPacksPerThread;
+  const int64_t step = int64_t(gridDim.x) * block_packs;
+
+  for (int64_t first = blockIdx.x * block_packs + threadIdx.x; first < packs; first += step) {
+    P xs[kPacksPerThread];
+    P gs[kPacksPerThread];
+#pragma unroll
+    for (int u = 0; u < kPacksPerThread; ++u) {
+      const int64_t i = first + u * kThreads;
+      if (i < packs) {
+        xs[u] = xp[i];
+        if constexpr (Op::kReadsGrad) gs[u] = gp[i];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kPacksPerThread; ++u) {
+      const int64_t i = first + u * kThreads;
+      if (i < packs) {
+#pragma unroll
+        for (int k = 0; k < kWidth; ++k) {
+          const float g = Op::kReadsGrad ? to_float(gs[u].v[k]) : 0.f;
+          xs[u].v[k] = from_float<T>(Op::template apply<T>(to_float(xs[u].v[k]), g));
+        }
+        op[i] = xs[u];
+      }
+    }
+  }
+
+  const int64_t i = packs * kWidth + blockIdx.x * int64_t(kThreads) + threadIdx.x;
+  if (i < n) {
+    const float g = Op::kReadsGrad ? to_float(grad[i]) : 0.f;
+    out[i] = from_float<T>(Op::template apply<T>(to_float(x[i]), g));
+  }
+}
+
+// One wave of resident blocks; each then strides over the whole tensor.
+template <typename T, int kWidth, typename Op>
+void launch(const T* x, const T* grad, T* out, int64_t n) {
+  const auto kernel = mish2_kernel<T, kWidth, Op>;
+  static const int blocks_per_sm = [&] {
+    int blocks = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0));
+    return blocks;
+  }();
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  const int64_t block_packs = int64_t(kThreads) * kPacksPerThread;
+  const int64_t wanted = std::max<int64_t>(1, (n / kWidth + block_packs - 1) / block_packs);
+  const int blocks = int(std::min<int64_t>(wanted, int64_t(blocks_per_sm) * sms));
+  kernel<<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(x, grad, out, n);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <typename Op, typename T>
+void launch_typed(const at::Tensor& x, const at::Tensor* grad, const at::Tensor& out) {
+  const auto* xs = reinterpret_cast<const T*>(x.const_data_ptr());
+  const auto* gs = grad ? reinterpret_cast<const T*>(grad->const_data_ptr()) : nullptr;
+  auto* os = reinterpret_cast<T*>(out.mutable_data_ptr());
+  const bool vectorized = aligned16(xs) && aligned16(os) && (!gs || aligned16(gs));
+  if (vectorized) {
+    launch<T, 16 / sizeof(T), Op>(xs, gs, os, x.numel());
+  } else {
+    launch<T, 1, Op>(xs, gs, os, x.numel());
+  }
+}
+
+template <typename Op>
+void run(const at::Tensor& x, const at::Tensor* grad, const at::Tensor& out) {
+  if (x.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(x.device());
+  switch (x.scalar_type()) {
+    case at::kFloat: return launch_typed<Op, float>(x, grad, out);
+    case at::kHalf: return launch_typed<Op, __half>(x, grad, out);
+    case at::kBFloat16: return launch_typed<Op, __nv_bfloat16>(x, grad, out);
+    default: TORCH_CHECK(false, "mish2: unsupported dtype ", x.scalar_type());
+  }
+}
+
+void check_flat(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), "mish2: ", name, " must be a CUDA tensor, got one on ", t.device());
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, "mish2: ", name,
+              " must be float32, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(t.dim() == 1 && t.is_contiguous(), "mish2: ", name,
+              " must be a flat 1-D contiguous view of dense storage (mishops.layout.flat), got sizes ",
+              t.sizes(), " and strides ", t.strides());
+}
+
+void check_like(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  check_flat(t, name);
+  TORCH_CHECK(t.device() == x.device() && t.scalar_type() == x.scalar_type() && t.numel() == x.numel(),
+              "mish2: ", name, " must match x in device, dtype and numel: got ", t.device(), " ",
+              t.scalar_type(), " with ", t.numel(), " elements for x's ", x.device(), " ", x.scalar_type(),
+              " with ", x.numel());
+}
+
+}  // namespace
+
+// The caller allocates `out` (torch.empty_like of the original tensor, whose flat view this is),
+// so the result is a plain tensor with the input's strides rather than a view of a flat one.
+void mish2_forward(const at::Tensor& x, const at::Tensor& out) {
+  check_flat(x, "x");
+  check_like(out, "out", x);
+  run<Forward>(x, nullptr, out);
+}
+
+void mish2_backward(const at::Tensor& x, const at::Tensor& grad_out, const at::Tensor& grad_in) {
+  check_flat(x, "x");
+  check_like(grad_out, "grad_out", x);
+  check_like(grad_in, "grad_in", x);
+  run<Backward>(x, &grad_out, grad_in);
+}

@@ -1,0 +1,529 @@
+"""Whole-block plans for ``Conv2d -> Mish -> Mish``, and choosing one per input.
+
+A backend (``mishops.registry``) computes only the double Mish; a *plan* computes the whole
+block from the input and the conv's parameters, so it may fuse the conv with its epilogue
+(``cudnn_fused``: one cuDNN kernel instead of a conv kernel and a separate pass over its 2 GB
+output). ``torch_conv`` (PyTorch's conv, then ``mish2``) runs everywhere and is the reference.
+
+Choosing follows ``mishops.dispatch`` and reuses its pieces: for a key (input and weight
+shapes, strides and dtypes, conv parameters, TF32 and autocast state) every available plan that
+supports the input and produces the memory format PyTorch's conv would (channels_last when the
+input or the weight is channels_last, else contiguous) is first checked against ``torch_conv``
+with the eager double Mish, then timed; a wrong plan can never win. Measurements go to the same
+disk cache as the backends' under ``block|...`` keys.
+
+Environment (read at call time): ``MISHOPS_PLAN`` forces a plan; ``MISHOPS_BACKEND`` (like a
+named ``backend`` argument) forces the double-Mish backend, which means ``torch_conv`` with that
+backend; ``MISHOPS_AUTOTUNE=0`` takes the first plan in preference order that passes the check,
+without timing; ``MISHOPS_TUNE_BUDGET_MS`` bounds the timing per key.
+
+Plans that are not differentiable themselves (``differentiable = False``) still train: their
+forward runs inside an autograd function whose backward recomputes the conv and applies the
+dispatcher's fused double-Mish backward, then PyTorch's convolution backward. Under
+``torch.compile`` tracing or CUDA graph capture the block is ``mish2(conv(x))``, the custom op
+that is safe there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from mishops import dispatch, registry
+from mishops.dispatch import Choice, Measurement
+from mishops.ops import mish2
+from mishops.registry import FLOAT_DTYPES, Availability
+
+log = logging.getLogger("mishops")
+
+#: how close a plan's output must be to torch_conv + eager double Mish: (rtol, atol) per dtype.
+#: fp32 allows for TF32 convs (two TF32 convs differ by ~5e-4 at the reference shape).
+TOLERANCE = {
+    torch.float64: (1e-9, 1e-9),
+    torch.float32: (2e-3, 2e-3),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (4e-2, 4e-2),
+}
+
+#: counts that tests read: a warm process must leave them at zero.
+stats = {"profiled_keys": 0, "timed_runs": 0}
+
+
+class NoPlanError(dispatch.NoBackendError):
+    """A forced plan cannot run this input; the message says why."""
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """The conv's hyper-parameters, as ``nn.Conv2d`` keeps them (padding may be a string)."""
+
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] | str
+    dilation: tuple[int, ...]
+    groups: int
+    padding_mode: str
+    #: ``F.pad`` amounts for a non-zeros ``padding_mode`` (``nn.Conv2d._reversed_padding_repeated_twice``).
+    reversed_padding: tuple[int, ...]
+
+    @classmethod
+    def of(cls, conv: torch.nn.Conv2d) -> ConvSpec:
+        return cls(tuple(conv.stride), conv.padding if isinstance(conv.padding, str) else tuple(conv.padding),
+                   tuple(conv.dilation), conv.groups, conv.padding_mode,
+                   tuple(getattr(conv, "_reversed_padding_repeated_twice", ())))
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec) -> torch.Tensor:
+    """What ``nn.Conv2d`` computes, from its parameters."""
+    if spec.padding_mode != "zeros":
+        x = F.pad(x, spec.reversed_padding, mode=spec.padding_mode)
+        return F.conv2d(x, weight, bias, spec.stride, 0, spec.dilation, spec.groups)
+    return F.conv2d(x, weight, bias, spec.stride, spec.padding, spec.dilation, spec.groups)
+
+
+def _strides_like_channels_last(t: torch.Tensor) -> bool:
+    """c10's ``is_channels_last_strides_2d``: the test behind ``suggest_memory_format``,
+    including how it settles tensors that are both contiguous and channels_last."""
+    if t.dim() != 4:
+        return False
+    sizes, strides = t.shape, t.stride()
+    if strides[1] == 0:
+        return False
+    lowest = 0
+    for d in (1, 3, 2, 0):
+        if sizes[d] == 0 or strides[d] < lowest:
+            return False
+        if d == 0 and lowest == strides[1]:
+            return False
+        lowest = strides[d] * (sizes[d] if sizes[d] > 1 else 1)
+    return True
+
+
+def expected_memory_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    """PyTorch's rule for a conv's output: channels_last when the input or the weight is."""
+    if x.dim() == 4 and (_strides_like_channels_last(x) or _strides_like_channels_last(weight)):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+class Plan:
+    """One way to compute the whole block.
+
+    Subclasses set the class attributes and implement ``forward``; inputs reach ``forward`` on a
+    supported device and dtype, with ``not_supported_reasons`` empty, and with the dtypes
+    autocast would give the conv (the dispatcher casts first).
+    """
+
+    name: ClassVar[str]
+    #: preference when autotuning is off or timings tie: lower wins.
+    priority: ClassVar[int] = 100
+    #: device types it runs on (``torch.device.type``); ``None`` means any.
+    devices: ClassVar[frozenset[str] | None] = None
+    dtypes: ClassVar[frozenset[torch.dtype]] = FLOAT_DTYPES
+    #: memory formats its output can have; it is a candidate only where PyTorch's is among them.
+    output_formats: ClassVar[frozenset[torch.memory_format]] = frozenset(
+        {torch.contiguous_format, torch.channels_last})
+    #: False: its forward is not tracked by autograd; the dispatcher supplies the backward.
+    differentiable: ClassVar[bool] = False
+
+    def is_available(self) -> Availability:
+        return Availability.yes()
+
+    def not_supported_reasons(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                              spec: ConvSpec) -> list[str]:
+        """Why this plan cannot take the input (empty when it can), availability aside."""
+        reasons = []
+        if self.devices is not None and x.device.type not in self.devices:
+            reasons.append(f"device type {x.device.type!r} not supported (runs on {sorted(self.devices)})")
+        if x.dtype not in self.dtypes:
+            names = sorted(str(d).removeprefix("torch.") for d in self.dtypes)
+            reasons.append(f"dtype {str(x.dtype).removeprefix('torch.')} not supported (supports {names})")
+        wanted = expected_memory_format(x, weight)
+        if wanted not in self.output_formats:
+            reasons.append(f"PyTorch's conv output would be {_format_name(wanted)}; this plan writes "
+                           + " or ".join(sorted(_format_name(f) for f in self.output_formats)) + " only")
+        return reasons
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                spec: ConvSpec) -> torch.Tensor:
+        raise NotImplementedError
+
+    def source_hash(self) -> str:
+        """Changes whenever the code that computes this plan's result changes."""
+        return registry._source_hash(type(self))
+
+    def __repr__(self) -> str:
+        return f"<mishops plan {self.name!r}>"
+
+
+def _format_name(memory_format: torch.memory_format) -> str:
+    return "channels_last" if memory_format == torch.channels_last else "contiguous"
+
+
+# --- the registry ------------------------------------------------------------------------------
+
+_lock = threading.RLock()
+_plans: dict[str, Plan] = {}
+_availability: dict[str, Availability] = {}
+_failed: dict[str, str] = {}
+
+
+def register_plan(cls_or_obj=None, *, replace: bool = False):
+    """Register a plan class (as a decorator) or instance; returns its argument."""
+
+    def add(item):
+        plan = item() if isinstance(item, type) else item
+        if not isinstance(plan, Plan):
+            raise TypeError(f"{item!r} is not a mishops.plans.Plan")
+        with _lock:
+            if plan.name in _plans and not replace:
+                raise ValueError(f"a plan named {plan.name!r} is already registered")
+            _plans[plan.name] = plan
+            _availability.pop(plan.name, None)
+            _failed.pop(plan.name, None)
+            _memory.clear()
+        return item
+
+    return add if cls_or_obj is None else add(cls_or_obj)
+
+
+def unregister_plan(name: str) -> None:
+    with _lock:
+        _plans.pop(name, None)
+        _availability.pop(name, None)
+        _failed.pop(name, None)
+        _memory.clear()
+
+
+def plans() -> dict[str, Plan]:
+    """Every registered plan, in preference order."""
+    from mishops.plans import cudnn_fused, torch_conv  # noqa: F401  (registers the built-ins)
+
+    with _lock:
+        return dict(sorted(_plans.items(), key=lambda kv: (kv[1].priority, kv[0])))
+
+
+def get_plan(name: str) -> Plan:
+    found = plans()
+    if name not in found:
+        raise ValueError(f"unknown mishops plan {name!r}; valid names: {', '.join(found)}")
+    return found[name]
+
+
+def availability(name: str) -> Availability:
+    """Cached per process; a plan marked failed stays unavailable with the failure's reason."""
+    with _lock:
+        if name in _failed:
+            return Availability.no(_failed[name])
+        if name not in _availability:
+            try:
+                _availability[name] = get_plan(name).is_available()
+            except Exception as exc:
+                _availability[name] = Availability.no(f"is_available() raised {type(exc).__name__}: {exc}")
+        return _availability[name]
+
+
+def mark_failed(name: str, reason: str) -> None:
+    """A plan that broke while running stays out of automatic choices for this process."""
+    with _lock:
+        _failed[name] = reason
+        _memory.clear()
+    log.warning("mishops: plan %r marked failed: %s", name, reason)
+
+
+# --- checking answers ----------------------------------------------------------------------------
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec) -> torch.Tensor:
+    """The answer every plan is checked against: PyTorch's conv, then ``F.mish`` twice."""
+    with torch.no_grad():
+        return mish2(conv2d(x, weight, bias, spec), "eager")
+
+
+def synthetic_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """Fresh random tensors with the shapes, strides, dtypes and devices of the block's inputs,
+    scaled so the conv output spans Mish's curved region: candidates are checked on these, never
+    on the caller's data, which may be constant, empty-initialised or NaN and prove nothing."""
+
+    def like(t: torch.Tensor, scale: float) -> torch.Tensor:
+        fresh = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+        return fresh.normal_().mul_(scale)
+
+    fan_in = weight[0].numel() or 1
+    return like(x, 1.0), like(weight, 2.0 / fan_in**0.5), None if bias is None else like(bias, 0.5)
+
+
+def mismatch(result: torch.Tensor, expected: torch.Tensor) -> str:
+    """Why ``result`` is not an acceptable block output (empty when it is): shape, dtype,
+    memory format (every format the reference is contiguous in) and every element's value."""
+    if result.shape != expected.shape or result.dtype != expected.dtype or result.device != expected.device:
+        return (f"returned {result.dtype} {tuple(result.shape)} on {result.device}, expected "
+                f"{expected.dtype} {tuple(expected.shape)} on {expected.device}")
+    if expected.dim() == 4:
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            if expected.is_contiguous(memory_format=fmt) and not result.is_contiguous(memory_format=fmt):
+                return f"output is not {_format_name(fmt)} like PyTorch's (strides {result.stride()})"
+    if expected.numel() == 0:
+        return ""
+    rtol, atol = TOLERANCE.get(expected.dtype, (1e-2, 1e-2))
+    close = torch.isclose(result, expected, rtol=rtol, atol=atol, equal_nan=True)
+    if bool(close.all()):
+        return ""
+    bad = int((~close).sum())
+    diff = (result.double() - expected.double()).abs().nan_to_num(nan=float("inf"))
+    return f"wrong answer: {bad} of {expected.numel()} elements off (max |error| {float(diff.max()):.3g})"
+
+
+# --- choosing ----------------------------------------------------------------------------------
+
+_memory: dict[tuple, Choice] = {}
+
+
+def clear_memory() -> None:
+    """Forget the in-memory choices and failures of plans (the disk cache stays)."""
+    with _lock:
+        _memory.clear()
+        _failed.clear()
+
+
+def _flags() -> tuple:
+    """Global switches that change which plans may run or what they compute."""
+    return (torch.backends.cudnn.allow_tf32, torch.backends.cudnn.enabled,
+            torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled())
+
+
+def _key_string(x, weight, bias, spec: ConvSpec, autocast: torch.dtype | None, flags: tuple) -> str:
+    def t(name, v):
+        return f"{name}={str(v.dtype).removeprefix('torch.')}{tuple(v.shape)}{tuple(v.stride())}"
+
+    conv = f"stride={spec.stride} padding={spec.padding} dilation={spec.dilation} groups={spec.groups} " \
+           f"mode={spec.padding_mode}"
+    bias_s = t("b", bias) if bias is not None else "b=None"
+    amp = str(autocast).removeprefix("torch.") if autocast is not None else "off"
+    tf32, enabled, cudnn_det, det = flags
+    return (f"block|{t('x', x)}|{t('w', weight)}|{bias_s}|{conv}|tf32={int(tf32)}|cudnn={int(enabled)}"
+            f"|deterministic={int(cudnn_det or det)}|autocast={amp}")
+
+
+def _reasons(plan: Plan, x, weight, bias, spec) -> list[str]:
+    available = availability(plan.name)
+    reasons = [] if available else [f"unavailable: {available.reason}"]
+    return reasons + plan.not_supported_reasons(x, weight, bias, spec)
+
+
+def _describe(x: torch.Tensor, weight: torch.Tensor) -> str:
+    from mishops.layout import memory_format_name
+
+    return (f"input {x.device}, {str(x.dtype).removeprefix('torch.')}, shape {tuple(x.shape)}, "
+            f"{memory_format_name(x)}; weight {tuple(weight.shape)}, {memory_format_name(weight)}")
+
+
+def _forced(name: str, x, weight, bias, spec) -> Plan:
+    plan = get_plan(name)
+    why = _reasons(plan, x, weight, bias, spec)
+    if why:
+        raise NoPlanError(f"mishops: plan {name!r} (requested by MISHOPS_PLAN) cannot run this block "
+                          f"({_describe(x, weight)}): " + "; ".join(why))
+    return plan
+
+
+def _profile(candidates: list[Plan], x, weight, bias, spec, budget_s: float) -> dict[str, Measurement]:
+    """Check, then time, each candidate against the reference on synthetic inputs like the caller's."""
+    x, weight, bias = synthetic_inputs(x, weight, bias)
+    expected = reference(x, weight, bias, spec)
+    share = budget_s / max(len(candidates), 1)
+    results: dict[str, Measurement] = {}
+    with torch.no_grad():
+        for plan in candidates:
+            h = plan.source_hash()
+            try:
+                for _ in range(2):  # the first call may build, compile or tune
+                    out = plan.forward(x, weight, bias, spec)
+                wrong = mismatch(out, expected)
+                del out
+                if wrong:
+                    results[plan.name] = Measurement(False, h, reason=wrong)
+                    log.warning("mishops: plan %r rejected for %s: %s", plan.name, _describe(x, weight), wrong)
+                    continue
+                median, spread, reps = dispatch._time(lambda: plan.forward(x, weight, bias, spec), expected, share)
+                stats["timed_runs"] += reps
+                results[plan.name] = Measurement(True, h, median, spread)
+            except torch.OutOfMemoryError as exc:  # says nothing about the plan: not remembered on disk
+                results[plan.name] = Measurement(False, "", reason=f"out of memory: {str(exc).splitlines()[0]}")
+            except Exception as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                results[plan.name] = Measurement(False, h, reason=f"raised {type(exc).__name__}: {first}")
+                log.warning("mishops: plan %r failed for %s: %s", plan.name, _describe(x, weight),
+                            results[plan.name].reason)
+    return results
+
+
+def _first_correct(candidates: list[Plan], x, weight, bias, spec) -> tuple[str, dict[str, Measurement]]:
+    """Without timing: the first plan in preference order whose answer passes the check."""
+    x, weight, bias = synthetic_inputs(x, weight, bias)
+    expected = reference(x, weight, bias, spec)
+    checked = {}
+    with torch.no_grad():
+        for plan in candidates:
+            try:
+                wrong = mismatch(plan.forward(x, weight, bias, spec), expected)
+            except Exception as exc:
+                wrong = f"raised {type(exc).__name__}: {exc}"
+            checked[plan.name] = Measurement(not wrong, plan.source_hash(), reason=wrong)
+            if not wrong:
+                return plan.name, checked
+    return "torch_conv", checked
+
+
+def _choose(key: str, x, weight, bias, spec) -> Choice:
+    dispatch._apply_log_env()
+    usable, rejected = [], {}
+    for name, plan in plans().items():
+        why = _reasons(plan, x, weight, bias, spec)
+        if why:
+            rejected[name] = "; ".join(why)
+        else:
+            usable.append(plan)
+    if not usable:
+        raise NoPlanError(f"mishops: no plan can run this block ({_describe(x, weight)}): "
+                          + "; ".join(f"{n}: {r}" for n, r in rejected.items()))
+    preferred = min(usable, key=lambda p: (p.priority, p.name)).name
+    if len(usable) == 1 or x.numel() == 0:
+        return Choice("block", key, preferred, "preference", rejected=rejected)
+    started = time.perf_counter()
+    if os.environ.get("MISHOPS_AUTOTUNE", "1") == "0":
+        winner, checked = _first_correct(usable, x, weight, bias, spec)
+        return Choice("block", key, winner, "preference", checked, rejected, time.perf_counter() - started)
+
+    label = dispatch.device_label(x.device)
+    store = dispatch._disk_cache(label)
+    measured = dispatch._cached_measurements(store, key, usable)
+    missing = [p for p in usable if p.name not in measured]
+    fresh = {}
+    if missing:
+        budget_s = float(os.environ.get("MISHOPS_TUNE_BUDGET_MS", dispatch.DEFAULT_BUDGET_MS)) / 1e3
+        fresh = _profile(missing, x, weight, bias, spec, budget_s)
+        stats["profiled_keys"] += 1
+    measured.update(fresh)
+    writer = True
+    if dispatch._distributed():
+        measured, writer = dispatch._agree(label, measured)
+        fresh = {n: m for n, m in measured.items() if n in fresh}
+    durable = {n: m.to_json() for n, m in fresh.items() if m.ok or m.source_hash}
+    if durable and writer:
+        store.update(key, durable)
+    winner = dispatch.pick(measured, {p.name: p.priority for p in usable}) or "torch_conv"
+    return Choice("block", key, winner, "profiled" if fresh else "cached", measured, rejected,
+                  time.perf_counter() - started)
+
+
+def choose(x, weight, bias, spec: ConvSpec, autocast: torch.dtype | None = None) -> Plan:
+    """The plan for this block input: ``MISHOPS_PLAN``'s, or the fastest correct one."""
+    forced = os.environ.get("MISHOPS_PLAN")
+    if forced:
+        return _forced(forced, x, weight, bias, spec)
+    flags = _flags()
+    mkey = (x.device, x.dtype, x.shape, x.stride(), weight.dtype, weight.shape, weight.stride(),
+            None if bias is None else (bias.dtype, bias.stride()), spec, autocast, flags)
+    choice = _memory.get(mkey)
+    if choice is None:
+        with _lock:  # one thread profiles a cold key; the others wait and reuse its choice
+            choice = _memory.get(mkey)
+            if choice is None:
+                choice = _choose(_key_string(x, weight, bias, spec, autocast, flags), x, weight, bias, spec)
+                _memory[mkey] = choice
+                with dispatch._lock:
+                    dispatch._history.append(choice)
+                log.info("mishops: %s", choice.summary())
+    return _plans[choice.backend]
+
+
+# --- running -----------------------------------------------------------------------------------
+
+
+class _PlanFunction(torch.autograd.Function):
+    """Forward: the plan. Backward: recompute the conv, the dispatcher's fused double-Mish
+    backward, then PyTorch's convolution backward -- the gradients autograd would give."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, plan: Plan, spec: ConvSpec):
+        ctx.save_for_backward(x, weight, bias)
+        ctx.spec = spec
+        return plan.forward(x, weight, bias, spec)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight, bias = ctx.saved_tensors
+        spec = ctx.spec
+        z = conv2d(x, weight, bias, spec)
+        grad_z = dispatch.run("backward", z, grad)  # copies grad to z's strides when they differ
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
+        dx, dw, db = torch.ops.aten.convolution_backward(
+            grad_z, x, weight, None if bias is None else list(bias.shape), list(spec.stride), list(spec.padding),
+            list(spec.dilation), False, [0] * len(spec.stride), spec.groups, mask)
+        return dx, dw, db, None, None
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """What autocast does to a conv argument: floating tensors other than float64 take ``dtype``."""
+    if t is None or not t.is_floating_point() or t.dtype in (torch.float64, dtype):
+        return t
+    return t.to(dtype)
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    return x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def run_block(x: torch.Tensor, conv: torch.nn.Conv2d, backend: str = "auto") -> torch.Tensor:
+    """``mish(mish(conv(x)))`` by the fastest correct plan for this input.
+
+    ``backend`` (or ``MISHOPS_BACKEND``) other than ``"auto"`` names the double-Mish backend and
+    so means the ``torch_conv`` plan; ``MISHOPS_PLAN`` names a plan. Same output dtype, values
+    and memory format as the reference block, under autocast too; differentiable.
+    """
+    if torch.compiler.is_compiling() or _capturing(x):
+        return mish2(conv(x), backend)
+    spec = ConvSpec.of(conv)
+    weight, bias = conv.weight, conv.bias
+    amp = _autocast_dtype(x.device.type)
+    if amp is not None:  # cast here, as autocast would for the conv, so plans see one dtype
+        x, weight, bias = _cast(x, amp), _cast(weight, amp), _cast(bias, amp)
+    with torch.autocast(x.device.type, enabled=False) if amp is not None else contextlib.nullcontext():
+        if backend != "auto" or os.environ.get("MISHOPS_BACKEND"):
+            if not os.environ.get("MISHOPS_PLAN"):
+                return mish2(conv2d(x, weight, bias, spec), backend)
+        explicit = bool(os.environ.get("MISHOPS_PLAN"))
+        while True:
+            plan = choose(x, weight, bias, spec, amp)
+            if plan.name == "torch_conv":
+                return plan.forward(x, weight, bias, spec, backend)
+            try:
+                needs_grad = torch.is_grad_enabled() and any(
+                    t is not None and t.requires_grad for t in (x, weight, bias))
+                if needs_grad and not plan.differentiable:
+                    return _PlanFunction.apply(x, weight, bias, plan, spec)
+                return plan.forward(x, weight, bias, spec)
+            except Exception as exc:
+                if explicit:
+                    raise
+                mark_failed(plan.name, f"forward raised {type(exc).__name__}: {exc}")
+
+
+__all__ = ["ConvSpec", "NoPlanError", "Plan", "TOLERANCE", "choose", "clear_memory", "conv2d",
+           "expected_memory_format", "get_plan", "mismatch", "plans", "reference", "register_plan",
+           "run_block", "synthetic_inputs", "unregister_plan"]

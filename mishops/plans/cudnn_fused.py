@@ -1,0 +1,327 @@
+"""cuDNN runtime fusion: the conv, its bias and both Mish in ONE kernel.
+
+cuDNN's graph API compiles ``conv_fprop`` followed by pointwise ops into a single kernel whose
+epilogue applies them to the accumulator tile, so the 2 GB conv output of the reference shape is
+written once and never read back. It finds engines only for an NHWC output (graphs with an NCHW
+output get none), so this plan writes channels_last and is offered only where PyTorch's conv
+would return channels_last as well. On one H100 at the reference shape (fp32, TF32) it takes
+about 2.1 ms from a channels_last input and 3.0 ms from an NCHW one, against 8.6 ms for the
+eager block (``benchmarks/results/plans-h100.md``).
+
+The heuristics offer 20-odd engine configs per graph and building them all takes seconds; one
+of them has been seen to compute garbage, so every config is checked against the reference
+before it is timed. The winner's identity (engine id and knobs) goes to the tuning cache, so a
+new process builds only that one. fp32 runs with TF32 like PyTorch's own conv; with TF32 off
+the plan declines (its exact-fp32 engines are slower than the unfused block).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mishops import dispatch
+from mishops.dispatch import Measurement
+from mishops.plans import ConvSpec, Plan, mismatch, reference, register_plan, synthetic_inputs
+from mishops.registry import Availability
+
+log = logging.getLogger("mishops")
+
+INSTALL_HINT = "pip install mishops[cudnn] (nvidia-cudnn-frontend<1.29)"
+MIN_CUDNN = 90000
+#: indices must fit cuDNN's 32-bit tensor descriptors.
+MAX_ELEMENTS = 2**31 - 1
+
+#: what tests read: ``builds`` counts engine configs compiled, ``tunes`` full searches.
+stats = {"tunes": 0, "builds": 0, "rebuilds": 0}
+
+
+def _cudnn():
+    """The frontend, bound to the cuDNN library PyTorch has loaded (so torch loads it first)."""
+    torch.backends.cudnn.version()
+    import cudnn
+
+    return cudnn
+
+
+def _versions() -> str:
+    cudnn = _cudnn()
+    return f"fe{cudnn.__version__}-be{cudnn.backend_version()}"
+
+
+def _output_shape(x: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> tuple[int, int, int, int]:
+    n, _, h, w = x.shape
+    k, _, r, s = weight.shape
+    (sh, sw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
+    return n, k, (h + 2 * ph - dh * (r - 1) - 1) // sh + 1, (w + 2 * pw - dw * (s - 1) - 1) // sw + 1
+
+
+def _mish(g, v, clamp, two, tag: str):
+    """``v * tanh(softplus(v))`` as ``v * n / (n + 2)``, ``n = e (e + 2)``, ``e = exp(min(v, 20))``:
+    one exp and one division; no overflow (at v >= 20 the ratio is exactly 1 in fp32); NaN stays
+    NaN through ``v``, and -inf gives NaN like ``F.mish``."""
+    e = g.exp(g.min(v, clamp, name=f"{tag}_clamp"), name=f"{tag}_exp")
+    n = g.mul(e, g.add(e, two, name=f"{tag}_e_plus_2"), name=f"{tag}_n")
+    t = g.div(n, g.add(n, two, name=f"{tag}_n_plus_2"), name=f"{tag}_tanh_softplus")
+    return g.mul(v, t, name=f"{tag}_out")
+
+
+def _build_graph(cudnn, handle, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, spec: ConvSpec):
+    """The block as a cuDNN graph, every tensor declared with the strides it really has;
+    intermediates and arithmetic in fp32. Returns the graph and its named I/O tensors."""
+    io = {torch.float32: cudnn.data_type.FLOAT, torch.bfloat16: cudnn.data_type.BFLOAT16,
+          torch.float16: cudnn.data_type.HALF}[x.dtype]
+    f32 = cudnn.data_type.FLOAT
+    g = cudnn.pygraph(io_data_type=io, intermediate_data_type=f32, compute_data_type=f32, handle=handle)
+    ports = {
+        "x": g.tensor(name="x", dim=list(x.shape), stride=list(x.stride()), data_type=io),
+        "w": g.tensor(name="w", dim=list(weight.shape), stride=list(weight.stride()), data_type=io),
+        "clamp": g.tensor(name="clamp_at", dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=f32),
+        "two": g.tensor(name="two", dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=f32),
+    }
+    v = g.conv_fprop(image=ports["x"], weight=ports["w"], padding=list(spec.padding), stride=list(spec.stride),
+                     dilation=list(spec.dilation), compute_data_type=f32, name="conv")
+    if has_bias:
+        k = weight.shape[0]
+        ports["b"] = g.tensor(name="b", dim=[1, k, 1, 1], stride=[k, 1, k, k], data_type=io)
+        v = g.bias(input=v, bias=ports["b"], name="bias")
+    y = _mish(g, _mish(g, v, ports["clamp"], ports["two"], "mish1"), ports["clamp"], ports["two"], "mish2")
+    n, k, p, q = _output_shape(x, weight, spec)
+    y.set_output(True).set_data_type(io).set_dim([n, k, p, q]).set_stride([k * p * q, 1, k * q, k])
+    ports["y"] = y
+    g.validate()
+    g.build_operation_graph()
+    return g, ports
+
+
+@dataclass
+class _Fused:
+    """A built graph and the engine config (its index in the graph's plan list) that runs it."""
+
+    graph: Any
+    ports: dict
+    index: int
+    workspace: int
+    config: str
+
+
+@register_plan
+class CudnnFusedPlan(Plan):
+    name = "cudnn_fused"
+    priority = 10
+    devices = frozenset({"cuda"})
+    dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32})
+    output_formats = frozenset({torch.channels_last})
+
+    def __init__(self):
+        self._lock = threading.RLock()
+        self._fused: dict[tuple, _Fused] = {}
+        self._handles: dict[int, Any] = {}
+        self._constants: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def is_available(self) -> Availability:
+        if importlib.util.find_spec("cudnn") is None:
+            return Availability.no(f"nvidia-cudnn-frontend is not installed: {INSTALL_HINT}")
+        if not torch.cuda.is_available():
+            return Availability.no("no CUDA GPU visible to PyTorch")
+        if torch.version.hip or not torch.backends.cudnn.is_available():
+            return Availability.no("this PyTorch build has no cuDNN")
+        try:
+            cudnn = _cudnn()
+        except Exception as exc:
+            return Availability.no(f"nvidia-cudnn-frontend failed to load ({type(exc).__name__}: {exc}); {INSTALL_HINT}")
+        if cudnn.backend_version() < MIN_CUDNN:
+            return Availability.no(f"cuDNN {cudnn.backend_version()} is too old (runtime fusion needs {MIN_CUDNN}+)")
+        return Availability.yes()
+
+    def not_supported_reasons(self, x, weight, bias, spec: ConvSpec) -> list[str]:
+        reasons = super().not_supported_reasons(x, weight, bias, spec)
+        if x.dim() != 4:
+            return reasons + ["input is not a batch of images (4-D)"]
+        if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+            reasons.append("input, weight and bias dtypes differ")
+        if weight.device != x.device or (bias is not None and bias.device != x.device):
+            reasons.append("input, weight and bias are on different devices")
+        if spec.groups != 1:
+            reasons.append(f"grouped conv (groups={spec.groups})")
+        if spec.padding_mode != "zeros" or isinstance(spec.padding, str):
+            reasons.append(f"padding {spec.padding!r} with mode {spec.padding_mode!r} (needs numbers, zeros mode)")
+        for what, t in (("input", x), ("weight", weight)):
+            if not (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)):
+                reasons.append(f"{what} is neither contiguous nor channels_last")
+        if bias is not None and not bias.is_contiguous():
+            reasons.append("bias is not contiguous")
+        if not isinstance(spec.padding, str):
+            n, k, p, q = _output_shape(x, weight, spec)
+            if min(n, p, q) <= 0 or x.numel() == 0:
+                reasons.append("empty input or output")
+            if max(x.numel(), n * k * p * q) > MAX_ELEMENTS:
+                reasons.append("a tensor has 2^31 elements or more")
+        if x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+            reasons.append("fp32 with TF32 off (torch.backends.cudnn.allow_tf32 = False): cuDNN's exact-fp32 "
+                           "engines are slower than the unfused block")
+        if not torch.backends.cudnn.enabled:
+            reasons.append("cuDNN is disabled (torch.backends.cudnn.enabled = False)")
+        if torch.backends.cudnn.deterministic or torch.are_deterministic_algorithms_enabled():
+            reasons.append("deterministic algorithms requested; fused engines are not vetted for it")
+        return reasons
+
+    def source_hash(self) -> str:
+        return f"{super().source_hash()}-{_versions()}"
+
+    def forward(self, x, weight, bias, spec: ConvSpec) -> torch.Tensor:
+        with torch.cuda.device(x.device):
+            fused = self._fused_for(x, weight, bias, spec)
+            out = torch.empty(_output_shape(x, weight, spec), dtype=x.dtype, device=x.device,
+                              memory_format=torch.channels_last)
+            self._execute(fused, x, weight, bias, out)
+            return out
+
+    # --- running one config ----------------------------------------------------------------
+
+    def _handle(self, device: torch.device):
+        """One cuDNN handle per device, made with that device current."""
+        handle = self._handles.get(device.index)
+        if handle is None:
+            handle = self._handles[device.index] = _cudnn().create_handle()
+        return handle
+
+    def _constants_for(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        found = self._constants.get(device.index)
+        if found is None:
+            found = self._constants[device.index] = (
+                torch.full((1, 1, 1, 1), 20.0, dtype=torch.float32, device=device),
+                torch.full((1, 1, 1, 1), 2.0, dtype=torch.float32, device=device))
+        return found
+
+    def _execute(self, fused: _Fused, x, weight, bias, out) -> None:
+        """Run ``fused`` on PyTorch's current stream, with a workspace from PyTorch's allocator."""
+        cudnn = _cudnn()
+        clamp, two = self._constants_for(x.device)
+        ports = fused.ports
+        pack = {ports["x"]: x, ports["w"]: weight, ports["y"]: out, ports["clamp"]: clamp, ports["two"]: two}
+        if bias is not None:
+            pack[ports["b"]] = bias.view(1, -1, 1, 1)
+        workspace = torch.empty(fused.workspace, dtype=torch.uint8, device=x.device) if fused.workspace else None
+        with self._lock:  # the handle carries one stream at a time
+            handle = self._handle(x.device)
+            cudnn.set_stream(handle, torch.cuda.current_stream(x.device).cuda_stream)
+            fused.graph.execute_plan_at_index(pack, workspace, fused.index, handle=handle)
+
+    # --- finding the config ----------------------------------------------------------------
+
+    def _fused_for(self, x, weight, bias, spec: ConvSpec) -> _Fused:
+        mkey = (x.device.index, x.dtype, x.shape, x.stride(), weight.shape, weight.stride(), bias is not None, spec)
+        fused = self._fused.get(mkey)
+        if fused is not None:
+            return fused
+        with self._lock:
+            fused = self._fused.get(mkey)
+            if fused is None:
+                fused = self._fused[mkey] = self._find(x, weight, bias, spec)
+            return fused
+
+    def _disk_key(self, x, weight, bias, spec: ConvSpec) -> str:
+        def t(v):
+            return f"{tuple(v.shape)}{tuple(v.stride())}"
+
+        return (f"cudnn_fused|{str(x.dtype).removeprefix('torch.')}|x{t(x)}|w{t(weight)}|bias={bias is not None}"
+                f"|stride={spec.stride} padding={spec.padding} dilation={spec.dilation}|{self.source_hash()}")
+
+    def _find(self, x, weight, bias, spec: ConvSpec) -> _Fused:
+        """The config the tuning cache names, rebuilt alone; else a full search, then remembered."""
+        cudnn = _cudnn()
+        handle = self._handle(x.device)
+        store = dispatch._disk_cache(dispatch.device_label(x.device))
+        key = self._disk_key(x, weight, bias, spec)
+        saved = store.read().get(key, {}).get("config")
+        if saved is not None:
+            if not saved.get("name"):
+                raise RuntimeError(f"cuDNN fusion: {saved.get('reason', 'no correct engine config')} (cached)")
+            try:
+                return self._rebuild(cudnn, handle, x, weight, bias, spec, saved)
+            except Exception as exc:
+                log.warning("mishops: cuDNN config %s could not be rebuilt (%s: %s); searching again",
+                            saved["name"], type(exc).__name__, exc)
+        fused, identity = self._search(cudnn, handle, x, weight, bias, spec)
+        store.update(key, {"config": identity})
+        if fused is None:
+            raise RuntimeError(f"cuDNN fusion: {identity['reason']}")
+        return fused
+
+    def _rebuild(self, cudnn, handle, x, weight, bias, spec, saved: dict) -> _Fused:
+        graph, ports = _build_graph(cudnn, handle, x, weight, bias is not None, spec)
+        if saved.get("knobs") is not None:
+            knobs = {cudnn.knob_type.__members__[name]: value for name, value in saved["knobs"].items()}
+            graph.create_execution_plan(int(saved["engine_id"]), knobs)
+            index = graph.get_execution_plan_count() - 1
+        else:  # knobs the cache could not hold: find the config by name among the heuristics' list
+            graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+            names = [graph.get_plan_name_at_index(i) for i in range(graph.get_execution_plan_count())]
+            index = names.index(saved["name"])
+        graph.build_plan_at_index(index)
+        stats["builds"] += 1
+        stats["rebuilds"] += 1
+        name = graph.get_plan_name_at_index(index)
+        if name != saved["name"]:
+            raise LookupError(f"rebuilt {name}, not {saved['name']}")
+        return _Fused(graph, ports, index, graph.get_workspace_size_plan_at_index(index), name)
+
+    def _search(self, cudnn, handle, x, weight, bias, spec) -> tuple[_Fused | None, dict]:
+        """Build every config the heuristics offer; check each one's answer; time the correct ones."""
+        stats["tunes"] += 1
+        x, weight, bias = synthetic_inputs(x, weight, bias)
+        graph, ports = _build_graph(cudnn, handle, x, weight, bias is not None, spec)
+        graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+        count = graph.get_execution_plan_count()
+        expected = reference(x, weight, bias, spec)
+        budget_s = float(os.environ.get("MISHOPS_TUNE_BUDGET_MS", dispatch.DEFAULT_BUDGET_MS)) / 1e3
+        measured: dict[str, Measurement] = {}
+        found: dict[str, _Fused] = {}
+        for index in range(count):
+            name = graph.get_plan_name_at_index(index)
+            if name in found or name in measured:
+                continue
+            try:
+                graph.build_plan_at_index(index)
+                stats["builds"] += 1
+                fused = _Fused(graph, ports, index, graph.get_workspace_size_plan_at_index(index), name)
+                out = torch.empty_like(expected, memory_format=torch.channels_last).fill_(float("nan"))
+                self._execute(fused, x, weight, bias, out)
+                wrong = mismatch(out, expected)
+                if wrong:
+                    measured[name] = Measurement(False, "", reason=wrong)
+                    log.warning("mishops: cuDNN config %s rejected: %s", name, wrong)
+                    continue
+                median, spread, _ = dispatch._time(lambda: self._execute(fused, x, weight, bias, out), out,
+                                                   budget_s / count)
+                measured[name] = Measurement(True, "", median, spread)
+                found[name] = fused
+            except Exception as exc:  # a config that does not build or run is skipped
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                measured[name] = Measurement(False, "", reason=f"{type(exc).__name__}: {first}")
+        order = {name: i for i, name in enumerate(measured)}
+        best = dispatch.pick(measured, order)
+        log.info("mishops: cuDNN configs for %s: %s -> %s", self._disk_key(x, weight, bias, spec),
+                 ", ".join(f"{n} {m.median_ms:.3f} ms" if m.ok else f"{n} ({m.reason})" for n, m in measured.items()),
+                 best)
+        if best is None:
+            reasons = "; ".join(f"{n}: {m.reason}" for n, m in measured.items()) or "the heuristics offered none"
+            return None, {"name": None, "reason": f"no engine config computed the block correctly ({reasons})"}
+        fused = found[best]
+        identity = {"name": best, "median_ms": measured[best].median_ms, "configs": count,
+                    "engine_id": None, "knobs": None}
+        try:
+            engine_id, knobs = graph.get_engine_and_knobs_at_index(fused.index)
+            identity["engine_id"] = int(engine_id)
+            identity["knobs"] = {k.name: int(v) for k, v in dict(knobs).items()}
+        except Exception as exc:  # then a new process finds it by name
+            log.info("mishops: cuDNN config %s has no replayable (engine, knobs): %s", best, exc)
+            identity["engine_id"] = identity["knobs"] = None
+        return fused, identity

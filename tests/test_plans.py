@@ -1,0 +1,541 @@
+"""Whole-block plans: layout rules, forcing, checking, choosing, gradients, and the cuDNN fusion on GPU."""
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mishops import dispatch, plans
+from mishops.plans import ConvSpec, NoPlanError, Plan, conv2d, expected_memory_format, run_block
+
+HAS_GPU = torch.cuda.is_available()
+CL = torch.channels_last
+
+
+class Model(nn.Module):
+    """The reference block."""
+
+    def __init__(self, cin, cout, k, **conv_args):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, **conv_args)
+
+    def forward(self, x):
+        return F.mish(F.mish(self.conv(x)))
+
+
+@pytest.fixture(autouse=True)
+def isolated_plans(monkeypatch):
+    monkeypatch.delenv("MISHOPS_PLAN", raising=False)
+    monkeypatch.setenv("MISHOPS_TUNE_BUDGET_MS", "40")
+    plans.clear_memory()
+    before = dict(plans._plans)
+    yield
+    with plans._lock:
+        plans._plans.clear()
+        plans._plans.update(before)
+    plans.clear_memory()
+
+
+def _block_choices():
+    return [c for c in dispatch.last_choices() if c.op == "block"]
+
+
+class _TestPlan(Plan):
+    """Conv + eager double Mish outside autograd, so gradients come from the dispatcher's function."""
+
+    name = "test_fast"
+    priority = 0
+    calls = 0
+
+    def forward(self, x, weight, bias, spec):
+        type(self).calls += 1
+        with torch.no_grad():
+            return self.compute(x, weight, bias, spec)
+
+    def compute(self, x, weight, bias, spec):
+        return F.mish(F.mish(conv2d(x, weight, bias, spec)))
+
+
+class _CorruptPlan(_TestPlan):
+    """Right everywhere but one element."""
+
+    name = "test_corrupt"
+
+    def compute(self, x, weight, bias, spec):
+        y = super().compute(x, weight, bias, spec)
+        y.view(-1)[y.numel() // 2] += 0.25
+        return y
+
+
+class _WrongLayoutPlan(_TestPlan):
+    """Right values in the wrong memory format."""
+
+    name = "test_wrong_layout"
+
+    def compute(self, x, weight, bias, spec):
+        return super().compute(x, weight, bias, spec).contiguous()
+
+
+def _register(plan_cls, monkeypatch=None):
+    plan_cls.calls = 0
+    plans.register_plan(plan_cls, replace=True)
+    return plans._plans[plan_cls.name]
+
+
+def _layouts(model, x, module_cl, input_cl):
+    if module_cl:
+        model = model.to(memory_format=CL)
+    if input_cl:
+        x = x.contiguous(memory_format=CL)
+    return model, x
+
+
+CPU_SHAPES = [  # (batch, cin, cout, h, w, kernel, conv args)
+    (2, 3, 5, 9, 41, 3, {}),
+    (1, 4, 6, 17, 13, 5, {"stride": 2, "padding": 1}),
+    (3, 2, 3, 8, 8, 3, {"padding": 1, "bias": False}),
+    (2, 4, 4, 7, 9, 3, {"padding": 1, "padding_mode": "reflect", "dilation": 2}),
+]
+
+
+# --- layout rules ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("module_cl", [False, True])
+@pytest.mark.parametrize("input_cl", [False, True])
+def test_expected_memory_format_is_pytorchs(module_cl, input_cl):
+    conv = nn.Conv2d(3, 8, 3)
+    x = torch.randn(2, 3, 10, 12)
+    if module_cl:
+        conv = conv.to(memory_format=CL)
+    if input_cl:
+        x = x.contiguous(memory_format=CL)
+    wanted = CL if (module_cl or input_cl) else torch.contiguous_format
+    assert expected_memory_format(x, conv.weight) == wanted
+    assert conv(x).is_contiguous(memory_format=wanted)
+
+
+def test_expected_memory_format_settles_ambiguous_strides_like_pytorch():
+    one_channel = torch.randn(2, 1, 5, 5)  # both contiguous and channels_last: PyTorch says contiguous
+    assert expected_memory_format(one_channel, torch.randn(4, 1, 3, 3)) == torch.contiguous_format
+    assert expected_memory_format(one_channel.contiguous(memory_format=CL), torch.randn(4, 1, 3, 3)) == CL
+    assert expected_memory_format(torch.randn(3, 5, 5), torch.randn(4, 3, 3, 3)) == torch.contiguous_format
+
+
+def test_channels_last_only_plan_is_no_candidate_for_contiguous_output(monkeypatch):
+    class ChannelsLastOnly(_TestPlan):
+        name = "test_cl_only"
+        output_formats = frozenset({CL})
+
+    plan = _register(ChannelsLastOnly)
+    conv, x = nn.Conv2d(3, 4, 3), torch.randn(1, 3, 6, 6)
+    spec = ConvSpec.of(conv)
+    assert any("contiguous" in r for r in plan.not_supported_reasons(x, conv.weight, conv.bias, spec))
+    assert plan.not_supported_reasons(x.contiguous(memory_format=CL), conv.weight, conv.bias, spec) == []
+    run_block(x, conv)
+    assert ChannelsLastOnly.calls == 0
+
+
+@pytest.mark.parametrize("module_cl", [False, True])
+@pytest.mark.parametrize("input_cl", [False, True])
+def test_run_block_output_layout_follows_pytorch(module_cl, input_cl):
+    model, x = _layouts(Model(3, 8, 3), torch.randn(2, 3, 10, 12), module_cl, input_cl)
+    y = run_block(x, model.conv)
+    assert y.stride() == model(x).stride()
+
+
+# --- torch_conv: the reference on CPU ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: f"{s[:6]}{s[6]}")
+def test_run_block_equals_reference_model_on_cpu(shape, dtype):
+    n, cin, cout, h, w, k, conv_args = shape
+    model = Model(cin, cout, k, **conv_args).to(dtype)
+    x = (torch.randn(n, cin, h, w) * 3).to(dtype)
+    x.view(-1)[::7] *= 30  # some large |x|
+    with torch.no_grad():
+        y, expected = run_block(x, model.conv), model(x)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    assert _block_choices()[-1].backend == "torch_conv"
+
+
+def test_run_block_under_cpu_autocast_equals_reference_model():
+    model, x = Model(3, 5, 3), torch.randn(2, 3, 9, 11)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        y, expected = run_block(x, model.conv), model(x)
+    assert y.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    assert "autocast=bfloat16" in _block_choices()[-1].key
+
+
+def test_run_block_under_torch_compile_equals_reference_model():
+    model, x = Model(3, 5, 3), torch.randn(2, 3, 9, 11)
+    compiled = torch.compile(lambda t: run_block(t, model.conv), backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_empty_batch():
+    model = Model(3, 5, 3)
+    y = run_block(torch.randn(0, 3, 9, 11), model.conv)
+    assert y.shape == (0, 5, 7, 9)
+
+
+# --- forcing -----------------------------------------------------------------------------------
+
+
+def test_mishops_plan_forces_a_plan(monkeypatch):
+    _register(_TestPlan)
+    model, x = Model(3, 5, 3), torch.randn(2, 3, 9, 11)
+    monkeypatch.setenv("MISHOPS_PLAN", "torch_conv")
+    run_block(x, model.conv)
+    assert _TestPlan.calls == 0
+    monkeypatch.setenv("MISHOPS_PLAN", "test_fast")
+    with torch.no_grad():
+        torch.testing.assert_close(run_block(x, model.conv), model(x))
+    assert _TestPlan.calls == 1
+
+
+def test_mishops_plan_unknown_name_lists_the_plans(monkeypatch):
+    monkeypatch.setenv("MISHOPS_PLAN", "no_such_plan")
+    with pytest.raises(ValueError, match="torch_conv"):
+        run_block(torch.randn(1, 3, 5, 5), nn.Conv2d(3, 4, 3))
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the CPU-only answer")
+def test_forcing_cudnn_on_cpu_says_why(monkeypatch):
+    monkeypatch.setenv("MISHOPS_PLAN", "cudnn_fused")
+    conv = nn.Conv2d(3, 4, 3).to(memory_format=CL)
+    with pytest.raises(NoPlanError, match="cudnn_fused.*unavailable: .*(not installed|GPU)"):
+        run_block(torch.randn(1, 3, 5, 5), conv)
+
+
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_named_backend_means_torch_conv_with_that_backend(monkeypatch, how):
+    _register(_TestPlan)
+    model, x = Model(3, 5, 3), torch.randn(2, 3, 9, 11)
+    if how == "environment":
+        monkeypatch.setenv("MISHOPS_BACKEND", "eager")
+        y = run_block(x, model.conv)
+    else:
+        y = run_block(x, model.conv, "eager")
+    with torch.no_grad():
+        torch.testing.assert_close(y, model(x), rtol=0, atol=0)
+    assert _TestPlan.calls == 0 and _block_choices() == []
+
+
+def test_named_unknown_backend_fails_loudly():
+    with pytest.raises(ValueError, match="unknown mishops backend"):
+        run_block(torch.randn(1, 3, 5, 5), nn.Conv2d(3, 4, 3), "no_such_backend")
+
+
+# --- the cuDNN plan off the GPU ----------------------------------------------------------------
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the CPU-only answer")
+def test_cudnn_plan_unavailable_on_cpu_with_reason():
+    available = plans.availability("cudnn_fused")
+    assert not available and available.reason
+    assert "not installed" in available.reason or "GPU" in available.reason
+    conv = nn.Conv2d(3, 4, 3)
+    reasons = plans.get_plan("cudnn_fused").not_supported_reasons(
+        torch.randn(1, 3, 5, 5), conv.weight, conv.bias, ConvSpec.of(conv))
+    assert any("device type 'cpu'" in r for r in reasons)
+    assert any("channels_last only" in r for r in reasons)
+
+
+def test_cudnn_plan_declines_what_it_cannot_fuse():
+    plan = plans.get_plan("cudnn_fused")
+    x = torch.randn(1, 4, 8, 8).contiguous(memory_format=CL)
+    for conv, words in [(nn.Conv2d(4, 4, 3, groups=2), "grouped"),
+                        (nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), "padding"),
+                        (nn.Conv2d(4, 4, 3, padding="same"), "padding")]:
+        reasons = plan.not_supported_reasons(x, conv.weight, conv.bias, ConvSpec.of(conv))
+        assert any(words in r for r in reasons), reasons
+    conv = nn.Conv2d(4, 4, 3)
+    reasons = plan.not_supported_reasons(x.double(), conv.weight.double(), conv.bias.double(), ConvSpec.of(conv))
+    assert any("dtype float64" in r for r in reasons)
+
+
+def test_cudnn_plan_declines_fp32_without_tf32(monkeypatch):
+    plan = plans.get_plan("cudnn_fused")
+    conv, x = nn.Conv2d(4, 4, 3), torch.randn(1, 4, 8, 8).contiguous(memory_format=CL)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert any("TF32" in r for r in plan.not_supported_reasons(x, conv.weight, conv.bias, ConvSpec.of(conv)))
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert not any("TF32" in r for r in plan.not_supported_reasons(x, conv.weight, conv.bias, ConvSpec.of(conv)))
+
+
+# --- checking and choosing ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("autotune", ["1", "0"])
+@pytest.mark.parametrize("bad,why", [(_CorruptPlan, "wrong answer"), (_WrongLayoutPlan, "not channels_last")])
+def test_a_wrong_plan_is_never_chosen(monkeypatch, autotune, bad, why):
+    monkeypatch.setenv("MISHOPS_AUTOTUNE", autotune)
+    _register(bad)
+    model, x = _layouts(Model(3, 5, 3), torch.randn(2, 3, 9, 11), True, False)
+    with torch.no_grad():
+        y = run_block(x, model.conv)
+        torch.testing.assert_close(y, model(x), rtol=0, atol=0)
+        assert y.stride() == model(x).stride()
+    choice = _block_choices()[-1]
+    assert choice.backend == "torch_conv"
+    assert not choice.measurements[bad.name].ok
+    assert why in choice.measurements[bad.name].reason
+
+
+def test_a_correct_preferred_plan_is_chosen_without_autotune(monkeypatch):
+    monkeypatch.setenv("MISHOPS_AUTOTUNE", "0")
+    _register(_TestPlan)
+    model, x = Model(3, 5, 3), torch.randn(2, 3, 9, 11)
+    with torch.no_grad():
+        torch.testing.assert_close(run_block(x, model.conv), model(x))
+    assert _block_choices()[-1].backend == "test_fast"
+
+
+def test_choice_is_cached_in_memory_and_on_disk():
+    _register(_TestPlan)
+    model, x = Model(3, 5, 3), torch.randn(2, 3, 9, 11)
+    run_block(x, model.conv)
+    assert _block_choices()[-1].how == "profiled"
+    profiled = plans.stats["profiled_keys"]
+    run_block(x, model.conv)
+    assert plans.stats["profiled_keys"] == profiled and len(_block_choices()) == 1
+    plans.clear_memory()  # a new process: the disk cache answers
+    run_block(x, model.conv)
+    assert plans.stats["profiled_keys"] == profiled and _block_choices()[-1].how == "cached"
+
+
+def test_key_includes_tf32_and_autocast(monkeypatch):
+    _register(_TestPlan)
+    model, x = Model(3, 5, 3), torch.randn(2, 3, 9, 11)
+    run_block(x, model.conv)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", not torch.backends.cudnn.allow_tf32)
+    run_block(x, model.conv)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        run_block(x, model.conv)
+    keys = [c.key for c in _block_choices()]
+    assert len(set(keys)) == 3, keys
+
+
+def test_a_plan_that_raises_is_replaced_and_remembered(monkeypatch):
+    class Breaks(_TestPlan):
+        name = "test_breaks"
+
+        def compute(self, x, weight, bias, spec):
+            if type(self).calls > 2:  # passes the check, then breaks in use
+                raise RuntimeError("kernel launch failed")
+            return super().compute(x, weight, bias, spec)
+
+    monkeypatch.setenv("MISHOPS_AUTOTUNE", "0")
+    _register(Breaks)
+    model, x = Model(3, 5, 3), torch.randn(2, 3, 9, 11)
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(run_block(x, model.conv), model(x))
+    assert "test_breaks" in plans._failed
+
+
+# --- gradients ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("plan", ["torch_conv", "test_fast"])
+@pytest.mark.parametrize("shape", CPU_SHAPES[:3], ids=lambda s: f"{s[:6]}{s[6]}")
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_gradients_equal_reference_model(monkeypatch, plan, shape, input_grad):
+    _register(_TestPlan)
+    monkeypatch.setenv("MISHOPS_PLAN", plan)
+    n, cin, cout, h, w, k, conv_args = shape
+    model = Model(cin, cout, k, **conv_args).double()
+    x = torch.randn(n, cin, h, w, dtype=torch.float64) * 2
+    x_ours, x_ref = x.clone().requires_grad_(input_grad), x.clone().requires_grad_(input_grad)
+    grad = torch.randn(model(x).shape, dtype=torch.float64)
+
+    y = run_block(x_ours, model.conv)
+    ours = torch.autograd.grad(y, [t for t in (x_ours, *model.conv.parameters()) if t.requires_grad], grad)
+    expected = torch.autograd.grad(model(x_ref), [t for t in (x_ref, *model.conv.parameters()) if t.requires_grad],
+                                   grad)
+    assert len(ours) == len(expected)
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert _TestPlan.calls == (1 if plan == "test_fast" else 0)
+
+
+def test_plan_function_leaves_frozen_parameters_alone(monkeypatch):
+    _register(_TestPlan)
+    monkeypatch.setenv("MISHOPS_PLAN", "test_fast")
+    model = Model(3, 4, 3)
+    model.conv.bias.requires_grad_(False)
+    x = torch.randn(1, 3, 6, 6, requires_grad=True)
+    run_block(x, model.conv).sum().backward()
+    assert x.grad is not None and model.conv.weight.grad is not None and model.conv.bias.grad is None
+
+
+# --- GPU ---------------------------------------------------------------------------------------
+
+GPU_SHAPES = [  # (batch, cin, cout, h, w, kernel, conv args)
+    (2, 64, 128, 32, 32, 3, {}),
+    (3, 5, 7, 9, 41, 3, {}),
+    (2, 16, 24, 17, 13, 5, {"stride": 2, "padding": 1}),
+]
+SETTINGS = ["tf32", "fp32", "bf16-autocast"]
+
+
+def _tf32_round(t: torch.Tensor) -> torch.Tensor:
+    """Round fp32 to TF32's 10-bit mantissa (nearest, ties away), as a TF32 conv sees its operands."""
+    bits = t.float().contiguous().view(torch.int32)
+    return ((bits + 0x1000) & -0x2000).view(torch.float32)
+
+
+def _max_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    diff = (y.double() - ref).abs()
+    return float(diff.nan_to_num(nan=0.0).max()) if diff.numel() else 0.0
+
+
+def _setting(setting):
+    torch.backends.cudnn.allow_tf32 = setting != "fp32"
+    return torch.autocast("cuda", dtype=torch.bfloat16) if setting == "bf16-autocast" else contextlib.nullcontext()
+
+
+def _cudnn_expected_to_run(setting, module_cl, input_cl):
+    return (module_cl or input_cl) and setting != "fp32" and plans.availability("cudnn_fused")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("plan", ["torch_conv", "cudnn_fused"])
+@pytest.mark.parametrize("setting", SETTINGS)
+@pytest.mark.parametrize("module_cl,input_cl", [(False, False), (True, False), (True, True), (False, True)])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: f"{s[:6]}{s[6]}")
+def test_gpu_plan_accuracy_vs_float64(monkeypatch, plan, setting, module_cl, input_cl, shape):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)
+    monkeypatch.setenv("MISHOPS_PLAN", plan)
+    n, cin, cout, h, w, k, conv_args = shape
+    torch.manual_seed(0)
+    model = Model(cin, cout, k, **conv_args).cuda()
+    x = torch.randn(n, cin, h, w, device="cuda") * 2
+    x.view(-1)[::97] *= 50  # some large |conv| values
+    model, x = _layouts(model, x, module_cl, input_cl)
+    model64 = Model(cin, cout, k, **conv_args).cuda().double()
+    model64.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        ref = model64(x.double())
+        with _setting(setting):
+            if plan == "cudnn_fused" and not _cudnn_expected_to_run(setting, module_cl, input_cl):
+                with pytest.raises(NoPlanError):
+                    run_block(x, model.conv)
+                return
+            y = run_block(x, model.conv)
+            eager = model(x)
+        floor = 0.0
+        if setting == "tf32":  # what correctly rounded TF32 operands cost, whatever algorithm eager picked
+            model64.conv.weight.copy_(_tf32_round(model.conv.weight).double())
+            floor = _max_err(model64(_tf32_round(x).double()), ref)
+    assert y.dtype == eager.dtype and y.shape == eager.shape
+    for fmt in (torch.contiguous_format, CL):
+        assert y.is_contiguous(memory_format=fmt) or not eager.is_contiguous(memory_format=fmt)
+    assert torch.equal(y.isnan(), eager.isnan())
+    err, eager_err = _max_err(y, ref), _max_err(eager, ref)
+    assert err <= 2 * max(eager_err, floor) + 1e-6, f"{plan} error {err:.3g}, eager {eager_err:.3g}, tf32 {floor:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("setting", ["tf32", "bf16-autocast"])
+def test_gpu_auto_choice_is_correct_and_cached(monkeypatch, setting):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)
+    model = Model(32, 64, 3).cuda().to(memory_format=CL)
+    x = torch.randn(4, 32, 40, 40, device="cuda")
+    with torch.no_grad(), _setting(setting):
+        y, expected = run_block(x, model.conv), model(x)
+        assert plans.mismatch(y, expected) == ""
+        choice = _block_choices()[-1]
+        assert choice.how == "profiled" and set(choice.measurements) >= {"torch_conv"}
+        if plans.availability("cudnn_fused"):
+            assert choice.measurements["cudnn_fused"].ok, choice.measurements["cudnn_fused"].reason
+        before = dict(plans.stats)
+        run_block(x, model.conv)
+    assert plans.stats == before
+
+
+_SUBPROCESS = textwrap.dedent("""
+    import json, torch
+    from torch import nn
+    from mishops.plans import run_block, cudnn_fused
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 32, 3).cuda().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 16, 20, 24, device="cuda")
+    with torch.no_grad():
+        y = run_block(x, conv)
+    print(json.dumps({"stats": cudnn_fused.stats, "sum": float(y.double().sum())}))
+""")
+
+
+@pytest.mark.gpu
+def test_gpu_cudnn_config_survives_a_new_process(tmp_path):
+    if not plans.availability("cudnn_fused"):
+        pytest.skip(plans.availability("cudnn_fused").reason)
+    env = dict(os.environ, MISHOPS_CACHE_DIR=str(tmp_path / "cache"), MISHOPS_PLAN="cudnn_fused",
+               MISHOPS_TUNE_BUDGET_MS="200")
+
+    def run():
+        done = subprocess.run([sys.executable, "-c", _SUBPROCESS], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    first, second = run(), run()
+    assert first["stats"]["tunes"] == 1 and first["stats"]["builds"] >= 1
+    assert second["stats"] == {"tunes": 0, "builds": 1, "rebuilds": 1}, (first, second)
+    assert first["sum"] == second["sum"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("plan", ["torch_conv", "cudnn_fused"])
+@pytest.mark.parametrize("setting", ["tf32", "bf16-autocast"])
+def test_gpu_gradients_vs_float64(monkeypatch, plan, setting):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)
+    monkeypatch.setenv("MISHOPS_PLAN", plan)
+    torch.manual_seed(0)
+    model = Model(8, 16, 3, padding=1).cuda().to(memory_format=CL)
+    model64 = Model(8, 16, 3, padding=1).cuda().double()
+    model64.load_state_dict(model.state_dict())
+    x = torch.randn(2, 8, 15, 17, device="cuda")
+    grad = torch.randn(2, 16, 15, 17, device="cuda")
+
+    def grads(m, inp, fn):
+        inp = inp.clone().requires_grad_(True)
+        with _setting(setting if m is not model64 else "fp32"):
+            out = fn(m, inp)
+        return torch.autograd.grad(out, [inp, m.conv.weight, m.conv.bias], grad.to(out.dtype))
+
+    ref = grads(model64, x.double(), lambda m, t: m(t))
+    torch.backends.cudnn.allow_tf32 = True
+    ours = grads(model, x, lambda m, t: run_block(t, m.conv))
+    eager = grads(model, x, lambda m, t: m(t))
+    for name, a, e, r in zip(["x", "weight", "bias"], ours, eager, ref):
+        assert a.dtype == e.dtype and a.shape == e.shape
+        err, eager_err = _max_err(a, r), _max_err(e, r)
+        assert err <= 2 * eager_err + 1e-5 * float(r.abs().max()), f"d{name}: {err:.3g} vs eager {eager_err:.3g}"
+
+
+@pytest.mark.gpu
+def test_gpu_cudnn_nan_inputs_give_nan_where_eager_does(monkeypatch):
+    if not plans.availability("cudnn_fused"):
+        pytest.skip(plans.availability("cudnn_fused").reason)
+    monkeypatch.setenv("MISHOPS_PLAN", "cudnn_fused")
+    model = Model(8, 16, 3).cuda().to(memory_format=CL)
+    x = torch.randn(2, 8, 12, 12, device="cuda")
+    x[0, 3, 5, 5] = float("nan")
+    x[1, 0, 0, 11] = float("nan")
+    with torch.no_grad():
+        y, expected = run_block(x, model.conv), model(x)
+    assert int(y.isnan().sum()) == int(expected.isnan().sum()) > 0
+    assert torch.equal(y.isnan(), expected.isnan())
