@@ -6,7 +6,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mishops import cache
 from tests import dist_worker
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),

@@ -35,7 +35,7 @@ def isolated_plans(monkeypatch):
     monkeypatch.delenv("MISHOPS_PLAN", raising=False)
     monkeypatch.setenv("MISHOPS_TUNE_BUDGET_MS", "40")
     plans.clear_memory()
-    before = dict(plans._plans)
+    before = plans.plans()  # the built-ins, registered
     yield
     with plans._lock:
         plans._plans.clear()
@@ -122,10 +122,14 @@ def test_expected_memory_format_is_pytorchs(module_cl, input_cl):
     assert conv(x).is_contiguous(memory_format=wanted)
 
 
-def test_expected_memory_format_settles_ambiguous_strides_like_pytorch():
-    one_channel = torch.randn(2, 1, 5, 5)  # both contiguous and channels_last: PyTorch says contiguous
-    assert expected_memory_format(one_channel, torch.randn(4, 1, 3, 3)) == torch.contiguous_format
-    assert expected_memory_format(one_channel.contiguous(memory_format=CL), torch.randn(4, 1, 3, 3)) == CL
+@pytest.mark.parametrize("strides", [(25, 25, 5, 1), (25, 1, 5, 1)], ids=["nchw-strides", "nhwc-strides"])
+def test_expected_memory_format_settles_ambiguous_strides_like_pytorch(strides):
+    one_channel = torch.empty_strided((2, 1, 5, 5), strides).normal_()  # both contiguous and channels_last
+    weight = torch.randn(4, 1, 3, 3)
+    wanted = expected_memory_format(one_channel, weight)
+    assert wanted == (CL if strides[1] == 1 else torch.contiguous_format)
+    out = F.conv2d(one_channel, weight)
+    assert out.is_contiguous(memory_format=wanted) and (wanted == CL) != out.is_contiguous()
     assert expected_memory_format(torch.randn(3, 5, 5), torch.randn(4, 3, 3, 3)) == torch.contiguous_format
 
 

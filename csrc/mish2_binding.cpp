@@ -1,0 +1,14 @@
+// Python entry points of csrc/mish2.cu, for torch.utils.cpp_extension.load.
+
+#include <torch/extension.h>
+
+void mish2_forward(const at::Tensor& x, const at::Tensor& out);
+void mish2_backward(const at::Tensor& x, const at::Tensor& grad_out, const at::Tensor& grad_in);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("mish2_forward", &mish2_forward, "out = mish(mish(x)); flat 1-D CUDA views of dense storage",
+        py::arg("x"), py::arg("out"), py::call_guard<py::gil_scoped_release>());
+  m.def("mish2_backward", &mish2_backward,
+        "grad_in = d/dx mish(mish(x)) * grad_out; flat 1-D CUDA views of dense storage", py::arg("x"),
+        py::arg("grad_out"), py::arg("grad_in"), py::call_guard<py::gil_scoped_release>());
+}
