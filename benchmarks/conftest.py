@@ -226,6 +226,8 @@ class Bench:
 
     def backend(self, name: str, probe: torch.Tensor) -> mishops.Backend:
         """The named backend, or a skip that says why it cannot run ``probe``."""
+        if QUICK and name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+            pytest.skip("Triton's CPU interpreter takes minutes per row and its times say nothing about speed")
         available = registry.availability(name)
         if not available:
             pytest.skip(f"backend {name!r} unavailable: {available.reason}")
@@ -326,17 +328,15 @@ class Bench:
             yield
 
 
-
 def max_abs_error(result: torch.Tensor, reference64: torch.Tensor) -> float:
-    """max |result - reference| over the first elements of ``result`` in storage order; NaN where
-    exactly one of them is NaN counts as infinitely wrong."""
+    """max |result - reference| over the first ``reference64.numel()`` elements of ``result`` in
+    row-major order; a NaN where the reference has none (or the reverse) counts as infinitely wrong."""
     got = result.reshape(-1)[: reference64.numel()].double()
     want = reference64.reshape(-1)
     diff = (got - want).abs()
     both_nan = got.isnan() & want.isnan()
     diff = torch.where(both_nan, torch.zeros_like(diff), diff.nan_to_num(nan=float("inf")))
     return float(diff.max()) if diff.numel() else 0.0
-
 
 
 # --- fixtures ----------------------------------------------------------------------------------
@@ -390,6 +390,9 @@ def environment_info() -> dict:
         "quick_mode": QUICK,
         "bench_device": DEVICE,
         "timing": "cuda-events" if DEVICE == "cuda" else "perf_counter",
+        "reps": list(GPU_REPS if DEVICE == "cuda" else CPU_REPS),
+        "error_elements": ERROR_ELEMENTS,
+        "model_error_images": MODEL_ERROR_IMAGES,
         "python": platform.python_version(),
         "mishops": mishops.__version__,
         "torch": torch.__version__,

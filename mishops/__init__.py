@@ -12,12 +12,15 @@ from mishops.registry import Availability, Backend, register
 __version__ = "0.1.0"
 
 
-def backends():
-    """Every registered backend, in preference order, keyed by name."""
+def registered_backends():
+    """Every registered backend, in preference order, keyed by name.
+
+    (Not ``mishops.backends``: that name is the subpackage holding the built-in backends.)
+    """
     from mishops import registry
 
     return registry.backends()
 
 
-__all__ = ["Availability", "Backend", "ModelNew", "NoBackendError", "backends", "last_choices",
-           "mish2", "register", "__version__"]
+__all__ = ["Availability", "Backend", "ModelNew", "NoBackendError", "last_choices", "mish2", "register",
+           "registered_backends", "__version__"]

@@ -54,7 +54,7 @@ _mish2_op.register_autograd(_backward, setup_context=_setup_context)
 def mish2(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """``F.mish(F.mish(x))`` in one pass, by the fastest correct backend for this input.
 
-    ``backend`` names one (``mishops.backends()`` lists them) or is ``"auto"``; the
+    ``backend`` names one (``mishops.registered_backends()`` lists them) or is ``"auto"``; the
     ``MISHOPS_BACKEND`` environment variable overrides it. Differentiable, and safe inside
     ``torch.compile`` and CUDA graphs.
     """

@@ -99,20 +99,22 @@ def header_lines(run: Run) -> list[str]:
                 f"mishops {env.get('mishops', '?')}, Python {env.get('python', '?')}")
     commit = run.commit.get("id")
     revision = f"commit {commit[:10]}{' (uncommitted changes)' if run.commit.get('dirty') else ''}" if commit else "no git commit"
+    reps = "-".join(map(str, env.get("reps") or [])) or "the"
     if env.get("timing") == "cuda-events":
-        timing = ("CUDA events: median of 20-50 back-to-back calls after untimed warm-up (builds, autotuning and "
+        timing = (f"CUDA events: median of {reps} back-to-back calls after untimed warm-up (builds, autotuning and "
                   "the dispatcher's profiling happen there), L2 flushed before each call when the data would fit in "
                   "it. \"isolated call ms\" is pytest-benchmark's wall-clock median of one call plus "
                   "`torch.cuda.synchronize()`: launch overhead included.")
     else:
-        timing = "`time.perf_counter` per call after warm-up (CPU: no events, no cache flush)."
+        timing = f"`time.perf_counter`: median of {reps} calls after warm-up (CPU: no events, no cache flush)."
     lines = [f"- **Device:** {device}", f"- **Software:** {software}",
              f"- **Run:** {env.get('date', 'unknown date')}, {revision}",
              f"- **Timing:** {timing}",
              f"- **Settings:** cudnn.benchmark={env.get('cudnn_benchmark')}, "
              f"TF32 convolutions={env.get('cudnn_allow_tf32')}, TF32 matmul={env.get('matmul_allow_tf32')}; "
-             "GB/s counts bytes read plus bytes written; errors are max |y - y_float64| over the first 4M "
-             "elements of each output (models: the first 2 images)."]
+             "GB/s counts bytes read plus bytes written; errors are max |y - y_float64| over the first "
+             f"{_fmt(env.get('error_elements'), ',', '?')} elements of each output (models: the first "
+             f"{env.get('model_error_images', '?')} images of the batch)."]
     if env.get("quick_mode"):
         lines.append("- **Quick mode** (CPU, small sizes): checks that the pipeline works; these numbers say "
                      "nothing about GPU speed.")

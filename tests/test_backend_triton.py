@@ -3,7 +3,7 @@
 On CPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, set per test by the
 ``interpreter`` fixture, so the result is the same whichever tests ran first); the ``gpu`` tests run
 the compiled kernels. Every result is compared with float64 PyTorch: ``F.mish(F.mish(x.double()))``
-forward, float64 autograd through ``F.mish`` backward.
+forward, float64 autograd through ``F.mish`` backward (``tests/reference.py``).
 
 Tolerances. fp32: rtol 3e-6. The kernel computes e^v as exp2(v log2 e); rounding v log2 e to fp32
 perturbs e^v by up to |v| 2^-24 relative (6.6e-7 at |v| = 20, 1.3e-6 up to |v| = 44, where y is
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import mishops
 from mishops import dispatch, registry
 from mishops.backends import triton as triton_backend
+from tests.reference import SPECIAL_VALUES, mish2_f64, mish2_grad_f64
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -38,10 +39,12 @@ interpreter_warnings = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FP32_RTOL, FP32_FORWARD_ATOL, FP32_BACKWARD_ATOL_PER_GRAD = 3e-6, 1e-11, 1e-6
-SPECIAL = [float("nan"), float("inf"), float("-inf"), 1e4, -1e4, 100.0, -100.0, -88.0, 44.0, 20.0, 19.99,
-           8.7, 1.0, 0.0, -0.0, -1.1924, -5.0, -12.9, -20.0, -30.0]
+#: the project's special values, plus where this kernel's formulas change regime: 1 - t^2 would
+#: cancel near 8.7, mish' crosses zero at -1.19, exp's relative error grows past -12.
+SPECIAL = SPECIAL_VALUES + [8.7, 1.0, -1.1924, -5.0, -12.9, -30.0]
 
 # CPU shapes stay small: the interpreter runs each program in Python (BLOCK is 1024 below 2M elements).
+SWEEP = (-110.0, 50.0)
 CPU_SHAPES = {
     "odd": (3, 7, 131),
     "one": (1,),
@@ -65,17 +68,8 @@ def with_specials(x: torch.Tensor) -> torch.Tensor:
     if flat.numel() >= 4 * len(SPECIAL):
         positions = torch.linspace(0, flat.numel() - 1, len(SPECIAL)).long()
         flat[positions.to(x.device)] = torch.tensor(SPECIAL, device=x.device).to(x.dtype)
+        assert x.isnan().any(), "with_specials wrote into a copy"
     return x
-
-
-def reference_forward(x: torch.Tensor) -> torch.Tensor:
-    return F.mish(F.mish(x.double()))
-
-
-def reference_backward(x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
-    x64 = x.detach().double().requires_grad_()
-    F.mish(F.mish(x64)).backward(grad_out.double())
-    return x64.grad
 
 
 def eager_backward(x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
@@ -128,7 +122,7 @@ def check_forward(backend, x, interpreted):
     y = backend.forward(x)
     assert y.shape == x.shape and y.dtype == x.dtype and y.device == x.device
     assert y.stride() == x.stride()
-    ref = reference_forward(x)
+    ref = mish2_f64(x)
     if x.dtype == torch.float32:
         assert_fp32_close(y, ref, FP32_FORWARD_ATOL)
     else:
@@ -138,7 +132,7 @@ def check_forward(backend, x, interpreted):
 def check_backward(backend, x, grad_out, interpreted):
     grad_in = backend.backward(x, grad_out)
     assert grad_in.shape == x.shape and grad_in.dtype == x.dtype and grad_in.stride() == x.stride()
-    ref = reference_backward(x, grad_out)
+    ref = mish2_grad_f64(x, grad_out)
     if x.dtype == torch.float32:
         assert_fp32_close(grad_in, ref, FP32_BACKWARD_ATOL_PER_GRAD * grad_out.double().abs())
     else:
@@ -183,19 +177,43 @@ def compiled(monkeypatch):
 
 
 @needs_triton
+@interpreter_warnings
 @pytest.mark.parametrize("shape", CPU_SHAPES.values(), ids=CPU_SHAPES.keys())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_interpreter_forward(interpreter, dtype, shape):
-    check_forward(interpreter, make_input(shape, dtype), interpreted=True)
+    check_forward(interpreter, with_specials(make_input(shape, dtype)), interpreted=True)
 
 
 @needs_triton
+@interpreter_warnings
 @pytest.mark.parametrize("shape", CPU_SHAPES.values(), ids=CPU_SHAPES.keys())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_interpreter_backward(interpreter, dtype, shape):
-    x = make_input(shape, dtype)
+    x = with_specials(make_input(shape, dtype))
     grad_out = make_input(shape, dtype, scale=1.0, seed=1)
     check_backward(interpreter, x, grad_out, interpreted=True)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_interpreter_sweep(interpreter, dtype):
+    """Every regime of the formulas in order: underflow, the derivative's zero at -1.19, the
+    clamp at 20 and beyond."""
+    x = torch.linspace(*SWEEP, 20_001).to(dtype)
+    check_forward(interpreter, x, interpreted=True)
+    check_backward(interpreter, x, make_input(x.shape, dtype, scale=1.0, seed=1), interpreted=True)
+
+
+@needs_triton
+def test_empty_tensors_launch_nothing(interpreter, monkeypatch):
+    def no_kernels(interpret):
+        raise AssertionError("a kernel was launched for an empty tensor")
+
+    monkeypatch.setattr(triton_backend, "_kernels", no_kernels)
+    for shape in [(0,), (4, 0, 3), (0, 3, 5, 5)]:
+        x = torch.empty(shape)
+        assert interpreter.forward(x).shape == shape
+        assert interpreter.backward(x, torch.empty(shape)).shape == shape
 
 
 @needs_triton
@@ -244,13 +262,14 @@ def test_fp64_is_not_supported(interpreter):
 def test_mish2_gradients_through_the_triton_backend(interpreter, monkeypatch):
     """mishops.mish2(..., backend="triton") with autograd: the kernels run, the gradients match."""
     calls = spy_on(monkeypatch, interpreter)
-    x = make_input((3, 5, 67), torch.float32).requires_grad_()
-    grad_out = make_input((3, 5, 67), torch.float32, scale=1.0, seed=1)
+    x = make_input((2, 5, 7, 9), torch.float32).requires_grad_()
+    grad_out = make_input(x.shape, torch.float32, scale=1.0, seed=1)
     y = mishops.mish2(x, backend="triton")
     y.backward(grad_out)
     assert calls == ["forward", "backward"]
-    assert_fp32_close(y.detach(), reference_forward(x.detach()), FP32_FORWARD_ATOL)
-    assert_fp32_close(x.grad, reference_backward(x, grad_out), FP32_BACKWARD_ATOL_PER_GRAD * grad_out.double().abs())
+    assert y.stride() == x.stride() and x.grad.stride() == x.stride()
+    assert_fp32_close(y.detach(), mish2_f64(x.detach()), FP32_FORWARD_ATOL)
+    assert_fp32_close(x.grad, mish2_grad_f64(x, grad_out), FP32_BACKWARD_ATOL_PER_GRAD * grad_out.double().abs())
     torch.testing.assert_close(x.grad, eager_backward(x, grad_out), rtol=1e-5, atol=1e-5)
 
 
@@ -307,7 +326,7 @@ def run_python(code: str, **env_changes: str | None) -> subprocess.CompletedProc
 def test_import_does_not_import_triton():
     result = run_python("""
         import sys, mishops
-        mishops.backends()
+        mishops.registered_backends()
         assert "triton" not in sys.modules, "import mishops imported triton"
         print("ok")
     """)
@@ -405,6 +424,14 @@ def test_gpu_special_values(compiled, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_sweep(compiled, dtype):
+    x = torch.linspace(*SWEEP, (1 << 20) + 1, device="cuda").to(dtype)
+    check_forward(compiled, x, interpreted=False)
+    check_backward(compiled, x, make_input(x.shape, dtype, device="cuda", scale=1.0, seed=1), interpreted=False)
+
+
+@pytest.mark.gpu
 def test_gpu_reference_shape_fp32(compiled):
     """The conv output of the reference model (64x128x254x254, 2.1 GB), checked slice by slice."""
     x = gpu_input((64, 128, 254, 254), torch.float32)
@@ -415,9 +442,9 @@ def test_gpu_reference_shape_fp32(compiled):
     grad_in = compiled.backward(x, grad_out)
     for i in range(0, x.shape[0], 8):
         rows = slice(i, i + 8)
-        assert_fp32_close(y[rows], reference_forward(x[rows]), FP32_FORWARD_ATOL)
+        assert_fp32_close(y[rows], mish2_f64(x[rows]), FP32_FORWARD_ATOL)
         g = grad_out[rows]
-        assert_fp32_close(grad_in[rows], reference_backward(x[rows], g), FP32_BACKWARD_ATOL_PER_GRAD * g.double().abs())
+        assert_fp32_close(grad_in[rows], mish2_grad_f64(x[rows], g), FP32_BACKWARD_ATOL_PER_GRAD * g.double().abs())
 
 
 @pytest.mark.gpu
@@ -437,8 +464,8 @@ def test_gpu_more_than_2_31_elements(compiled):
     for start in range(0, n, chunk):
         part = slice(start, start + chunk)
         # one rounding of an fp32-accurate value: within an fp16 ulp (rtol 1e-3), fp16 subnormals aside
-        torch.testing.assert_close(y[part].double(), reference_forward(x[part]), rtol=1e-3, atol=1e-6)
-        torch.testing.assert_close(grad_in[part].double(), reference_backward(x[part], grad_out[part]),
+        torch.testing.assert_close(y[part].double(), mish2_f64(x[part]), rtol=1e-3, atol=1e-6)
+        torch.testing.assert_close(grad_in[part].double(), mish2_grad_f64(x[part], grad_out[part]),
                                    rtol=1e-3, atol=1e-6)
 
 
@@ -457,8 +484,8 @@ def test_gpu_runs_on_the_current_stream(compiled):
         y = compiled.forward(x)
         grad_in = compiled.backward(x, grad_out)
     stream.synchronize()
-    assert_fp32_close(y, reference_forward(source), FP32_FORWARD_ATOL)
-    assert_fp32_close(grad_in, reference_backward(source, grad_out), FP32_BACKWARD_ATOL_PER_GRAD * grad_out.double().abs())
+    assert_fp32_close(y, mish2_f64(source), FP32_FORWARD_ATOL)
+    assert_fp32_close(grad_in, mish2_grad_f64(source, grad_out), FP32_BACKWARD_ATOL_PER_GRAD * grad_out.double().abs())
 
 
 @pytest.mark.gpu
@@ -471,8 +498,8 @@ def test_gpu_second_device(compiled):
     y = compiled.forward(x)
     grad_in = compiled.backward(x, grad_out)
     assert y.device == x.device and torch.cuda.current_device() == 0
-    assert_fp32_close(y, reference_forward(x), FP32_FORWARD_ATOL)
-    assert_fp32_close(grad_in, reference_backward(x, grad_out), FP32_BACKWARD_ATOL_PER_GRAD * grad_out.double().abs())
+    assert_fp32_close(y, mish2_f64(x), FP32_FORWARD_ATOL)
+    assert_fp32_close(grad_in, mish2_grad_f64(x, grad_out), FP32_BACKWARD_ATOL_PER_GRAD * grad_out.double().abs())
 
 
 @pytest.mark.gpu
@@ -485,8 +512,8 @@ def test_gpu_mish2_autograd(compiled, dtype):
     y.backward(grad_out)
     assert y.stride() == x.stride() and x.grad.stride() == x.stride()
     if dtype == torch.float32:
-        assert_fp32_close(y.detach(), reference_forward(x.detach()), FP32_FORWARD_ATOL)
-        assert_fp32_close(x.grad, reference_backward(x, grad_out), FP32_BACKWARD_ATOL_PER_GRAD * grad_out.double().abs())
+        assert_fp32_close(y.detach(), mish2_f64(x.detach()), FP32_FORWARD_ATOL)
+        assert_fp32_close(x.grad, mish2_grad_f64(x, grad_out), FP32_BACKWARD_ATOL_PER_GRAD * grad_out.double().abs())
     else:
-        assert_low_precision_close(y.detach(), reference_forward(x.detach()), F.mish(F.mish(x.detach())), dtype, False)
-        assert_low_precision_close(x.grad, reference_backward(x, grad_out), eager_backward(x, grad_out), dtype, False)
+        assert_low_precision_close(y.detach(), mish2_f64(x.detach()), F.mish(F.mish(x.detach())), dtype, interpreted=False)
+        assert_low_precision_close(x.grad, mish2_grad_f64(x, grad_out), eager_backward(x, grad_out), dtype, interpreted=False)

@@ -70,7 +70,7 @@ class _CorruptPlan(_TestPlan):
 
     def compute(self, x, weight, bias, spec):
         y = super().compute(x, weight, bias, spec)
-        y.view(-1)[y.numel() // 2] += 0.25
+        y[y.shape[0] // 2, y.shape[1] // 2, y.shape[2] // 2, y.shape[3] // 2] += 0.25
         return y
 
 
@@ -437,7 +437,14 @@ def test_gpu_plan_accuracy_vs_float64(monkeypatch, plan, setting, module_cl, inp
                 with pytest.raises(NoPlanError):
                     run_block(x, model.conv)
                 return
-            y = run_block(x, model.conv)
+            try:
+                y = run_block(x, model.conv)
+            except NoPlanError as exc:  # no engine config of this graph computed it right: auto must cope
+                assert plan == "cudnn_fused" and "no engine config computed the block correctly" in str(exc)
+                monkeypatch.delenv("MISHOPS_PLAN")
+                plans.clear_memory()
+                y = run_block(x, model.conv)
+                assert _block_choices()[-1].backend != "cudnn_fused"
             eager = model(x)
         floor = 0.0
         if setting == "tf32":  # what correctly rounded TF32 operands cost, whatever algorithm eager picked

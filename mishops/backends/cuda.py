@@ -1,1 +1,317 @@
-"""placeholder"""
+"""Inline CUDA C++ (``csrc/mish2.cu``): one hand-written kernel per direction, built at first use.
+
+The extension is compiled by ``torch.utils.cpp_extension.load`` for the present GPU's architecture
+only (one ``-gencode``: about a minute instead of several), into
+``<mishops cache dir>/build/<tag>``. The tag names everything that makes a binary unusable
+elsewhere (torch and its CUDA version, nvcc, GPU architecture, C++ ABI, Python, machine, flags and
+the sources' hash), so environments that share a home directory never load each other's library,
+and a finished build carries a marker file that lets the next process import it without compiling
+or even starting ninja.
+
+Builds are serialized by our own lock, not torch's: cpp_extension guards a build directory with a
+``lock`` file that a killed build leaves behind, and every later process then waits on it forever.
+Ours is an OS file lock (flock), released by the kernel when its owner dies, so a dead builder never
+blocks anyone; and since every builder takes it, whoever holds it knows that a torch ``lock`` file
+still in the build directory is stale and deletes it.
+
+A failed build raises :class:`CudaBuildError` whose first line is the compiler's first error, the
+line the dispatcher records as the reason this backend is out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from mishops import cache, dispatch, layout
+from mishops.registry import KERNEL_DTYPES, Availability, Backend, csrc_path, register
+
+log = logging.getLogger("mishops")
+
+MODULE_NAME = "mishops_mish2_cuda"
+SOURCES = (csrc_path("mish2.cu"), csrc_path("mish2_binding.cpp"))
+#: beside torch's own flags. No --use_fast_math: the kernel picks its fast intrinsics one by one.
+EXTRA_CUDA_CFLAGS = ("-O3",)
+EXTRA_CFLAGS = ("-O3",)
+DEFAULT_LOCK_TIMEOUT_S = 600.0
+#: written into the build directory once its library is complete.
+DONE_MARKER = "mishops-build.json"
+
+
+class CudaBuildError(RuntimeError):
+    """The extension did not build or load; the message's first line says why."""
+
+
+@register
+class CudaBackend(Backend):
+    name = "cuda"
+    devices = frozenset({"cuda"})
+    dtypes = KERNEL_DTYPES
+    priority = 10
+    source_files = SOURCES
+
+    def is_available(self) -> Availability:
+        if torch.version.cuda is None:
+            return Availability.no(f"PyTorch {torch.__version__} is built without CUDA (torch.version.cuda is None)")
+        if not torch.cuda.is_available():
+            return Availability.no("no CUDA GPU visible to torch")
+        problem = toolchain_problem()
+        return Availability.no(problem) if problem else Availability.yes()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(x)
+        extension_for(x.device).mish2_forward(layout.flat(x), layout.flat(out))
+        return out
+
+    def backward(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+        grad_in = torch.empty_like(x)
+        extension_for(x.device).mish2_backward(layout.flat(x), layout.flat(grad_out), layout.flat(grad_in))
+        return grad_in
+
+
+# --- toolchain -----------------------------------------------------------------------------------
+
+
+def nvcc_path() -> Path | None:
+    """The nvcc cpp_extension will run: ``CUDA_HOME/bin/nvcc``, with CUDA_HOME as torch found it
+    when imported (from $CUDA_HOME, $CUDA_PATH, nvcc on PATH, then /usr/local/cuda)."""
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.CUDA_HOME:
+        return None
+    nvcc = Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc"
+    return nvcc if nvcc.is_file() else None
+
+
+def _ninja_on_path() -> bool:
+    """cpp_extension runs plain ``ninja``; a pip-installed one sits beside this Python, which is
+    not on PATH when the environment was never activated, so put it there."""
+    if shutil.which("ninja"):
+        return True
+    beside_python = Path(sys.executable).parent
+    if (beside_python / "ninja").is_file():
+        os.environ["PATH"] = f"{beside_python}{os.pathsep}{os.environ.get('PATH', '')}"
+        return True
+    return False
+
+
+def toolchain_problem() -> str | None:
+    """Why this machine cannot build the extension, or None when nvcc and ninja are there."""
+    if nvcc_path() is None:
+        return ("nvcc not found: set CUDA_HOME to the CUDA toolkit (the directory holding bin/nvcc) "
+                "before starting Python, or put nvcc on PATH")
+    if not _ninja_on_path():
+        return "ninja not found: pip install ninja (torch.utils.cpp_extension builds with it)"
+    return None
+
+
+_nvcc_versions: dict[Path, str] = {}
+
+
+def nvcc_version(nvcc: Path) -> str:
+    """``13.0.88`` from ``nvcc --version``; a compiler that cannot say is a failed build."""
+    if nvcc not in _nvcc_versions:
+        done = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True)
+        found = re.search(r"release [\d.]+, V([\w.]+)", done.stdout)
+        if done.returncode != 0 or not found:
+            output = done.stdout + done.stderr
+            raise CudaBuildError(f"{first_error_line(output) or f'{nvcc} --version failed'}\n{output}")
+        _nvcc_versions[nvcc] = found.group(1)
+    return _nvcc_versions[nvcc]
+
+
+# --- where a build lives -------------------------------------------------------------------------
+
+
+def sources_digest() -> str:
+    h = hashlib.sha256()
+    for path in SOURCES:
+        h.update(Path(path).name.encode())
+        h.update(Path(path).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def build_facts(arch: str) -> dict[str, str]:
+    """Everything a compiled library depends on, for GPU architecture ``arch`` ("90" = sm_90)."""
+    nvcc = nvcc_path()
+    return {
+        "arch": f"sm_{arch}",
+        "torch": torch.__version__,
+        "torch_cuda": str(torch.version.cuda),
+        "nvcc": nvcc_version(nvcc) if nvcc else "not found",
+        "cxx11_abi": str(int(torch._C._GLIBCXX_USE_CXX11_ABI)),
+        "python": sys.implementation.cache_tag,
+        "machine": platform.machine(),
+        "flags": " ".join(EXTRA_CFLAGS + EXTRA_CUDA_CFLAGS),
+        "sources": sources_digest(),
+    }
+
+
+def build_tag(facts: dict[str, str]) -> str:
+    """A directory name: the facts a person looks for, then a hash of all of them."""
+    digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+    readable = "-".join((facts["arch"], f"torch{facts['torch']}", facts["python"]))
+    return f"{re.sub(r'[^A-Za-z0-9._]+', '_', readable)}-{digest}"
+
+
+def build_directory(facts: dict[str, str]) -> Path:
+    return cache.cache_dir() / "build" / build_tag(facts)
+
+
+# --- building ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def build_lock(build_dir: Path):
+    """Hold the right to build in ``build_dir``, and clear the torch lock a killed build left there.
+
+    The lock file sits beside the build directory. Waiting is bounded by
+    ``MISHOPS_BUILD_LOCK_TIMEOUT_S`` (default 600 s), after which a clear error says who to wait for.
+    """
+    import filelock
+
+    timeout = float(os.environ.get("MISHOPS_BUILD_LOCK_TIMEOUT_S", DEFAULT_LOCK_TIMEOUT_S))
+    lock_path = build_dir.with_name(build_dir.name + ".lock")
+    build_dir.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        log.info("mishops: waiting for another process building the CUDA backend (lock %s)", lock_path)
+        try:
+            lock.acquire(timeout=timeout)
+        except filelock.Timeout:
+            raise CudaBuildError(
+                f"mishops: waited {timeout:.0f} s for the CUDA build lock {lock_path}, which a live process "
+                "holds (another build, or a hung one). Let it finish or end it, or raise "
+                "MISHOPS_BUILD_LOCK_TIMEOUT_S. The lock dies with its process, so a crash never leaves it "
+                f"held; only where that fails (some network file systems) delete {lock_path} by hand, "
+                "once no mishops process is running.") from None
+    try:
+        stale = build_dir / "lock"
+        if stale.exists():
+            log.warning("mishops: removing %s, left by a CUDA build that was killed", stale)
+            stale.unlink(missing_ok=True)
+        yield
+    finally:
+        lock.release()
+
+
+_NOT_COMPILER_OUTPUT = re.compile(r"^(\[\d+/\d+\]|ninja: |Error building extension)")
+
+
+def first_error_line(output: str) -> str | None:
+    """The compiler's first error in a build log (nvcc, cudafe, ptxas, gcc or the linker).
+
+    Skips what ninja adds around it: progress lines, ``FAILED:`` and the command echoed after it.
+    """
+    after_failed = False
+    for raw in output.splitlines():
+        line = raw.strip()
+        if line.startswith("FAILED:"):
+            after_failed = True
+            continue
+        if after_failed:  # ninja echoes the failing command, whose flags may mention "error"
+            after_failed = False
+            continue
+        if _NOT_COMPILER_OUTPUT.match(line):
+            continue
+        if re.search(r"\b(error|fatal)\b", line, re.IGNORECASE):
+            return line
+    return None
+
+
+def build_extension(arch: str) -> ModuleType:
+    """The extension for GPU architecture ``arch`` ("90" = sm_90): imported from a finished
+    build, else compiled (once, under the build lock) and counted in ``dispatch.stats["builds"]``.
+    Needs no GPU, so tests can drive a real build on any machine."""
+    facts = build_facts(arch)
+    build_dir = build_directory(facts)
+    done = build_dir / DONE_MARKER
+    if done.exists():
+        return _import_built(build_dir)
+    with build_lock(build_dir):
+        if done.exists():  # another process finished it while we waited
+            return _import_built(build_dir)
+        module = _compile(arch, build_dir)
+        done.write_text(json.dumps(facts, indent=1, sort_keys=True))
+    return module
+
+
+def _compile(arch: str, build_dir: Path) -> ModuleType:
+    from torch.utils import cpp_extension
+
+    dispatch.stats.setdefault("builds", 0)
+    dispatch.stats["builds"] += 1
+    log.info("mishops: compiling the CUDA backend for sm_%s in %s; this takes about a minute, "
+             "once per environment", arch, build_dir)
+    started = time.perf_counter()
+    # An explicit -gencode makes cpp_extension skip TORCH_CUDA_ARCH_LIST and its list of known
+    # architectures: exactly this GPU's code, with no process-wide environment to set and restore.
+    gencode = f"-gencode=arch=compute_{arch},code=sm_{arch}"
+    try:
+        module = cpp_extension.load(
+            name=MODULE_NAME, sources=[str(s) for s in SOURCES], build_directory=str(build_dir),
+            extra_cflags=list(EXTRA_CFLAGS), extra_cuda_cflags=[*EXTRA_CUDA_CFLAGS, gencode], verbose=False)
+    except Exception as exc:
+        output = str(exc)
+        first = first_error_line(output) or f"{type(exc).__name__}: {output.strip().splitlines()[0] if output.strip() else ''}"
+        raise CudaBuildError(f"{first}\nmishops: building the CUDA backend in {build_dir} failed:\n"
+                             f"{output[-8000:]}") from exc
+    log.info("mishops: CUDA backend built in %.0f s", time.perf_counter() - started)
+    return module
+
+
+def _import_built(build_dir: Path) -> ModuleType:
+    library = build_dir / f"{MODULE_NAME}.so"
+    try:
+        spec = importlib.util.spec_from_file_location(MODULE_NAME, library)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise CudaBuildError(f"cannot load the built CUDA backend {library}: {type(exc).__name__}: {exc} "
+                             f"(delete {build_dir} to rebuild it)") from exc
+    return module
+
+
+# --- one extension per GPU architecture, per process ---------------------------------------------
+
+_load_lock = threading.Lock()
+_by_device: dict[int, ModuleType] = {}
+_by_arch: dict[str, ModuleType] = {}
+_failed_arch: dict[str, CudaBuildError] = {}
+
+
+def extension_for(device: torch.device) -> ModuleType:
+    """The loaded extension for ``device``'s GPU; a failed build is not retried in this process."""
+    module = _by_device.get(device.index)
+    if module is not None:
+        return module
+    with _load_lock:
+        major, minor = torch.cuda.get_device_capability(device)
+        arch = f"{major}{minor}"
+        if arch in _failed_arch:
+            raise _failed_arch[arch]
+        if arch not in _by_arch:
+            try:
+                _by_arch[arch] = build_extension(arch)
+            except CudaBuildError as exc:
+                _failed_arch[arch] = exc
+                raise
+        _by_device[device.index] = _by_arch[arch]
+        return _by_device[device.index]

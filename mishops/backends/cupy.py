@@ -194,7 +194,7 @@ def _launch(op: str, tensors: tuple[torch.Tensor, ...]) -> None:
     device = x.device.index
     aligned = all(t.data_ptr() % 16 == 0 for t in tensors)
     vec = 16 // x.element_size() if aligned else 1
-    blocks = min(-(-max(n // vec, 1) // _THREADS), _resident_blocks(device))
+    blocks = min((max(n // vec, 1) + _THREADS - 1) // _THREADS, _resident_blocks(device))
     pointers = tuple(cp.cuda.MemoryPointer(cp.cuda.UnownedMemory(t.data_ptr(), t.nbytes, t, device), 0)
                      for t in tensors)
     with cp.cuda.Device(device):
@@ -260,10 +260,8 @@ class CupyBackend(Backend):
                                    "uninstall all but one")
         try:
             cp = _cupy()
-        except ModuleNotFoundError as exc:
-            if exc.name != "cupy":
-                return Availability.no(f"import cupy failed: {_first_line(exc)}")
-            return Availability.no(NOT_INSTALLED)
+        except ModuleNotFoundError as exc:  # cupy itself, or a module cupy imports
+            return Availability.no(NOT_INSTALLED if exc.name == "cupy" else f"import cupy failed: {_first_line(exc)}")
         except Exception as exc:
             return Availability.no(f"import cupy failed: {_first_line(exc)}")
         if not torch.cuda.is_available():

@@ -41,7 +41,7 @@ def _forward_kernel(x_ptr, y_ptr, n_elements, BLOCK: tl.constexpr):
     mask = offsets < n_elements
     v = tl.load(x_ptr + offsets, mask=mask).to(tl.float32)
     for _ in tl.static_range(2):  # mish(x), then mish of that
-        e = tl.exp2(v * 1.4426950408889634)  # e^v as 2^(v log2 e)
+        e = tl.exp2(tl.minimum(v, 20.0) * 1.4426950408889634)  # e^v as 2^(v log2 e)
         n = e * (e + 2.0)
         v = v * (n / (n + 2.0))
     tl.store(y_ptr + offsets, v.to(y_ptr.dtype.element_ty), mask=mask)

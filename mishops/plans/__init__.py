@@ -32,6 +32,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -132,6 +133,8 @@ class Plan:
         {torch.contiguous_format, torch.channels_last})
     #: False: its forward is not tracked by autograd; the dispatcher supplies the backward.
     differentiable: ClassVar[bool] = False
+    #: kernel sources hashed into the tuning-cache key beside the class's module (as for backends).
+    source_files: ClassVar[tuple[Path, ...]] = ()
 
     def is_available(self) -> Availability:
         return Availability.yes()
@@ -478,11 +481,14 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return None
 
 
-def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """What autocast does to a conv argument: floating tensors other than float64 take ``dtype``."""
+def _cast(t: torch.Tensor | None, dtype: torch.dtype,
+          memory_format: torch.memory_format = torch.preserve_format) -> torch.Tensor | None:
+    """What autocast does to a conv argument: floating tensors other than float64 take ``dtype``.
+    The copy may change the layout for free: the input goes to the output's memory format, which
+    the conv reads faster (NHWC) and which leaves the result's format unchanged."""
     if t is None or not t.is_floating_point() or t.dtype in (torch.float64, dtype):
         return t
-    return t.to(dtype)
+    return t.to(dtype, memory_format=memory_format)
 
 
 def _capturing(x: torch.Tensor) -> bool:
@@ -502,7 +508,7 @@ def run_block(x: torch.Tensor, conv: torch.nn.Conv2d, backend: str = "auto") -> 
     weight, bias = conv.weight, conv.bias
     amp = _autocast_dtype(x.device.type)
     if amp is not None:  # cast here, as autocast would for the conv, so plans see one dtype
-        x, weight, bias = _cast(x, amp), _cast(weight, amp), _cast(bias, amp)
+        x, weight, bias = _cast(x, amp, expected_memory_format(x, weight)), _cast(weight, amp), _cast(bias, amp)
     with torch.autocast(x.device.type, enabled=False) if amp is not None else contextlib.nullcontext():
         if backend != "auto" or os.environ.get("MISHOPS_BACKEND"):
             if not os.environ.get("MISHOPS_PLAN"):

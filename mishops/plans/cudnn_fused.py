@@ -11,7 +11,8 @@ eager block (``benchmarks/results/plans-h100.md``).
 The heuristics offer 20-odd engine configs per graph and building them all takes seconds; one
 of them has been seen to compute garbage, so every config is checked against the reference
 before it is timed. The winner's identity (engine id and knobs) goes to the tuning cache, so a
-new process builds only that one. fp32 runs with TF32 like PyTorch's own conv; with TF32 off
+new process builds only that one (``MISHOPS_CUDNN_CONFIGS=N`` caps the search at the heuristics'
+first N configs, to bound the first call's latency). fp32 runs with TF32 like PyTorch's own conv; with TF32 off
 the plan declines (its exact-fp32 engines are slower than the unfused block).
 """
 
@@ -28,7 +29,7 @@ import torch
 
 from mishops import dispatch
 from mishops.dispatch import Measurement
-from mishops.plans import ConvSpec, Plan, mismatch, reference, register_plan, synthetic_inputs
+from mishops.plans import ConvSpec, NoPlanError, Plan, mismatch, reference, register_plan, synthetic_inputs
 from mishops.registry import Availability
 
 log = logging.getLogger("mishops")
@@ -243,7 +244,7 @@ class CudnnFusedPlan(Plan):
         saved = store.read().get(key, {}).get("config")
         if saved is not None:
             if not saved.get("name"):
-                raise RuntimeError(f"cuDNN fusion: {saved.get('reason', 'no correct engine config')} (cached)")
+                raise NoPlanError(f"cuDNN fusion: {saved.get('reason', 'no correct engine config')} (cached)")
             try:
                 return self._rebuild(cudnn, handle, x, weight, bias, spec, saved)
             except Exception as exc:
@@ -252,7 +253,7 @@ class CudnnFusedPlan(Plan):
         fused, identity = self._search(cudnn, handle, x, weight, bias, spec)
         store.update(key, {"config": identity})
         if fused is None:
-            raise RuntimeError(f"cuDNN fusion: {identity['reason']}")
+            raise NoPlanError(f"cuDNN fusion: {identity['reason']}")
         return fused
 
     def _rebuild(self, cudnn, handle, x, weight, bias, spec, saved: dict) -> _Fused:
@@ -280,6 +281,8 @@ class CudnnFusedPlan(Plan):
         graph, ports = _build_graph(cudnn, handle, x, weight, bias is not None, spec)
         graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
         count = graph.get_execution_plan_count()
+        cap = os.environ.get("MISHOPS_CUDNN_CONFIGS")
+        count = min(count, int(cap)) if cap else count
         expected = reference(x, weight, bias, spec)
         budget_s = float(os.environ.get("MISHOPS_TUNE_BUDGET_MS", dispatch.DEFAULT_BUDGET_MS)) / 1e3
         measured: dict[str, Measurement] = {}
