@@ -170,7 +170,7 @@ def cmd_cache(args) -> int:
 def cmd_report(args) -> int:
     from mishops import report
 
-    return report.main([args.json, "--out", args.out])
+    return report.main([*args.json, "--out", args.out])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache_cmd.add_argument("action", choices=["show", "clear"])
 
     rep = sub.add_parser("report", help="turn a pytest-benchmark JSON into a markdown table and a PNG plot")
-    rep.add_argument("json")
+    rep.add_argument("json", nargs="+", help="one or more pytest-benchmark JSON files")
     rep.add_argument("--out", default="benchmarks/results")
     return parser
 

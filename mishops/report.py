@@ -94,11 +94,13 @@ def header_lines(run: Run) -> list[str]:
                   f"driver {env.get('driver') or 'unknown'})")
     else:
         device = f"CPU {env.get('cpu', 'unknown')} ({env.get('cpu_threads', '?')} threads), no GPU"
-    software = (f"torch {env.get('torch', '?')} (CUDA {env.get('cuda') or 'none'}, cuDNN {env.get('cudnn') or 'none'}), "
+    software = (f"torch {env.get('torch', '?')} "
+                f"(CUDA {env.get('cuda') or 'none'}, cuDNN {env.get('cudnn') or 'none'}), "
                 f"triton {env.get('triton') or 'absent'}, cupy {env.get('cupy') or 'absent'}, "
                 f"mishops {env.get('mishops', '?')}, Python {env.get('python', '?')}")
     commit = run.commit.get("id")
-    revision = f"commit {commit[:10]}{' (uncommitted changes)' if run.commit.get('dirty') else ''}" if commit else "no git commit"
+    dirty = " (uncommitted changes)" if run.commit.get("dirty") else ""
+    revision = f"commit {commit[:10]}{dirty}" if commit else "no git commit"
     reps = "-".join(map(str, env.get("reps") or [])) or "the"
     if env.get("timing") == "cuda-events":
         timing = (f"CUDA events: median of {reps} back-to-back calls after untimed warm-up (builds, autotuning and "
@@ -112,7 +114,9 @@ def header_lines(run: Run) -> list[str]:
              f"- **Timing:** {timing}",
              f"- **Settings:** cudnn.benchmark={env.get('cudnn_benchmark')}, "
              f"TF32 convolutions={env.get('cudnn_allow_tf32')}, TF32 matmul={env.get('matmul_allow_tf32')}; "
-             "GB/s counts bytes read plus bytes written; errors are max |y - y_float64| over the first "
+             "GB/s is effective bandwidth: the bytes the op must read plus those it must write, over the median "
+             "time (intermediates a backend writes, like eager's, are not counted); errors are max |y - y_float64| "
+             "over the first "
              f"{_fmt(env.get('error_elements'), ',', '?')} elements of each output (models: the first "
              f"{env.get('model_error_images', '?')} images of the batch)."]
     if env.get("quick_mode"):
@@ -146,9 +150,9 @@ def elementwise_tables(run: Run, op: str) -> list[str]:
                   "|---|---|---:|---:|---:|---:|---:|"]
         for r in sorted((r for r in rows if r.get("dtype") == dtype), key=lambda r: (r["numel"], order[r["impl"]])):
             impl = f"auto → {r['chosen']}" if r["impl"] == "auto" and r.get("chosen") else r["impl"]
-            lines.append(f"| {impl} | {size_label(r)} | {_fmt(r.get('median_ms'), '.4g')} | {_fmt(r.get('gbps'), ',.0f')} "
-                         f"| {_fmt(r.get('pct_of_copy'), '.1f')} | {_fmt(r.get('max_abs_err'), '.2e')} "
-                         f"| {_fmt(r.get('isolated_ms'), '.4g')} |")
+            lines.append(f"| {impl} | {size_label(r)} | {_fmt(r.get('median_ms'), '.4g')} "
+                         f"| {_fmt(r.get('gbps'), ',.0f')} | {_fmt(r.get('pct_of_copy'), '.1f')} "
+                         f"| {_fmt(r.get('max_abs_err'), '.2e')} | {_fmt(r.get('isolated_ms'), '.4g')} |")
         lines.append("")
     return lines
 
@@ -212,11 +216,11 @@ def markdown(run: Run, png_name: str | None) -> str:
 def footer(run: Run) -> str:
     env = run.env
     device = env.get("gpu") or f"CPU {env.get('cpu', '')}".strip()
-    parts = [device, f"driver {env['driver']}" if env.get("driver") else None, f"torch {env.get('torch', '?')}",
-             f"CUDA {env['cuda']}" if env.get("cuda") else None, f"triton {env['triton']}" if env.get("triton") else None,
-             f"cupy {env['cupy']}" if env.get("cupy") else None, env.get("date"),
-             "QUICK MODE (CPU)" if env.get("quick_mode") else None]
-    return " | ".join(p for p in parts if p)
+    parts = [device, f"torch {env.get('torch', '?')}"]
+    parts += [f"{label} {env[key]}" for key, label in (("driver", "driver"), ("cuda", "CUDA"), ("triton", "triton"),
+                                                       ("cupy", "cupy")) if env.get(key)]
+    parts += [env.get("date") or "unknown date"] + (["QUICK MODE (CPU)"] if env.get("quick_mode") else [])
+    return " | ".join(parts)
 
 
 def plot(run: Run, path: Path) -> bool:
@@ -266,8 +270,9 @@ def plot(run: Run, path: Path) -> bool:
         times = [r["median_ms"] for r in ordered]
         bars = ax.barh(range(len(ordered)), times,
                        color=["gray" if r["impl"].startswith("reference") else "tab:blue" for r in ordered])
-        ax.bar_label(bars, labels=[f"{t:.3g} ms ({r.get('speedup', float('nan')):.2f}x)" for t, r in zip(times, ordered)],
-                     padding=3, fontsize="small")
+        speedups = [r.get("speedup", float("nan")) for r in ordered]
+        ax.bar_label(bars, labels=[f"{t:.3g} ms ({s:.2f}x)" for t, s in zip(times, speedups)], padding=3,
+                     fontsize="small")
         ax.set_yticks(range(len(ordered)), labels, fontsize="small")
         ax.invert_yaxis()
         ax.set_xlabel("ms per forward (lower is better); speed-up over the eager reference of the same mode")

@@ -128,21 +128,25 @@ def test_missing_ninja_says_how_to_install_it(monkeypatch, tmp_path):
 
 @needs_nvcc
 def test_kernel_compiles_for_sm90_without_spills(tmp_path):
-    """The real file with torch's headers and torch's nvcc defines, every kernel instantiated
-    (3 dtypes x 2 access widths x forward/backward), none spilling; takes ~15 s on 2 cores."""
+    """The real file with torch's headers and torch's nvcc defines: every kernel instantiated
+    (3 dtypes x 2 access widths x forward/backward), none spilling, the wide ones moving 16 bytes
+    per access, no IEEE division anywhere. Takes ~15-20 s on 2 cores."""
     from torch.utils import cpp_extension
 
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
     torch_include = Path(cpp_extension.include_paths()[0])
     # A CPU-only torch wheel ships c10's CUDA headers without their generated config header.
     missing_config = not (torch_include / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").exists()
-    command = [NVCC, "-std=c++17", "-arch=sm_90", "-Xptxas", "-v", "-c", str(KERNEL), "-o", str(tmp_path / "k.o"),
-               *includes, *cpp_extension.COMMON_NVCC_FLAGS, *cuda.EXTRA_CUDA_CFLAGS, "--compiler-options", "-fPIC",
+    command = [NVCC, "-std=c++17", "-arch=sm_90", "-Xptxas", "-v", "-keep", "--keep-dir", str(tmp_path),
+               "-c", str(KERNEL), "-o", str(tmp_path / "k.o"), *includes, *cpp_extension.COMMON_NVCC_FLAGS,
+               *cuda.EXTRA_CUDA_CFLAGS, "--compiler-options", "-fPIC",
                *(["-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE"] if missing_config else [])]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-6000:]
+    print(f"nvcc took {time.perf_counter() - started:.1f} s")
+
     entries = re.findall(r"Compiling entry function '(\w+)' for 'sm_90'", output)
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", output)
     assert len(entries) == 12, entries
@@ -150,7 +154,17 @@ def test_kernel_compiles_for_sm90_without_spills(tmp_path):
     assert all(stores == "0" and loads == "0" for stores, loads in spills), output
     ours = [line for line in output.splitlines() if KERNEL.name in line and re.search(r"warning|error", line)]
     assert not ours, "\n".join(ours)
-    print(f"nvcc took {time.perf_counter() - started:.1f} s")
+
+    ptx = (tmp_path / "mish2.ptx").read_text()
+    kernels = dict(re.findall(r"\.entry (\w+)\((.*?)\n}", ptx, re.S))
+    assert len(kernels) == 12
+    wide = {name: body for name, body in kernels.items() if re.search(r"fLi4E|Li8E", name)}
+    assert len(wide) == 6
+    for name, body in wide.items():
+        assert "ld.global.nc.v4" in body and "st.global.v4" in body, name
+    for name, body in kernels.items():
+        assert not re.search(r"\bdiv\.(rn|full)", body), name
+        assert "rcp.approx.ftz.f32" in body and "ex2.approx.ftz.f32" in body, name
 
 
 @needs_nvcc
@@ -177,6 +191,9 @@ def test_first_error_line_skips_what_ninja_adds():
     assert cuda.first_error_line(log) == 'k.cu(7): error: expected a ";"'
     assert cuda.first_error_line("nvcc fatal   : Unsupported gpu architecture 'compute_1'").startswith("nvcc fatal")
     assert cuda.first_error_line("[1/2] c++ -c x.cpp\nall good\n") is None
+    linker = ("/usr/bin/ld: cannot find -lc10_cuda: No such file or directory\n"
+              "collect2: error: ld returned 1 exit status\n")
+    assert cuda.first_error_line(linker).startswith("/usr/bin/ld: cannot find -lc10_cuda")
 
 
 # --- building ------------------------------------------------------------------------------------

@@ -183,7 +183,8 @@ def quick_run(tmp_path_factory):
 def test_quick_benchmark_json_has_every_row_with_sane_numbers(quick_run):
     data = json.loads(quick_run.read_text())
     rows = [b["extra_info"] for b in data["benchmarks"]]
-    elementwise_rows = {(r["op"], r["impl"], r["dtype"], r["numel"]) for r in rows if r["op"] in ("forward", "backward")}
+    elementwise_rows = {(r["op"], r["impl"], r["dtype"], r["numel"])
+                        for r in rows if r["op"] in ("forward", "backward")}
     for dtype in ("fp32", "bf16", "fp16"):
         for numel in (100_000, 1_000_000):
             for impl in ("copy", "auto", "eager"):

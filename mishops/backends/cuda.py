@@ -1,7 +1,7 @@
 """Inline CUDA C++ (``csrc/mish2.cu``): one hand-written kernel per direction, built at first use.
 
 The extension is compiled by ``torch.utils.cpp_extension.load`` for the present GPU's architecture
-only (one ``-gencode``: about a minute instead of several), into
+only (one ``-gencode``; 20-60 s, where torch's default list of architectures takes minutes), into
 ``<mishops cache dir>/build/<tag>``. The tag names everything that makes a binary unusable
 elsewhere (torch and its CUDA version, nvcc, GPU architecture, C++ ABI, Python, machine, flags and
 the sources' hash), so environments that share a home directory never load each other's library,
@@ -213,10 +213,13 @@ def build_lock(build_dir: Path):
 
 
 _NOT_COMPILER_OUTPUT = re.compile(r"^(\[\d+/\d+\]|ninja: |Error building extension)")
+#: compilers say "error" or "fatal"; the linker's own first line ("cannot find -lc10_cuda",
+#: "undefined reference to ...") comes before collect2's bare "error: ld returned 1".
+_ERROR = re.compile(r"\b(error|fatal)\b|: cannot find -l|undefined reference to", re.IGNORECASE)
 
 
 def first_error_line(output: str) -> str | None:
-    """The compiler's first error in a build log (nvcc, cudafe, ptxas, gcc or the linker).
+    """The first error in a build log (nvcc, cudafe, ptxas, gcc or the linker).
 
     Skips what ninja adds around it: progress lines, ``FAILED:`` and the command echoed after it.
     """
@@ -231,7 +234,7 @@ def first_error_line(output: str) -> str | None:
             continue
         if _NOT_COMPILER_OUTPUT.match(line):
             continue
-        if re.search(r"\b(error|fatal)\b", line, re.IGNORECASE):
+        if _ERROR.search(line):
             return line
     return None
 
@@ -258,7 +261,7 @@ def _compile(arch: str, build_dir: Path) -> ModuleType:
 
     dispatch.stats.setdefault("builds", 0)
     dispatch.stats["builds"] += 1
-    log.info("mishops: compiling the CUDA backend for sm_%s in %s; this takes about a minute, "
+    log.info("mishops: compiling the CUDA backend for sm_%s in %s; this takes up to a minute, "
              "once per environment", arch, build_dir)
     started = time.perf_counter()
     # An explicit -gencode makes cpp_extension skip TORCH_CUDA_ARCH_LIST and its list of known

@@ -207,7 +207,7 @@ def unregister_plan(name: str) -> None:
 
 def plans() -> dict[str, Plan]:
     """Every registered plan, in preference order."""
-    from mishops.plans import cudnn_fused, torch_conv  # noqa: F401  (registers the built-ins)
+    from mishops.plans import cudnn_fused, cudnn_nchw, torch_conv  # noqa: F401  (registers the built-ins)
 
     with _lock:
         return dict(sorted(_plans.items(), key=lambda kv: (kv[1].priority, kv[0])))

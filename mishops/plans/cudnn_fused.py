@@ -142,7 +142,11 @@ class CudnnFusedPlan(Plan):
         return Availability.yes()
 
     def not_supported_reasons(self, x, weight, bias, spec: ConvSpec) -> list[str]:
-        reasons = super().not_supported_reasons(x, weight, bias, spec)
+        return super().not_supported_reasons(x, weight, bias, spec) + self.fusion_reasons(x, weight, bias, spec)
+
+    def fusion_reasons(self, x, weight, bias, spec: ConvSpec) -> list[str]:
+        """Why cuDNN cannot fuse this block, whatever output layout is wanted."""
+        reasons = []
         if x.dim() != 4:
             return reasons + ["input is not a batch of images (4-D)"]
         if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
@@ -283,7 +287,9 @@ class CudnnFusedPlan(Plan):
         count = graph.get_execution_plan_count()
         cap = os.environ.get("MISHOPS_CUDNN_CONFIGS")
         count = min(count, int(cap)) if cap else count
-        expected = reference(x, weight, bias, spec)
+        # The graph writes NHWC whatever layout PyTorch would give (the nchw plan transposes after):
+        # its configs are judged on values, against the reference in the graph's own layout.
+        expected = reference(x, weight, bias, spec).contiguous(memory_format=torch.channels_last)
         budget_s = float(os.environ.get("MISHOPS_TUNE_BUDGET_MS", dispatch.DEFAULT_BUDGET_MS)) / 1e3
         measured: dict[str, Measurement] = {}
         found: dict[str, _Fused] = {}
@@ -295,7 +301,7 @@ class CudnnFusedPlan(Plan):
                 graph.build_plan_at_index(index)
                 stats["builds"] += 1
                 fused = _Fused(graph, ports, index, graph.get_workspace_size_plan_at_index(index), name)
-                out = torch.empty_like(expected, memory_format=torch.channels_last).fill_(float("nan"))
+                out = torch.empty_like(expected).fill_(float("nan"))
                 self._execute(fused, x, weight, bias, out)
                 wrong = mismatch(out, expected)
                 if wrong:
