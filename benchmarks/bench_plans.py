@@ -65,7 +65,8 @@ def time_ms(fn, reps: int) -> tuple[float, float]:
 
 
 def versions() -> str:
-    lines = [f"- device: {torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)",
+    memory_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    lines = [f"- device: {torch.cuda.get_device_name()} ({memory_gib:.0f} GiB)",
              f"- torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
              f"Python {platform.python_version()}"]
     try:

@@ -78,7 +78,7 @@ __device__ __forceinline__ MishAt mish(float v) {
   const float c = fminf(v, 20.f);  // fminf(NaN, 20) = 20: the NaN flows on through v
   const float e = kFullPrecision<T> ? expf(c) : exp2_approx(c * kLog2e);
   const float n = e * (e + 2.f);
-  const float r = 1.f / (n + 2.f);
+  const float r = rcp_approx(n + 2.f);
   const float t = kFullPrecision<T> && n >= 2.f ? fmaf(-2.f, r, 1.f) : n * r;
   const float tail = v < 20.f ? 4.f * r * (n - e) * r : 0.f;
   return {v * t, fmaf(v, tail, t)};

@@ -49,7 +49,8 @@ SOURCES = (csrc_path("mish2.cu"), csrc_path("mish2_binding.cpp"))
 EXTRA_CUDA_CFLAGS = ("-O3",)
 EXTRA_CFLAGS = ("-O3",)
 DEFAULT_LOCK_TIMEOUT_S = 600.0
-#: written into the build directory once its library is complete.
+#: written into the build directory once its library is complete: the build's facts and the
+#: library's file name (``load`` appends ``_v1``... when one process builds the extension twice).
 DONE_MARKER = "mishops-build.json"
 
 
@@ -252,13 +253,16 @@ def build_extension(arch: str) -> ModuleType:
         if done.exists():  # another process finished it while we waited
             return _import_built(build_dir)
         module = _compile(arch, build_dir)
-        done.write_text(json.dumps(facts, indent=1, sort_keys=True))
+        partial = done.with_suffix(".tmp")
+        partial.write_text(json.dumps({**facts, "library": Path(module.__file__).name}, indent=1, sort_keys=True))
+        os.replace(partial, done)
     return module
 
 
 def _compile(arch: str, build_dir: Path) -> ModuleType:
     from torch.utils import cpp_extension
 
+    _ninja_on_path()
     dispatch.stats.setdefault("builds", 0)
     dispatch.stats["builds"] += 1
     log.info("mishops: compiling the CUDA backend for sm_%s in %s; this takes up to a minute, "
@@ -272,8 +276,8 @@ def _compile(arch: str, build_dir: Path) -> ModuleType:
             name=MODULE_NAME, sources=[str(s) for s in SOURCES], build_directory=str(build_dir),
             extra_cflags=list(EXTRA_CFLAGS), extra_cuda_cflags=[*EXTRA_CUDA_CFLAGS, gencode], verbose=False)
     except Exception as exc:
-        output = str(exc)
-        first = first_error_line(output) or f"{type(exc).__name__}: {output.strip().splitlines()[0] if output.strip() else ''}"
+        output = str(exc).strip()
+        first = first_error_line(output) or f"{type(exc).__name__}: {output.splitlines()[0] if output else ''}"
         raise CudaBuildError(f"{first}\nmishops: building the CUDA backend in {build_dir} failed:\n"
                              f"{output[-8000:]}") from exc
     log.info("mishops: CUDA backend built in %.0f s", time.perf_counter() - started)
@@ -281,14 +285,15 @@ def _compile(arch: str, build_dir: Path) -> ModuleType:
 
 
 def _import_built(build_dir: Path) -> ModuleType:
-    library = build_dir / f"{MODULE_NAME}.so"
+    """The library a finished build's marker names, imported under its own module name."""
     try:
-        spec = importlib.util.spec_from_file_location(MODULE_NAME, library)
+        library = build_dir / json.loads((build_dir / DONE_MARKER).read_text())["library"]
+        spec = importlib.util.spec_from_file_location(library.name.split(".")[0], library)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     except Exception as exc:
-        raise CudaBuildError(f"cannot load the built CUDA backend {library}: {type(exc).__name__}: {exc} "
-                             f"(delete {build_dir} to rebuild it)") from exc
+        raise CudaBuildError(f"cannot load the finished CUDA backend build in {build_dir}: "
+                             f"{type(exc).__name__}: {exc} (delete that directory to rebuild it)") from exc
     return module
 
 

@@ -3,19 +3,22 @@
 A backend (``mishops.registry``) computes only the double Mish; a *plan* computes the whole
 block from the input and the conv's parameters, so it may fuse the conv with its epilogue
 (``cudnn_fused``: one cuDNN kernel instead of a conv kernel and a separate pass over its 2 GB
-output). ``torch_conv`` (PyTorch's conv, then ``mish2``) runs everywhere and is the reference.
+output; ``cudnn_fused_nchw``: the same, then a transpose, where the output must be NCHW).
+``torch_conv`` (PyTorch's conv, then ``mish2``) runs everywhere and is the reference.
 
 Choosing follows ``mishops.dispatch`` and reuses its pieces: for a key (input and weight
 shapes, strides and dtypes, conv parameters, TF32 and autocast state) every available plan that
 supports the input and produces the memory format PyTorch's conv would (channels_last when the
 input or the weight is channels_last, else contiguous) is first checked against ``torch_conv``
-with the eager double Mish, then timed; a wrong plan can never win. Measurements go to the same
-disk cache as the backends' under ``block|...`` keys.
+with the eager double Mish on random inputs of the same shapes and strides, then timed; a wrong
+plan can never win. Measurements go to the same disk cache as the backends' under ``block|...``
+keys.
 
-Environment (read at call time): ``MISHOPS_PLAN`` forces a plan; ``MISHOPS_BACKEND`` (like a
-named ``backend`` argument) forces the double-Mish backend, which means ``torch_conv`` with that
-backend; ``MISHOPS_AUTOTUNE=0`` takes the first plan in preference order that passes the check,
-without timing; ``MISHOPS_TUNE_BUDGET_MS`` bounds the timing per key.
+Environment (read at call time): ``MISHOPS_PLAN`` forces a plan (and wins over the next two);
+``MISHOPS_BACKEND`` (like a named ``backend`` argument) forces the double-Mish backend, which
+means ``torch_conv`` with that backend; ``MISHOPS_AUTOTUNE=0`` takes the first plan in
+preference order that passes the check, without timing; ``MISHOPS_TUNE_BUDGET_MS`` bounds the
+timing per key.
 
 Plans that are not differentiable themselves (``differentiable = False``) still train: their
 forward runs inside an autograd function whose backward recomputes the conv and applies the
@@ -499,8 +502,9 @@ def run_block(x: torch.Tensor, conv: torch.nn.Conv2d, backend: str = "auto") -> 
     """``mish(mish(conv(x)))`` by the fastest correct plan for this input.
 
     ``backend`` (or ``MISHOPS_BACKEND``) other than ``"auto"`` names the double-Mish backend and
-    so means the ``torch_conv`` plan; ``MISHOPS_PLAN`` names a plan. Same output dtype, values
-    and memory format as the reference block, under autocast too; differentiable.
+    so means the ``torch_conv`` plan; ``MISHOPS_PLAN`` names a plan and wins over both. Same
+    output dtype, values and memory format as the reference block, under autocast too;
+    differentiable.
     """
     if torch.compiler.is_compiling() or _capturing(x):
         return mish2(conv(x), backend)

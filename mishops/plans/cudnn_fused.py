@@ -4,16 +4,19 @@ cuDNN's graph API compiles ``conv_fprop`` followed by pointwise ops into a singl
 epilogue applies them to the accumulator tile, so the 2 GB conv output of the reference shape is
 written once and never read back. It finds engines only for an NHWC output (graphs with an NCHW
 output get none), so this plan writes channels_last and is offered only where PyTorch's conv
-would return channels_last as well. On one H100 at the reference shape (fp32, TF32) it takes
-about 2.1 ms from a channels_last input and 3.0 ms from an NCHW one, against 8.6 ms for the
-eager block (``benchmarks/results/plans-h100.md``).
+would return channels_last as well (``cudnn_nchw`` covers the other case). On one H100 at the
+reference shape (fp32, TF32) it took 2.0 - 2.4 ms from a channels_last input and 2.9 ms from an
+NCHW one, against 6.2 and 7.3 ms for the eager block with the same layouts; bf16 under autocast
+2.7 ms against 6.0 (``benchmarks/results/plans-h100.md``).
 
-The heuristics offer 20-odd engine configs per graph and building them all takes seconds; one
-of them has been seen to compute garbage, so every config is checked against the reference
+The heuristics offer 12 - 15 engine configs per graph at that shape and building them all takes
+10 - 17 s; one of them (eng7_k24=29) computed garbage (max error 12) and another (eng8) was off
+by 4e-3 in a few elements, so every config is checked against the reference, on random inputs,
 before it is timed. The winner's identity (engine id and knobs) goes to the tuning cache, so a
-new process builds only that one (``MISHOPS_CUDNN_CONFIGS=N`` caps the search at the heuristics'
-first N configs, to bound the first call's latency). fp32 runs with TF32 like PyTorch's own conv; with TF32 off
-the plan declines (its exact-fp32 engines are slower than the unfused block).
+new process builds only that one (``MISHOPS_CUDNN_CONFIGS=N`` caps the search at the
+heuristics' first N configs, to bound the first call's latency). fp32 runs with TF32 like
+PyTorch's own conv; with TF32 off the plan declines (its exact-fp32 engines are slower than the
+unfused block).
 """
 
 from __future__ import annotations
@@ -136,7 +139,8 @@ class CudnnFusedPlan(Plan):
         try:
             cudnn = _cudnn()
         except Exception as exc:
-            return Availability.no(f"nvidia-cudnn-frontend failed to load ({type(exc).__name__}: {exc}); {INSTALL_HINT}")
+            return Availability.no(f"nvidia-cudnn-frontend failed to load ({type(exc).__name__}: {exc}); "
+                                   f"{INSTALL_HINT}")
         if cudnn.backend_version() < MIN_CUDNN:
             return Availability.no(f"cuDNN {cudnn.backend_version()} is too old (runtime fusion needs {MIN_CUDNN}+)")
         return Availability.yes()
