@@ -9,10 +9,11 @@ import sys
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
-from mishops import cache, dispatch, layout, registry
+from mishops import cache, dispatch, layout, plans, registry
 
 console = Console(width=None if sys.stdout.isatty() else 160)  # tables stay whole in logs
 
@@ -56,11 +57,17 @@ def cmd_info(args) -> int:
     for name, backend in registry.backends().items():
         ok = registry.availability(name)
         devices = "any" if backend.devices is None else ",".join(sorted(backend.devices))
-        table.add_row(name, str(backend.priority), devices, "[green]yes[/green]" if ok else "[red]no[/red]", ok.reason)
+        table.add_row(name, str(backend.priority), devices, "[green]yes[/green]" if ok else "[red]no[/red]", escape(ok.reason))
     for name, reason in registry.failures().items():
         if name not in registry.backends():
-            table.add_row(name, "-", "-", "[red]no[/red]", reason)
+            table.add_row(name, "-", "-", "[red]no[/red]", escape(reason))
     console.print(table)
+    plan_table = Table("block plan (ModelNew)", "priority", "outputs", "available", "reason")
+    for name, plan in plans.plans().items():
+        ok = plans.availability(name)
+        formats = ",".join(sorted(plans._format_name(f) for f in plan.output_formats))
+        plan_table.add_row(name, str(plan.priority), formats, "[green]yes[/green]" if ok else "[red]no[/red]", escape(ok.reason))
+    console.print(plan_table)
     return 0
 
 
@@ -98,9 +105,9 @@ def cmd_bench(args) -> int:
             table.add_row(name, f"{m.median_ms:.3f}", f"{m.spread_ms:.3f}", f"{_gbps(x, m.median_ms):.0f}",
                           f"{100 * copy_ms / m.median_ms:.0f}", "[bold green]<-[/bold green]" if name == winner else "")
         else:
-            table.add_row(name, "-", "-", "-", "-", f"[red]rejected: {m.reason}[/red]")
+            table.add_row(name, "-", "-", "-", "-", f"[red]rejected: {escape(m.reason)}[/red]")
     for name, reasons in rejected.items():
-        table.add_row(name, "-", "-", "-", "-", f"[dim]not run: {'; '.join(reasons)}[/dim]")
+        table.add_row(name, "-", "-", "-", "-", f"[dim]not run: {escape('; '.join(reasons))}[/dim]")
     console.print(table)
     if winner is None:
         console.print("[red]no backend produced a correct result[/red]")
@@ -161,7 +168,7 @@ def cmd_cache(args) -> int:
                       title=f"{path.name}: " + ", ".join(f"{k} {v}" for k, v in env.items()))
         for key, per_backend in sorted(entries.items()):
             for name, m in sorted(per_backend.items(), key=lambda kv: kv[1].get("median_ms", float("inf"))):
-                table.add_row(key, name, "yes" if m.get("ok") else f"no: {m.get('reason', '')}",
+                table.add_row(key, name, "yes" if m.get("ok") else escape(f"no: {m.get('reason', '')}"),
                               f"{m.get('median_ms', float('nan')):.4f}", f"{m.get('spread_ms', float('nan')):.4f}")
         console.print(table)
     return 0

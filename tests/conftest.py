@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from mishops import dispatch, registry
+from mishops import dispatch, plans, registry
 
 HAS_GPU = torch.cuda.is_available()
 
@@ -20,10 +20,12 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def isolated_mishops(tmp_path, monkeypatch):
     """A private cache directory, no env overrides from outside, no remembered choices or failures."""
-    for var in ("MISHOPS_BACKEND", "MISHOPS_AUTOTUNE", "MISHOPS_LOG", "MISHOPS_DIST_SYNC", "MISHOPS_TUNE_BUDGET_MS"):
+    for var in ("MISHOPS_BACKEND", "MISHOPS_AUTOTUNE", "MISHOPS_LOG", "MISHOPS_DIST_SYNC", "MISHOPS_TUNE_BUDGET_MS",
+                "MISHOPS_PLAN"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("MISHOPS_CACHE_DIR", str(tmp_path / "mishops-cache"))
     dispatch.clear_memory()
+    plans.clear_memory()
     for counter in dispatch.stats:
         dispatch.stats[counter] = 0
     saved_failed = dict(registry._failed)

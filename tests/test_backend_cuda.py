@@ -129,7 +129,7 @@ def test_missing_ninja_says_how_to_install_it(monkeypatch, tmp_path):
 def test_kernel_compiles_for_sm90_without_spills(tmp_path):
     """The real file with torch's headers and torch's nvcc defines: every kernel instantiated
     (3 dtypes x 2 access widths x forward/backward), none spilling, the wide ones moving 16 bytes
-    per access, no IEEE division anywhere. Takes ~15-20 s on 2 cores."""
+    per access, no IEEE division anywhere. Takes 10-20 s on 2 cores."""
     from torch.utils import cpp_extension
 
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
@@ -373,13 +373,14 @@ def test_build_directory_depends_on_everything_a_binary_does(monkeypatch, tmp_pa
         tags.add(cuda.build_tag({**facts, key: facts[key] + "x"}))
     assert len(tags) == len(facts) + 1
 
-    # and build_facts really reads them: arch, torch's version and C++ ABI
+    # and build_facts reads them where they live: the GPU arch, torch's version, the C++ ABI
     assert cuda.build_tag(cuda.build_facts("80")) not in tags
-    monkeypatch.setattr(torch, "__version__", "9.9.9")
-    assert cuda.build_tag(cuda.build_facts("90")) not in tags
-    monkeypatch.setattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", not torch._C._GLIBCXX_USE_CXX11_ABI)
-    abi_flipped = cuda.build_facts("90")
-    assert abi_flipped["cxx11_abi"] != facts["cxx11_abi"]
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "__version__", "9.9.9")
+        assert cuda.build_tag(cuda.build_facts("90")) not in tags
+    with monkeypatch.context() as patch:
+        patch.setattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", not torch._C._GLIBCXX_USE_CXX11_ABI)
+        assert cuda.build_tag(cuda.build_facts("90")) not in tags
 
 
 # --- GPU -----------------------------------------------------------------------------------------
@@ -463,11 +464,6 @@ def make_case(case: str, dtype, device="cuda", seed=0) -> torch.Tensor:
 
 
 CASES = ["odd", "one", "empty", "0-d", "channels_last", "permuted", "misaligned", "offset_aligned"]
-
-
-@pytest.mark.gpu
-def test_available_with_a_gpu_and_a_toolchain(backend):
-    assert registry.availability("cuda")
 
 
 @pytest.mark.gpu

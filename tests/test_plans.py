@@ -34,6 +34,8 @@ class Model(nn.Module):
 def isolated_plans(monkeypatch):
     monkeypatch.delenv("MISHOPS_PLAN", raising=False)
     monkeypatch.setenv("MISHOPS_TUNE_BUDGET_MS", "40")
+    # GPU tests: search the heuristics' first 6 cuDNN configs (a full search takes 5-15 s per graph)
+    monkeypatch.setenv("MISHOPS_CUDNN_CONFIGS", os.environ.get("MISHOPS_CUDNN_CONFIGS", "6"))
     plans.clear_memory()
     before = plans.plans()  # the built-ins, registered
     yield
@@ -546,6 +548,7 @@ def test_gpu_cudnn_config_survives_a_new_process(tmp_path):
         pytest.skip(plans.availability("cudnn_fused").reason)
     env = dict(os.environ, MISHOPS_CACHE_DIR=str(tmp_path / "cache"), MISHOPS_PLAN="cudnn_fused",
                MISHOPS_TUNE_BUDGET_MS="200")
+    env.pop("MISHOPS_CUDNN_CONFIGS")  # the whole search, as users get it
 
     def run():
         done = subprocess.run([sys.executable, "-c", _SUBPROCESS], env=env, capture_output=True, text=True,
