@@ -10,8 +10,8 @@ void mish2_backward(const at::Tensor& x, const at::Tensor& grad_out, const at::T
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mish2_forward", &mish2_forward, "out = mish(mish(x)); flat 1-D CUDA views of dense storage",
-        py::arg("x"), py::arg("out"), py::call_guard<py::gil_scoped_release>());
+        py::arg("x"), py::arg("out"));
   m.def("mish2_backward", &mish2_backward,
         "grad_in = d/dx mish(mish(x)) * grad_out; flat 1-D CUDA views of dense storage", py::arg("x"),
-        py::arg("grad_out"), py::arg("grad_in"), py::call_guard<py::gil_scoped_release>());
+        py::arg("grad_out"), py::arg("grad_in"));
 }
