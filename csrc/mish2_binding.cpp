@@ -1,9 +1,10 @@
 // Python entry points of csrc/mish2.cu, for torch.utils.cpp_extension.load.
 //
-// torch/csrc/utils/pybind.h brings pybind11 with torch's Tensor conversions and nothing else:
-// this file compiles in about 10 s, where torch/extension.h (all of libtorch's C++ API) takes 80.
+// torch/extension.h is the slow include (about a minute of the build) but the one whose pybind11
+// setup turns a failed TORCH_CHECK into a Python RuntimeError: with the lighter
+// torch/csrc/utils/pybind.h alone, the first failed check crashed the process on the H100.
 
-#include <torch/csrc/utils/pybind.h>
+#include <torch/extension.h>
 
 void mish2_forward(const at::Tensor& x, const at::Tensor& out);
 void mish2_backward(const at::Tensor& x, const at::Tensor& grad_out, const at::Tensor& grad_in);

@@ -68,7 +68,7 @@ def with_specials(x: torch.Tensor) -> torch.Tensor:
     """``x`` with the special values written at spread-out positions (keeps strides)."""
     flat = x.view(-1) if x.is_contiguous() else x.permute(0, 2, 3, 1).reshape(-1)
     if flat.numel() >= 4 * len(SPECIAL):
-        positions = torch.linspace(0, flat.numel() - 1, len(SPECIAL)).long()
+        positions = torch.linspace(0, flat.numel() - 1, len(SPECIAL), dtype=torch.float64).long()
         flat[positions.to(x.device)] = torch.tensor(SPECIAL, device=x.device).to(x.dtype)
         assert x.isnan().any(), "with_specials wrote into a copy"
     return x
