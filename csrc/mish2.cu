@@ -6,13 +6,14 @@
 // 1-D views of dense storage (mishops.layout.flat), so the kernels never see shapes or strides.
 
 #include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
+#include <c10/util/StringUtil.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <string>
 #include <cstdint>
 #include <type_traits>
 
@@ -157,49 +158,48 @@ __global__ void __launch_bounds__(kThreads)
 // copy engine's pace where a persistent one-wave grid lost ~10% of bandwidth. The kernel still
 // strides, so tensors needing more than 2^31 - 1 blocks stay correct.
 template <typename T, int kWidth, typename Op>
-void launch(const T* x, const T* grad, T* out, int64_t n) {
+std::string launch(const T* x, const T* grad, T* out, int64_t n) {
   const int64_t block_packs = int64_t(kThreads) * kPacksPerThread;
   const int64_t wanted = std::max<int64_t>(1, (n / kWidth + block_packs - 1) / block_packs);
   const int blocks = int(std::min<int64_t>(wanted, 0x7fffffff));
   mish2_kernel<T, kWidth, Op><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(x, grad, out, n);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const cudaError_t status = cudaGetLastError();
+  return status == cudaSuccess ? std::string() : c10::str("mish2: kernel launch failed: ", cudaGetErrorString(status));
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 template <typename Op, typename T>
-void launch_typed(const at::Tensor& x, const at::Tensor* grad, const at::Tensor& out) {
+std::string launch_typed(const at::Tensor& x, const at::Tensor* grad, const at::Tensor& out) {
   const auto* xs = reinterpret_cast<const T*>(x.const_data_ptr());
   const auto* gs = grad ? reinterpret_cast<const T*>(grad->const_data_ptr()) : nullptr;
   auto* os = reinterpret_cast<T*>(out.mutable_data_ptr());
   const bool vectorized = aligned16(xs) && aligned16(os) && (!gs || aligned16(gs));
-  if (vectorized) {
-    launch<T, 16 / sizeof(T), Op>(xs, gs, os, x.numel());
-  } else {
-    launch<T, 1, Op>(xs, gs, os, x.numel());
-  }
+  return vectorized ? launch<T, 16 / sizeof(T), Op>(xs, gs, os, x.numel()) : launch<T, 1, Op>(xs, gs, os, x.numel());
 }
 
 template <typename Op>
-void run(const at::Tensor& x, const at::Tensor* grad, const at::Tensor& out) {
-  if (x.numel() == 0) return;
+std::string run(const at::Tensor& x, const at::Tensor* grad, const at::Tensor& out) {
+  if (x.numel() == 0) return {};
   const c10::cuda::CUDAGuard guard(x.device());
   switch (x.scalar_type()) {
     case at::kFloat: return launch_typed<Op, float>(x, grad, out);
     case at::kHalf: return launch_typed<Op, __half>(x, grad, out);
     case at::kBFloat16: return launch_typed<Op, __nv_bfloat16>(x, grad, out);
-    default: TORCH_CHECK(false, "mish2: unsupported dtype ", x.scalar_type());
+    default: return c10::str("mish2: unsupported dtype ", x.scalar_type());
   }
 }
 
 }  // namespace
 
 // Checked by the binding (mish2_binding.cpp) before they get here: flat 1-D CUDA views of dense
-// storage with one dtype, device and length. The checks live there, in a g++-compiled frame, because
-// a failed TORCH_CHECK thrown from this nvcc-compiled file crashed the process on the H100 instead
-// of raising.
-void mish2_forward_unchecked(const at::Tensor& x, const at::Tensor& out) { run<Forward>(x, nullptr, out); }
+// storage with one dtype, device and length. Failures come back as messages, never as C++
+// exceptions: on the H100 machine any exception leaving this extension (TORCH_CHECK included,
+// from either source file) killed the process with SIGSEGV instead of raising in Python.
+std::string mish2_forward_unchecked(const at::Tensor& x, const at::Tensor& out) {
+  return run<Forward>(x, nullptr, out);
+}
 
-void mish2_backward_unchecked(const at::Tensor& x, const at::Tensor& grad_out, const at::Tensor& grad_in) {
-  run<Backward>(x, &grad_out, grad_in);
+std::string mish2_backward_unchecked(const at::Tensor& x, const at::Tensor& grad_out, const at::Tensor& grad_in) {
+  return run<Backward>(x, &grad_out, grad_in);
 }

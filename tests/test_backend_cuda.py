@@ -475,7 +475,7 @@ def test_forward_matches_float64(backend, dtype, case):
     assert out.stride() == x.stride() and out.device == x.device and out._base is None
     check_forward(out, x)
     poisoned = torch.empty_like(x).fill_(float("nan"))  # an element the kernel skips stays NaN
-    cuda.extension_for(x.device).mish2_forward(flat(x), flat(poisoned))
+    cuda.checked(cuda.extension_for(x.device).mish2_forward(flat(x), flat(poisoned)))
     check_forward(poisoned, x)
 
 
@@ -491,7 +491,7 @@ def test_backward_matches_float64_autograd(backend, dtype, case):
     assert out.stride() == x.stride() and out._base is None
     check_backward(out, x, grad_out)
     poisoned = torch.empty_like(x).fill_(float("nan"))
-    cuda.extension_for(x.device).mish2_backward(flat(x), flat(grad_out), flat(poisoned))
+    cuda.checked(cuda.extension_for(x.device).mish2_backward(flat(x), flat(grad_out), flat(poisoned)))
     check_backward(poisoned, x, grad_out)
 
 
@@ -584,11 +584,11 @@ def test_more_than_2_to_the_31_elements(backend, dtype):
     x = torch.randn(n, device="cuda", dtype=dtype) * 4
     x[-len(SPECIAL_VALUES):] = torch.tensor(SPECIAL_VALUES, device="cuda").to(dtype)
     out = torch.full_like(x, float("nan"))
-    cuda.extension_for(x.device).mish2_forward(x, out)
+    cuda.checked(cuda.extension_for(x.device).mish2_forward(x, out))
     check_in_chunks(out, x)
     grad_out = torch.randn_like(x)
     out.fill_(float("nan"))
-    cuda.extension_for(x.device).mish2_backward(x, grad_out, out)
+    cuda.checked(cuda.extension_for(x.device).mish2_backward(x, grad_out, out))
     check_in_chunks(out, x, grad_out)
 
 
@@ -642,19 +642,23 @@ cases = [
     ("grad_out must match x", lambda: ext.mish2_backward(x, x.half(), torch.empty_like(x))),
 ]
 for expected, call in cases:
+    message = call()
+    assert expected in message, (expected, message)
     try:
-        call()
+        cuda.checked(message)
     except RuntimeError as exc:
-        assert expected in str(exc), (expected, str(exc))
+        assert str(exc) == message
         print("raised:", expected)
     else:
         raise AssertionError(f"no error for {expected!r}")
+assert ext.mish2_forward(x, torch.empty_like(x)) == ""
 """
 
 
 @pytest.mark.gpu
 def test_bad_arguments_get_clear_errors(backend):
-    """In a subprocess: a failed check must raise, and must never take the process down."""
+    """In a subprocess: a bad argument gives a clear message (raised by ``cuda.checked``) and never
+    takes the process down."""
     out = subprocess.run([sys.executable, "-c", BAD_ARGUMENTS], capture_output=True, text=True)
     assert out.returncode == 0, f"exit {out.returncode}: {out.stderr[-2000:]}"
     assert out.stdout.count("raised:") == 6

@@ -76,13 +76,20 @@ class CudaBackend(Backend):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(x)
-        extension_for(x.device).mish2_forward(layout.flat(x), layout.flat(out))
+        checked(extension_for(x.device).mish2_forward(layout.flat(x), layout.flat(out)))
         return out
 
     def backward(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
         grad_in = torch.empty_like(x)
-        extension_for(x.device).mish2_backward(layout.flat(x), layout.flat(grad_out), layout.flat(grad_in))
+        checked(extension_for(x.device).mish2_backward(layout.flat(x), layout.flat(grad_out), layout.flat(grad_in)))
         return grad_in
+
+
+def checked(message: str) -> None:
+    """The extension reports bad arguments and launch failures as a message, not a C++ exception
+    (one leaving it crashed the process on the H100 machine); raise it here."""
+    if message:
+        raise RuntimeError(message)
 
 
 # --- toolchain -----------------------------------------------------------------------------------
