@@ -129,7 +129,7 @@ def cmd_tune(args) -> int:
     shapes = args.shape or [REFERENCE_SHAPE if device.type == "cuda" else CPU_SHAPE]
     ops = ["forward", "backward"] if args.backward else ["forward"]
     jobs = [(s, d, op) for s in shapes for d in args.dtype for op in ops]
-    table = Table("op", "dtype", "shape", "chosen", "how", "candidates (median ms)")
+    table = Table("op", "dtype", "shape", "chosen", "how", "tuning s", "candidates (median ms)")
     with Progress(console=console) as progress:
         task = progress.add_task("tuning", total=len(jobs))
         for shape, dname, op in jobs:
@@ -141,7 +141,7 @@ def cmd_tune(args) -> int:
             choice = dispatch.last_choices()[-1]
             times = ", ".join(f"{n} {m.median_ms:.3f}" if m.ok else f"{n} rejected"
                               for n, m in sorted(choice.measurements.items(), key=lambda kv: kv[1].median_ms))
-            table.add_row(op, dname, "x".join(map(str, shape)), choice.backend, choice.how, times)
+            table.add_row(op, dname, "x".join(map(str, shape)), choice.backend, choice.how, f"{choice.tuning_s:.2f}", times)
             progress.advance(task)
     console.print(table)
     console.print(f"stored in {cache.cache_dir()}")

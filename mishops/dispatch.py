@@ -373,9 +373,12 @@ def _choose(op: str, x: torch.Tensor) -> Choice:
     return Choice(op, key, winner, how, measured, reasons, time.perf_counter() - started)
 
 
-def choose(op: str, x: torch.Tensor, backend: str = "auto") -> Backend:
-    """The backend that runs ``op`` on ``x``: the environment's, the caller's, or the tuned one."""
-    forced = os.environ.get("MISHOPS_BACKEND")
+def choose(op: str, x: torch.Tensor, backend: str = "auto", forced: str | None = None) -> Backend:
+    """The backend that runs ``op`` on ``x``: the environment's, the caller's, or the tuned one.
+
+    ``forced`` is ``MISHOPS_BACKEND`` when the caller has already read it (the hot path reads the
+    environment once per call)."""
+    forced = forced if forced is not None else os.environ.get("MISHOPS_BACKEND")
     if forced or backend != "auto":
         return _named(forced or backend, x, op, "env" if forced else "named")
     mkey = (op, x.device, x.dtype, x.shape, x.stride())
@@ -396,9 +399,10 @@ def run(op: str, x: torch.Tensor, grad: torch.Tensor | None = None, backend: str
     """Run ``op`` with the chosen backend; an automatically chosen one that breaks is replaced."""
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, not {op!r}")
-    explicit = backend != "auto" or bool(os.environ.get("MISHOPS_BACKEND"))
+    forced = os.environ.get("MISHOPS_BACKEND", "")
+    explicit = backend != "auto" or bool(forced)
     while True:
-        chosen = choose(op, x, backend)
+        chosen = choose(op, x, backend, forced)
         xin, gin = x, grad
         if not chosen.any_strides and not layout.is_dense(x):
             xin = layout.densify(x)
