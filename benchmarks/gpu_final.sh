@@ -5,9 +5,9 @@ set -uo pipefail
 OUT=${OUT:-benchmarks/results/latest}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MISHOPS_CACHE_DIR=/tmp/mishops-cache
-nvidia-smi -L | tee "$OUT/env.txt"
+nvidia-smi -L | tee "$OUT/summary.txt"
 OUT=$OUT TEST_TIMEOUT=${TEST_TIMEOUT:-200} bash benchmarks/gpu_tests.sh "${TESTS:-tests/test_backend_cuda.py tests/test_integration_gpu.py tests/test_distributed.py}" \
-  | grep -v "^[┃┏┡└│]" >> "$OUT/env.txt"
+  | grep -v "^[┃┏┡└│]" >> "$OUT/summary.txt"
 for i in 1 2; do  # first: profiles; second process: served from the disk cache
   python3 -m mishops tune --shape 64x128x254x254 --dtype float32 --dtype bfloat16 --backward 2>&1 | tee -a "$OUT/tune.txt"
 done
