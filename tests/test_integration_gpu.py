@@ -84,7 +84,10 @@ def test_compile_fullgraph_on_gpu(backend):
     model, ref = _models(backend)
     x = torch.randn(4, 16, 34, 34, device="cuda")
     compiled = torch.compile(model, fullgraph=True)
-    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    # Compiled, the block is conv + the mishops::mish2 op; eager "auto" may pick a fused cuDNN plan,
+    # whose TF32 conv rounds differently (~1e-3), so only a named backend must agree to fp32 precision.
+    tol = 2e-3 if backend == "auto" else 1e-5
+    torch.testing.assert_close(compiled(x), model(x), rtol=tol, atol=tol)
     compiled(x).sum().backward()
     ref(x).sum().backward()
     for p, q in zip(model.parameters(), ref.parameters()):
