@@ -76,20 +76,24 @@ class CudaBackend(Backend):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(x)
-        checked(extension_for(x.device).mish2_forward(layout.flat(x), layout.flat(out)))
+        flat_x, flat_out = layout.flat(x), layout.flat(out)
+        checked(extension_for(x.device).mish2_forward(flat_x, flat_out), flat_x, flat_out)
         return out
 
     def backward(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
         grad_in = torch.empty_like(x)
-        checked(extension_for(x.device).mish2_backward(layout.flat(x), layout.flat(grad_out), layout.flat(grad_in)))
+        tensors = layout.flat(x), layout.flat(grad_out), layout.flat(grad_in)
+        checked(extension_for(x.device).mish2_backward(*tensors), *tensors)
         return grad_in
 
 
-def checked(message: str) -> None:
-    """The extension reports bad arguments and launch failures as a message, not a C++ exception
-    (one leaving it crashed the process on the H100 machine); raise it here."""
+def checked(message: str, *tensors: torch.Tensor) -> None:
+    """Raise what the extension reported, with the tensors' details. It returns messages instead of
+    failing a TORCH_CHECK, which crashed the process on the H100 machine."""
     if message:
-        raise RuntimeError(message)
+        details = "; ".join(f"{t.device} {str(t.dtype).removeprefix('torch.')} sizes {tuple(t.shape)} "
+                            f"strides {t.stride()}" for t in tensors)
+        raise RuntimeError(f"{message} (got {details})" if details else message)
 
 
 # --- toolchain -----------------------------------------------------------------------------------
