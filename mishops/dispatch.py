@@ -381,7 +381,7 @@ def choose(op: str, x: torch.Tensor, backend: str = "auto", forced: str | None =
     forced = forced if forced is not None else os.environ.get("MISHOPS_BACKEND")
     if forced or backend != "auto":
         return _named(forced or backend, x, op, "env" if forced else "named")
-    mkey = (op, x.device, x.dtype, x.shape, x.stride())
+    mkey = (op, x.is_cuda, x.get_device(), x.dtype, x.shape, x.stride())  # cheaper than x.device
     choice = _memory.get(mkey)
     if choice is None or choice.backend in registry._failed:
         with _lock:  # one thread profiles a cold key; the others wait and reuse its choice
@@ -404,12 +404,12 @@ def run(op: str, x: torch.Tensor, grad: torch.Tensor | None = None, backend: str
     while True:
         chosen = choose(op, x, backend, forced)
         xin, gin = x, grad
-        if not chosen.any_strides and not layout.is_dense(x):
+        if not chosen.any_strides and not x.is_contiguous() and not layout.is_dense(x):
             xin = layout.densify(x)
         if grad is not None and (grad.stride() != xin.stride() or not chosen.any_strides and not layout.is_dense(grad)):
             gin = torch.empty_like(xin).copy_(grad)
         try:
-            return _run(chosen, op, xin, gin)
+            return chosen.forward(xin) if gin is None else chosen.backward(xin, gin)
         except Exception as exc:
             if explicit or chosen.name == "eager":
                 raise

@@ -60,6 +60,6 @@ def mish2(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"mish2 expects a torch.Tensor, got {type(x).__name__}")
-    if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
+    if (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
         return _mish2_op(x, backend)
     return dispatch.run("forward", x, backend=backend)
