@@ -706,3 +706,50 @@ def test_a_second_process_loads_the_build_without_compiling(backend):
     assert report["builds"] == 0
     assert report["forward_err"] < 1e-4 and report["backward_err"] < 1e-4
     assert time.perf_counter() - started < 60
+
+
+COLD_BUILD = """
+import json, torch
+from mishops import dispatch
+from mishops.backends import cuda
+x = torch.randn(1000, device="cuda")
+y = torch.empty_like(x)
+cuda.checked(cuda.extension_for(x.device).mish2_forward(x, y))
+torch.cuda.synchronize()
+print(json.dumps({"builds": dispatch.stats.get("builds", 0), "finite": bool(y.isfinite().all())}))
+"""
+
+
+def _cold_build_process(cache_dir):
+    env = {**os.environ, "MISHOPS_CACHE_DIR": str(cache_dir)}
+    return subprocess.Popen([sys.executable, "-c", COLD_BUILD], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_a_killed_cold_build_never_blocks_the_next_one(tmp_path):
+    """SIGKILL a process in the middle of its build (leaving torch's build lock behind, the known
+    hang), then a new process must build and run within its time, not wait forever."""
+    victim = _cold_build_process(tmp_path)
+    time.sleep(8)  # inside the compile: a cold build takes 20-60 s
+    victim.kill()
+    victim.wait()
+    survivor = _cold_build_process(tmp_path)
+    out, err = survivor.communicate(timeout=400)
+    assert survivor.returncode == 0, err[-2000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result == {"builds": 1, "finite": True}
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_two_cold_processes_share_one_build(tmp_path):
+    procs = [_cold_build_process(tmp_path) for _ in range(2)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=400)
+        assert p.returncode == 0, err[-2000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert sorted(r["builds"] for r in results) == [0, 1]
+    assert all(r["finite"] for r in results)
