@@ -204,14 +204,15 @@ def _run(backend: Backend, op: str, x: torch.Tensor, grad: torch.Tensor | None) 
     return backend.forward(x) if op == "forward" else backend.backward(x, grad)
 
 
-def _wrong(result: torch.Tensor, expected: torch.Tensor) -> str:
-    if result.shape != expected.shape or result.dtype != expected.dtype:
-        return f"returned {result.dtype} {tuple(result.shape)}, expected {expected.dtype} {tuple(expected.shape)}"
-    if result.device != expected.device:
-        return f"returned a tensor on {result.device}, expected {expected.device}"
+def wrong_answer(result: torch.Tensor, expected: torch.Tensor, tolerance: dict = TOLERANCE) -> str:
+    """Why ``result`` is not ``expected`` (empty when it is): shape, dtype, device, then every
+    element within ``tolerance[dtype]`` = (rtol, atol), NaN where and only where expected."""
+    if result.shape != expected.shape or result.dtype != expected.dtype or result.device != expected.device:
+        return (f"returned {result.dtype} {tuple(result.shape)} on {result.device}, expected "
+                f"{expected.dtype} {tuple(expected.shape)} on {expected.device}")
     if expected.numel() == 0:
         return ""
-    rtol, atol = TOLERANCE.get(expected.dtype, (1e-2, 1e-2))
+    rtol, atol = tolerance.get(expected.dtype, (1e-2, 1e-2))
     close = torch.isclose(result, expected, rtol=rtol, atol=atol, equal_nan=True)
     if bool(close.all()):
         return ""
@@ -258,7 +259,7 @@ def _profile(op: str, candidates: list[Backend], x: torch.Tensor, budget_s: floa
         try:
             for _ in range(2):  # the first call may build or JIT-compile
                 out = _run(backend, op, scratch, grad)
-            wrong = _wrong(out, expected)
+            wrong = wrong_answer(out, expected)
             del out
             if wrong:
                 results[backend.name] = Measurement(False, h, reason=wrong)

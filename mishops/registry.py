@@ -1,4 +1,4 @@
-"""The backends of ``y = mish(mish(x))`` and the one place they are registered.
+"""The backends of ``y = mish(mish(x))`` and the one place they (and the block plans) are registered.
 
 A backend is a subclass of :class:`Backend` whose capabilities are class attributes, so the
 dispatcher can rule it out for an input without importing its dependencies (xformers' style);
@@ -123,90 +123,108 @@ def _source_hash(cls: type) -> str:
     return _hash_cache[cls]
 
 
-_lock = threading.RLock()
-_backends: dict[str, Backend] = {}
-_failed: dict[str, str] = {}
-_availability: dict[str, Availability] = {}
-_entry_points_loaded = False
+class Registry:
+    """Named implementations of one kind (double-Mish backends, whole-block plans), in preference order.
+
+    Availability is asked once per process; an implementation that broke at build or launch is
+    marked failed with its reason and stays out of automatic choices. ``load_builtins`` imports the
+    modules that register the built-ins on first listing; ``entry_point_group`` lets other packages
+    add theirs; ``on_change`` runs whenever the set or a failure changes (to drop cached choices).
+    """
+
+    def __init__(self, kind: str, base: type, load_builtins, entry_point_group: str | None = None,
+                 on_change=None):
+        self.kind, self.base, self.entry_point_group = kind, base, entry_point_group
+        self._load_builtins, self._on_change = load_builtins, on_change or (lambda: None)
+        self.lock = threading.RLock()
+        self.items: dict = {}
+        self.failed: dict[str, str] = {}
+        self.cached: dict[str, Availability] = {}
+        self._entry_points_loaded = entry_point_group is None
+
+    def register(self, cls_or_obj=None, *, replace: bool = False):
+        """Register a class (as a decorator) or instance; returns its argument."""
+
+        def add(item):
+            obj = item() if isinstance(item, type) else item
+            if not isinstance(obj, self.base):
+                raise TypeError(f"{item!r} is not a {self.base.__module__}.{self.base.__qualname__}")
+            with self.lock:
+                if obj.name in self.items and not replace:
+                    raise ValueError(f"a {self.kind} named {obj.name!r} is already registered")
+                self.items[obj.name] = obj
+                self.cached.pop(obj.name, None)
+                self.failed.pop(obj.name, None)
+                self._on_change()
+            return item
+
+        return add if cls_or_obj is None else add(cls_or_obj)
+
+    def unregister(self, name: str) -> None:
+        with self.lock:
+            self.items.pop(name, None)
+            self.cached.pop(name, None)
+            self.failed.pop(name, None)
+            self._on_change()
+
+    def _load_entry_points(self) -> None:
+        if self._entry_points_loaded:
+            return
+        self._entry_points_loaded = True
+        for ep in importlib.metadata.entry_points(group=self.entry_point_group):
+            try:
+                self.register(ep.load())
+            except Exception as exc:  # a broken plugin must not break import mishops
+                self.failed[ep.name] = f"entry point {ep.value!r} failed to load: {type(exc).__name__}: {exc}"
+                log.warning("mishops: %s entry point %s: %s", self.kind, ep.name, self.failed[ep.name])
+
+    def all(self) -> dict:
+        """Every registered one, in preference order."""
+        self._load_builtins()
+        self._load_entry_points()
+        with self.lock:
+            return dict(sorted(self.items.items(), key=lambda kv: (kv[1].priority, kv[0])))
+
+    def get(self, name: str):
+        if name in self.items:  # the hot path of a named one: no import, no sort
+            return self.items[name]
+        found = self.all()
+        if name not in found:
+            raise ValueError(f"unknown mishops {self.kind} {name!r}; valid names: {', '.join(found)}")
+        return found[name]
+
+    def availability(self, name: str) -> Availability:
+        """Cached per process; one marked failed stays unavailable with the failure's reason."""
+        with self.lock:
+            if name in self.failed:
+                return Availability.no(self.failed[name])
+            if name not in self.cached:
+                obj = self.get(name)
+                try:
+                    self.cached[name] = obj.is_available()
+                except Exception as exc:
+                    self.cached[name] = Availability.no(f"is_available() raised {type(exc).__name__}: {exc}")
+            return self.cached[name]
+
+    def mark_failed(self, name: str, reason: str) -> None:
+        """One that broke at build or launch stays out of automatic choices for this process."""
+        with self.lock:
+            self.failed[name] = reason
+            self._on_change()
+        log.warning("mishops: %s %r marked failed: %s", self.kind, name, reason)
 
 
-def register(cls_or_obj=None, *, replace: bool = False):
-    """Register a backend class (as a decorator) or instance; returns its argument."""
-
-    def add(item):
-        backend = item() if isinstance(item, type) else item
-        if not isinstance(backend, Backend):
-            raise TypeError(f"{item!r} is not a mishops.Backend")
-        with _lock:
-            if backend.name in _backends and not replace:
-                raise ValueError(f"a backend named {backend.name!r} is already registered")
-            _backends[backend.name] = backend
-            _availability.pop(backend.name, None)
-            _failed.pop(backend.name, None)
-        return item
-
-    return add if cls_or_obj is None else add(cls_or_obj)
-
-
-def unregister(name: str) -> None:
-    with _lock:
-        _backends.pop(name, None)
-        _availability.pop(name, None)
-        _failed.pop(name, None)
-
-
-def _load_entry_points() -> None:
-    global _entry_points_loaded
-    if _entry_points_loaded:
-        return
-    _entry_points_loaded = True
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            register(ep.load())
-        except Exception as exc:  # a broken plugin must not break import mishops
-            _failed[ep.name] = f"entry point {ep.value!r} failed to load: {type(exc).__name__}: {exc}"
-            log.warning("mishops: backend entry point %s: %s", ep.name, _failed[ep.name])
-
-
-def backends() -> dict[str, Backend]:
-    """Every registered backend, in preference order."""
+def _import_builtin_backends() -> None:
     import mishops.backends  # noqa: F401  (registers the built-ins)
 
-    _load_entry_points()
-    with _lock:
-        return dict(sorted(_backends.items(), key=lambda kv: (kv[1].priority, kv[0])))
 
-
-def get(name: str) -> Backend:
-    if name in _backends:  # the hot path of a named backend: no import, no sort
-        return _backends[name]
-    found = backends()
-    if name not in found:
-        raise ValueError(f"unknown mishops backend {name!r}; valid names: {', '.join(found)}")
-    return found[name]
-
-
-def availability(name: str) -> Availability:
-    """Cached per process; a backend marked failed stays unavailable with the failure's reason."""
-    with _lock:
-        if name in _failed:
-            return Availability.no(_failed[name])
-        if name not in _availability:
-            backend = get(name)
-            try:
-                _availability[name] = backend.is_available()
-            except Exception as exc:
-                _availability[name] = Availability.no(f"is_available() raised {type(exc).__name__}: {exc}")
-        return _availability[name]
-
-
-def mark_failed(name: str, reason: str) -> None:
-    """A backend that broke at build or launch stays out of automatic choices for this process."""
-    with _lock:
-        _failed[name] = reason
-    log.warning("mishops: backend %r marked failed: %s", name, reason)
+BACKENDS = Registry("backend", Backend, _import_builtin_backends, ENTRY_POINT_GROUP)
+# The module-level API and the dispatcher's hot path use these directly (dicts mutated in place).
+_backends, _failed, _availability = BACKENDS.items, BACKENDS.failed, BACKENDS.cached
+register, unregister, backends, get = BACKENDS.register, BACKENDS.unregister, BACKENDS.all, BACKENDS.get
+availability, mark_failed = BACKENDS.availability, BACKENDS.mark_failed
 
 
 def failures() -> dict[str, str]:
-    with _lock:
+    with BACKENDS.lock:
         return dict(_failed)

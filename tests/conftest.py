@@ -1,6 +1,5 @@
 """Shared fixtures: every test gets its own tuning-cache directory and a clean dispatcher."""
 
-import os
 
 import pytest
 import torch

@@ -1,6 +1,5 @@
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mishops import registry
 from tests.reference import SPECIAL_VALUES, mish2_f64, mish2_grad_f64, special_input

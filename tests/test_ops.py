@@ -3,7 +3,6 @@ import torch
 import torch.nn.functional as F
 
 import mishops
-from mishops import dispatch
 from tests.reference import Model, special_input
 
 

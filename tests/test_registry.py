@@ -36,7 +36,7 @@ def test_register_and_duplicate_name(fresh_names):
 
 
 def test_register_rejects_non_backends():
-    with pytest.raises(TypeError, match="not a mishops.Backend"):
+    with pytest.raises(TypeError, match="is not a mishops.registry.Backend"):
         registry.register(object)
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,73 +174,15 @@ def _format_name(memory_format: torch.memory_format) -> str:
 
 # --- the registry ------------------------------------------------------------------------------
 
-_lock = threading.RLock()
-_plans: dict[str, Plan] = {}
-_availability: dict[str, Availability] = {}
-_failed: dict[str, str] = {}
 
-
-def register_plan(cls_or_obj=None, *, replace: bool = False):
-    """Register a plan class (as a decorator) or instance; returns its argument."""
-
-    def add(item):
-        plan = item() if isinstance(item, type) else item
-        if not isinstance(plan, Plan):
-            raise TypeError(f"{item!r} is not a mishops.plans.Plan")
-        with _lock:
-            if plan.name in _plans and not replace:
-                raise ValueError(f"a plan named {plan.name!r} is already registered")
-            _plans[plan.name] = plan
-            _availability.pop(plan.name, None)
-            _failed.pop(plan.name, None)
-            _memory.clear()
-        return item
-
-    return add if cls_or_obj is None else add(cls_or_obj)
-
-
-def unregister_plan(name: str) -> None:
-    with _lock:
-        _plans.pop(name, None)
-        _availability.pop(name, None)
-        _failed.pop(name, None)
-        _memory.clear()
-
-
-def plans() -> dict[str, Plan]:
-    """Every registered plan, in preference order."""
+def _import_builtin_plans() -> None:
     from mishops.plans import cudnn_fused, cudnn_nchw, torch_conv  # noqa: F401  (registers the built-ins)
 
-    with _lock:
-        return dict(sorted(_plans.items(), key=lambda kv: (kv[1].priority, kv[0])))
 
-
-def get_plan(name: str) -> Plan:
-    found = plans()
-    if name not in found:
-        raise ValueError(f"unknown mishops plan {name!r}; valid names: {', '.join(found)}")
-    return found[name]
-
-
-def availability(name: str) -> Availability:
-    """Cached per process; a plan marked failed stays unavailable with the failure's reason."""
-    with _lock:
-        if name in _failed:
-            return Availability.no(_failed[name])
-        if name not in _availability:
-            try:
-                _availability[name] = get_plan(name).is_available()
-            except Exception as exc:
-                _availability[name] = Availability.no(f"is_available() raised {type(exc).__name__}: {exc}")
-        return _availability[name]
-
-
-def mark_failed(name: str, reason: str) -> None:
-    """A plan that broke while running stays out of automatic choices for this process."""
-    with _lock:
-        _failed[name] = reason
-        _memory.clear()
-    log.warning("mishops: plan %r marked failed: %s", name, reason)
+PLANS = registry.Registry("plan", Plan, _import_builtin_plans, on_change=lambda: _memory.clear())
+_lock, _plans, _failed = PLANS.lock, PLANS.items, PLANS.failed
+register_plan, unregister_plan, plans, get_plan = PLANS.register, PLANS.unregister, PLANS.all, PLANS.get
+availability, mark_failed = PLANS.availability, PLANS.mark_failed
 
 
 # --- checking answers ----------------------------------------------------------------------------
@@ -267,24 +208,13 @@ def synthetic_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 def mismatch(result: torch.Tensor, expected: torch.Tensor) -> str:
-    """Why ``result`` is not an acceptable block output (empty when it is): shape, dtype,
-    memory format (every format the reference is contiguous in) and every element's value."""
-    if result.shape != expected.shape or result.dtype != expected.dtype or result.device != expected.device:
-        return (f"returned {result.dtype} {tuple(result.shape)} on {result.device}, expected "
-                f"{expected.dtype} {tuple(expected.shape)} on {expected.device}")
-    if expected.dim() == 4:
+    """Why ``result`` is not an acceptable block output (empty when it is): the memory format
+    (every format the reference is contiguous in), then ``dispatch.wrong_answer``'s checks."""
+    if result.shape == expected.shape and expected.dim() == 4:
         for fmt in (torch.contiguous_format, torch.channels_last):
             if expected.is_contiguous(memory_format=fmt) and not result.is_contiguous(memory_format=fmt):
                 return f"output is not {_format_name(fmt)} like PyTorch's (strides {result.stride()})"
-    if expected.numel() == 0:
-        return ""
-    rtol, atol = TOLERANCE.get(expected.dtype, (1e-2, 1e-2))
-    close = torch.isclose(result, expected, rtol=rtol, atol=atol, equal_nan=True)
-    if bool(close.all()):
-        return ""
-    bad = int((~close).sum())
-    diff = (result.double() - expected.double()).abs().nan_to_num(nan=float("inf"))
-    return f"wrong answer: {bad} of {expected.numel()} elements off (max |error| {float(diff.max()):.3g})"
+    return dispatch.wrong_answer(result, expected, TOLERANCE)
 
 
 # --- choosing ----------------------------------------------------------------------------------
