@@ -18,12 +18,13 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from mishops import dispatch, plans
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a script: the checkout's mishops and tests
+from mishops import dispatch, plans  # noqa: E402
+from tests.reference import Model  # noqa: E402
 
 CL = torch.channels_last
 CASES = [  # label, module channels_last, input channels_last, autocast dtype
@@ -33,17 +34,6 @@ CASES = [  # label, module channels_last, input channels_last, autocast dtype
     ("bf16 autocast, channels_last module, NCHW input", True, False, torch.bfloat16),
     ("bf16 autocast, NCHW module, NCHW input", False, False, torch.bfloat16),
 ]
-
-
-class Model(nn.Module):
-    """The reference block."""
-
-    def __init__(self, cin, cout, k):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, k)
-
-    def forward(self, x):
-        return F.mish(F.mish(self.conv(x)))
 
 
 def time_ms(fn, reps: int) -> tuple[float, float]:

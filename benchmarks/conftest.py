@@ -52,10 +52,10 @@ from datetime import datetime, timezone
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import mishops
 from mishops import registry
+from tests.reference import Model
 
 QUICK = os.environ.get("MISHOPS_BENCH_QUICK", "0") == "1" or not torch.cuda.is_available()
 DEVICE = "cpu" if QUICK else "cuda"
@@ -89,20 +89,6 @@ GPU_REPS = (20, 50)
 CPU_REPS = (5, 20)
 #: aim for about this much timed work per row (events and wall-clock rounds each).
 TARGET_MS = 150.0
-
-
-class Model(nn.Module):
-    """The reference block, as given: a Conv2d, then Mish twice."""
-
-    def __init__(self, in_channels, out_channels, kernel_size):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size)
-
-    def forward(self, x):
-        x = self.conv(x)
-        x = torch.nn.functional.mish(x)
-        x = torch.nn.functional.mish(x)
-        return x
 
 
 # --- what is swept -----------------------------------------------------------------------------
