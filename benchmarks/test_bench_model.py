@@ -48,9 +48,9 @@ def test_model(benchmark, bench, model_case):
             "input_shape": list(x.shape), "output_shape": list(y.shape), "first_call_s": first_call_s,
             "max_abs_err": bench.model_error(y)}
     del y
-    if case.impl == "auto":
-        with bench.model_precision(case.mode):
-            info["chosen"] = mishops.dispatch.choose("forward", model.conv(x)).name
+    if case.impl == "auto":  # the plan the block dispatcher chose (its choices are logged with op "block")
+        blocks = [c for c in mishops.last_choices() if c.op == "block"]
+        info["chosen"] = blocks[-1].backend if blocks else "?"
 
     benchmark.group = f"model {case.mode}"
     timing = bench.time(benchmark, fn, touched)
