@@ -90,8 +90,9 @@ def test_sixteen_cold_processes_lose_no_entries():
 
 
 @pytest.mark.parametrize("content", [b"", b"{\"entries\": {", b"\x00\xff garbage \x13", b"[1, 2]",
-                                     b'{"environment": {"format": "999"}, "entries": {}}'],
-                         ids=["empty", "truncated", "random-bytes", "not-a-table", "future-format"])
+                                     b'{"environment": {"format": "999"}, "entries": {}}',
+                                     b'{"environment": {"format": "1", "device": "NVIDIA B200 sm100"}, "entries": {}}'],
+                         ids=["empty", "truncated", "random-bytes", "not-a-table", "future-format", "other-gpu"])
 def test_damaged_cache_warns_once_and_is_rebuilt(fakes, content):
     x = torch.randn(11)
     path = cache.cache_file(cache.environment(dispatch.device_label(x.device)))

@@ -17,21 +17,22 @@ def cpu_backends():
 
 
 ODD = {
-    "empty": lambda: torch.randn(0, 3),
-    "zero-dim": lambda: torch.tensor(1.5),
-    "expanded": lambda: torch.randn(3, 1).expand(3, 4),
-    "transposed": lambda: torch.randn(5, 7).t(),
-    "sliced": lambda: torch.randn(6, 10)[:, ::3],
-    "offset-view": lambda: torch.randn(101)[1:],
-    "channels_last": lambda: torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last),
-    "channels_last-sliced": lambda: torch.randn(2, 6, 4, 5).contiguous(memory_format=torch.channels_last)[:, ::2],
+    "empty": lambda d: torch.randn(0, 3, device=d),
+    "zero-dim": lambda d: torch.tensor(1.5, device=d),
+    "expanded": lambda d: torch.randn(3, 1, device=d).expand(3, 4),
+    "transposed": lambda d: torch.randn(5, 7, device=d).t(),
+    "sliced": lambda d: torch.randn(6, 10, device=d)[:, ::3],
+    "offset-view": lambda d: torch.randn(101, device=d)[1:],
+    "channels_last": lambda d: torch.randn(2, 3, 4, 5, device=d).contiguous(memory_format=torch.channels_last),
+    "channels_last-sliced": lambda d: torch.randn(2, 6, 4, 5, device=d).contiguous(
+        memory_format=torch.channels_last)[:, ::2],
 }
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("case", list(ODD))
 def test_odd_tensors_match_f_mish_values_and_layout(case, backend):
-    x = ODD[case]()
+    x = ODD[case]("cpu")
     before = x.clone()
     y = mishops.mish2(x, backend=backend)
     want = F.mish(F.mish(x))
@@ -41,6 +42,29 @@ def test_odd_tensors_match_f_mish_values_and_layout(case, backend):
         assert y.stride() == want.stride()
     assert layout.is_dense(y)
     assert torch.equal(x, before)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "cuda", "triton", "cupy"])
+@pytest.mark.parametrize("case", list(ODD))
+def test_odd_tensors_on_the_gpu(case, backend):
+    """Every kernel backend through the dispatcher: values, layout, the input untouched."""
+    x = ODD[case]("cuda")
+    before = x.clone()
+    y = mishops.mish2(x, backend=backend)
+    want = F.mish(F.mish(x))
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
+    if layout.is_dense(x):
+        assert y.stride() == want.stride()
+    assert layout.is_dense(y) and torch.equal(x, before)
+
+
+@pytest.mark.gpu
+def test_cpu_tensor_by_name_is_clear_and_auto_fits_on_gpu_machine():
+    with pytest.raises(mishops.NoBackendError, match="cuda \\(requested\\): device type 'cpu' not supported"):
+        mishops.mish2(torch.randn(3), backend="cuda")
+    x = torch.randn(3)
+    torch.testing.assert_close(mishops.mish2(x), F.mish(F.mish(x)))
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool, torch.complex64])
