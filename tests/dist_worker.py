@@ -43,7 +43,8 @@ def _init(rank, world, port, cache_dir, device):
     return torch.device("cpu")
 
 
-def choose_worker(rank, world, port, cache_dir, out_dir, device="cpu"):
+def choose_worker(rank, world, port, cache_dir, out_dir, device="cpu", sync="1"):
+    os.environ["MISHOPS_DIST_SYNC"] = sync
     dev = _init(rank, world, port, cache_dir, device)
     registry.register(RankSkewedA)
     registry.register(RankSkewedB)

@@ -213,3 +213,14 @@ def test_non_dense_input_is_densified_for_kernels(fakes, monkeypatch):
         assert seen == [True]
     finally:
         registry.unregister("test_dense_only")
+
+
+@pytest.mark.parametrize("fakes", [(Fast, Slow)], indirect=True)
+def test_tuning_budget_bounds_the_timing(fakes, monkeypatch):
+    """test_slow takes 20 ms a call: a 1 ms budget leaves it the floor of 5 timed calls, 3 s about 50."""
+    monkeypatch.setenv("MISHOPS_TUNE_BUDGET_MS", "1")
+    mishops.mish2(x_cpu(50))
+    assert dispatch.last_choices()[-1].tuning_s < 0.6
+    monkeypatch.setenv("MISHOPS_TUNE_BUDGET_MS", "3000")
+    mishops.mish2(x_cpu(51))
+    assert dispatch.last_choices()[-1].tuning_s > 0.9

@@ -37,6 +37,15 @@ def test_ranks_agree_on_one_backend_and_write_the_cache_once(tmp_path, device):
     assert len(entries) == 2 and all({"test_skew_a", "test_skew_b", "eager"} <= set(e) for e in entries.values())
 
 
+def test_opting_out_lets_each_rank_choose_alone(tmp_path):
+    """MISHOPS_DIST_SYNC=0: no collective, each rank measures, chooses and writes on its own."""
+    mp.spawn(dist_worker.choose_worker, args=(2, free_port(), str(tmp_path / "c"), str(tmp_path), "cpu", "0"),
+             nprocs=2)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["stats"]["cache_writes"] for r in ranks] == [2, 2]  # with the agreement: [2, 0] or [0, 2]
+    assert ranks[0]["choices"][0] != "test_skew_b" and ranks[1]["choices"][0] != "test_skew_a"  # each its own
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_ddp_two_ranks_match_one_rank_with_the_combined_batch(tmp_path, device):
     mp.spawn(dist_worker.ddp_worker, args=(2, free_port(), str(tmp_path / "c"), str(tmp_path), device), nprocs=2)
