@@ -75,13 +75,7 @@ class Backend:
 
     def not_supported_reasons(self, x: torch.Tensor) -> list[str]:
         """Why this backend cannot take ``x`` (empty when it can), availability aside."""
-        reasons = []
-        if self.devices is not None and x.device.type not in self.devices:
-            reasons.append(f"device type {x.device.type!r} not supported (runs on {sorted(self.devices)})")
-        if x.dtype not in self.dtypes:
-            names = sorted(str(d).removeprefix("torch.") for d in self.dtypes)
-            reasons.append(f"dtype {str(x.dtype).removeprefix('torch.')} not supported (supports {names})")
-        return reasons
+        return device_and_dtype_reasons(self, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -96,6 +90,17 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"<mishops backend {self.name!r}>"
+
+
+def device_and_dtype_reasons(impl, x: torch.Tensor) -> list[str]:
+    """What ``impl``'s ``devices`` and ``dtypes`` rule out about ``x``, in the words the errors use."""
+    reasons = []
+    if impl.devices is not None and x.device.type not in impl.devices:
+        reasons.append(f"device type {x.device.type!r} not supported (runs on {sorted(impl.devices)})")
+    if x.dtype not in impl.dtypes:
+        names = sorted(str(d).removeprefix("torch.") for d in impl.dtypes)
+        reasons.append(f"dtype {str(x.dtype).removeprefix('torch.')} not supported (supports {names})")
+    return reasons
 
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"

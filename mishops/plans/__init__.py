@@ -144,12 +144,7 @@ class Plan:
     def not_supported_reasons(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                               spec: ConvSpec) -> list[str]:
         """Why this plan cannot take the input (empty when it can), availability aside."""
-        reasons = []
-        if self.devices is not None and x.device.type not in self.devices:
-            reasons.append(f"device type {x.device.type!r} not supported (runs on {sorted(self.devices)})")
-        if x.dtype not in self.dtypes:
-            names = sorted(str(d).removeprefix("torch.") for d in self.dtypes)
-            reasons.append(f"dtype {str(x.dtype).removeprefix('torch.')} not supported (supports {names})")
+        reasons = registry.device_and_dtype_reasons(self, x)
         wanted = expected_memory_format(x, weight)
         if wanted not in self.output_formats:
             reasons.append(f"PyTorch's conv output would be {_format_name(wanted)}; this plan writes "
