@@ -178,6 +178,18 @@ def test_first_error_line_of_real_nvcc_output(tmp_path):
     assert line.startswith(f"{broken}(2): error") and "undefined_name" in line
 
 
+@needs_nvcc
+def test_first_error_line_for_an_architecture_the_toolkit_does_not_know(tmp_path):
+    """A GPU newer than the installed nvcc: the reason must be nvcc's own words, not a generic failure."""
+    ok = tmp_path / "ok.cu"
+    ok.write_text("__global__ void k(float* p) { p[0] = 1.f; }\n")
+    done = subprocess.run([NVCC, "-gencode=arch=compute_999,code=sm_999", "-c", str(ok), "-o", str(tmp_path / "o.o")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    line = cuda.first_error_line(done.stdout + done.stderr)
+    assert line is not None and "nvcc fatal" in line and "999" in line, done.stderr
+
+
 def test_first_error_line_skips_what_ninja_adds():
     log = textwrap.dedent("""\
         Error building extension 'm': [1/3] c++ -c b.cpp -o b.o
