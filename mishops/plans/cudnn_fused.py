@@ -337,4 +337,11 @@ class CudnnFusedPlan(Plan):
         except Exception as exc:  # then a new process finds it by name
             log.info("mishops: cuDNN config %s has no replayable (engine, knobs): %s", best, exc)
             identity["engine_id"] = identity["knobs"] = None
-        return fused, identity
+        # The search graph holds every config it built (and their device resources): keep only the
+        # winner, rebuilt alone in a fresh graph exactly as a new process would.
+        try:
+            return self._rebuild(cudnn, handle, x, weight, bias, spec, identity), identity
+        except Exception as exc:
+            log.warning("mishops: cuDNN config %s could not be rebuilt alone (%s: %s); keeping the search graph",
+                        best, type(exc).__name__, exc)
+            return fused, identity
