@@ -166,7 +166,7 @@ def _error(x: torch.Tensor, op: str, reasons: dict[str, list[str]], requested: s
     return NoBackendError("\n".join(lines))
 
 
-def _named(name: str, x: torch.Tensor, op: str, how: str) -> Backend:
+def _named(name: str, x: torch.Tensor, op: str) -> Backend:
     backend = registry.get(name)
     why = _reasons(backend, x)
     if why:
@@ -381,7 +381,7 @@ def choose(op: str, x: torch.Tensor, backend: str = "auto", forced: str | None =
     environment once per call)."""
     forced = forced if forced is not None else os.environ.get("MISHOPS_BACKEND")
     if forced or backend != "auto":
-        return _named(forced or backend, x, op, "env" if forced else "named")
+        return _named(forced or backend, x, op)
     mkey = (op, x.is_cuda, x.get_device(), x.dtype, x.shape, x.stride())  # cheaper than x.device
     choice = _memory.get(mkey)
     if choice is None or choice.backend in registry._failed:
