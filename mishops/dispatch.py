@@ -75,7 +75,7 @@ class Choice:
     op: str
     key: str
     backend: str
-    how: str  # profiled | cached | preference | named | env | capture
+    how: str  # profiled | cached | preference | capture
     measurements: dict[str, Measurement] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
     tuning_s: float = 0.0
