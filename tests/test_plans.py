@@ -424,7 +424,7 @@ GPU_SHAPES = [  # (batch, cin, cout, h, w, kernel, conv args)
     (3, 5, 7, 9, 41, 3, {}),
     (2, 16, 24, 17, 13, 5, {"stride": 2, "padding": 1}),
 ]
-SETTINGS = ["tf32", "fp32", "bf16-autocast"]
+SETTINGS = ["tf32", "fp32", "bf16-autocast", "fp16-autocast"]
 
 
 def _tf32_round(t: torch.Tensor) -> torch.Tensor:
@@ -440,20 +440,23 @@ def _max_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 def _setting(setting):
     torch.backends.cudnn.allow_tf32 = setting != "fp32"
-    return torch.autocast("cuda", dtype=torch.bfloat16) if setting == "bf16-autocast" else contextlib.nullcontext()
+    amp = {"bf16-autocast": torch.bfloat16, "fp16-autocast": torch.float16}.get(setting)
+    return torch.autocast("cuda", dtype=amp) if amp else contextlib.nullcontext()
 
 
-def _expected_to_run(plan, setting, module_cl, input_cl):
+def _expected_to_run(plan, setting, module_cl, input_cl, conv_args):
     """Which layouts and settings each fused plan takes (torch_conv takes all)."""
     if plan == "torch_conv":
         return True
+    if plan == "triton_conv":  # both layouts; stride 1 only
+        return setting != "fp32" and conv_args.get("stride", 1) == 1 and bool(plans.availability(plan))
     wants_channels_last = plan == "cudnn_fused"
     return ((module_cl or input_cl) == wants_channels_last and setting != "fp32"
             and bool(plans.availability(plan)))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("plan", ["torch_conv", "cudnn_fused", "cudnn_fused_nchw"])
+@pytest.mark.parametrize("plan", ["torch_conv", "cudnn_fused", "cudnn_fused_nchw", "triton_conv"])
 @pytest.mark.parametrize("setting", SETTINGS)
 @pytest.mark.parametrize("module_cl,input_cl", [(False, False), (True, False), (True, True), (False, True)])
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: f"{s[:6]}{s[6]}")
@@ -471,7 +474,7 @@ def test_gpu_plan_accuracy_vs_float64(monkeypatch, plan, setting, module_cl, inp
     with torch.no_grad():
         ref = model64(x.double())
         with _setting(setting):
-            if not _expected_to_run(plan, setting, module_cl, input_cl):
+            if not _expected_to_run(plan, setting, module_cl, input_cl, conv_args):
                 with pytest.raises(NoPlanError):
                     run_block(x, model.conv)
                 return
@@ -564,8 +567,8 @@ def test_gpu_cudnn_config_survives_a_new_process(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("plan", ["torch_conv", "cudnn_fused"])
-@pytest.mark.parametrize("setting", ["tf32", "bf16-autocast"])
+@pytest.mark.parametrize("plan", ["torch_conv", "cudnn_fused", "triton_conv"])
+@pytest.mark.parametrize("setting", ["tf32", "bf16-autocast", "fp16-autocast"])
 def test_gpu_gradients_vs_float64(monkeypatch, plan, setting):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)
     monkeypatch.setenv("MISHOPS_PLAN", plan)
@@ -593,10 +596,11 @@ def test_gpu_gradients_vs_float64(monkeypatch, plan, setting):
 
 
 @pytest.mark.gpu
-def test_gpu_cudnn_nan_inputs_give_nan_where_eager_does(monkeypatch):
-    if not plans.availability("cudnn_fused"):
-        pytest.skip(plans.availability("cudnn_fused").reason)
-    monkeypatch.setenv("MISHOPS_PLAN", "cudnn_fused")
+@pytest.mark.parametrize("plan", ["cudnn_fused", "triton_conv"])
+def test_gpu_nan_inputs_give_nan_where_eager_does(monkeypatch, plan):
+    if not plans.availability(plan):
+        pytest.skip(plans.availability(plan).reason)
+    monkeypatch.setenv("MISHOPS_PLAN", plan)
     model = Model(8, 16, 3).cuda().to(memory_format=CL)
     x = torch.randn(2, 8, 12, 12, device="cuda")
     x[0, 3, 5, 5] = float("nan")

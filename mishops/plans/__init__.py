@@ -171,7 +171,7 @@ def _format_name(memory_format: torch.memory_format) -> str:
 
 
 def _import_builtin_plans() -> None:
-    from mishops.plans import cudnn_fused, cudnn_nchw, torch_conv  # noqa: F401  (registers the built-ins)
+    from mishops.plans import cudnn_fused, cudnn_nchw, torch_conv, triton_conv  # noqa: F401  (registers the built-ins)
 
 
 PLANS = registry.Registry("plan", Plan, _import_builtin_plans, on_change=lambda: _memory.clear())

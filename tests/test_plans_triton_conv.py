@@ -1,0 +1,210 @@
+"""The Triton conv plan: its kernels under Triton's CPU interpreter (in CI) and on the GPU, what it
+declines, and the block through the plan machinery. The GPU accuracy, gradient and NaN tests that
+compare every plan with eager live in ``tests/test_plans.py``."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mishops import plans
+from mishops.plans import ConvSpec, run_block
+from mishops.plans import triton_conv as tc
+from tests.reference import SPECIAL_VALUES
+
+pytest.importorskip("triton")
+HAS_GPU = torch.cuda.is_available()
+CL = torch.channels_last
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch):
+    monkeypatch.delenv("MISHOPS_PLAN", raising=False)
+    monkeypatch.setenv("MISHOPS_TUNE_BUDGET_MS", "40")
+    plans.clear_memory()
+    plans.PLANS.cached.pop("triton_conv", None)  # availability depends on TRITON_INTERPRET, set per test
+    yield
+    plans.clear_memory()
+    plans.PLANS.cached.pop("triton_conv", None)
+
+
+@pytest.fixture
+def device(request, monkeypatch):
+    """CPU tensors through the interpreter, or the GPU compiled."""
+    if request.param == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        return "cpu"
+    if not HAS_GPU:
+        pytest.skip("needs a CUDA GPU")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    return "cuda"
+
+
+DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)]
+SHAPES = [  # (batch, cin, cout, h, w, (kh, kw), padding, dilation)
+    (2, 5, 7, 6, 9, (3, 3), (1, 1), (1, 1)),
+    (1, 20, 33, 5, 17, (3, 3), (1, 2), (1, 1)),
+    (2, 3, 4, 7, 7, (2, 3), (0, 1), (2, 1)),
+    (1, 70, 130, 3, 21, (1, 1), (0, 0), (1, 1)),
+]
+
+
+def _reference(x, w, b, padding, dilation, round_tf32):
+    """float64 block on the operands the kernel multiplies (TF32-rounded for fp32)."""
+    x, w = x.float(), w.float()
+    if round_tf32:
+        x, w = tc._round_tf32(x.contiguous()), tc._round_tf32(w.contiguous())
+    z = F.conv2d(x.double(), w.double(), None if b is None else b.double(), 1, padding, dilation)
+    return F.mish(F.mish(z))
+
+
+def _inputs(shape, dtype, device, seed=0):
+    n, cin, cout, h, w, k, _, _ = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cin, h, w, generator=g) * 2
+    x.view(-1)[:: 7] *= 40  # large |conv| values: the clamp at 20 and Mish's negative tail
+    weight = torch.randn(cout, cin, *k, generator=g) / (cin * k[0] * k[1]) ** 0.5
+    bias = torch.randn(cout, generator=g)
+    return x.to(device, dtype), weight.to(device, dtype), bias.to(device, dtype)
+
+
+def test_round_tf32_is_round_to_nearest_ties_away():
+    one = 1.0
+    ulp = 2.0**-10  # TF32 keeps 10 mantissa bits
+    values = torch.tensor([one + ulp / 2, one + ulp / 2 - 2**-23, -(one + ulp / 2), one + ulp * 1.5, 3.0e38,
+                           float("inf"), -float("inf"), float("nan"), 0.0, -0.0, 1e-40])
+    got = tc._round_tf32(values.clone())
+    expected = torch.tensor([one + ulp, one, -(one + ulp), one + 2 * ulp, 3.0e38, float("inf"), -float("inf"),
+                             float("nan"), 0.0, -0.0, 1e-40])
+    assert torch.equal(got[:4], expected[:4])
+    assert (got[4] - 3.0e38).abs() / 3.0e38 < 2**-10
+    assert torch.equal(got[5:7], expected[5:7]) and got[7].isnan()
+    assert torch.equal(got[8:].view(torch.int32) & -0x2000, got[8:].view(torch.int32))
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("input_cl", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padded_input_is_padded_nhwc_rounded(device, input_cl, dtype):
+    x = torch.randn(2, 5, 6, 9).to(device, dtype)
+    x.view(-1)[:len(SPECIAL_VALUES)] = torch.tensor(SPECIAL_VALUES).to(dtype)
+    if input_cl:
+        x = x.contiguous(memory_format=CL)
+    xp = tc.padded_input(x, (2, 1), 16, dtype == torch.float32)
+    expected = torch.zeros(2, 10, 11, 16, dtype=dtype)
+    expected[:, 2:8, 1:10, :5] = x.cpu().permute(0, 2, 3, 1)
+    if dtype == torch.float32:
+        expected = tc._round_tf32(expected)
+    assert xp.shape == expected.shape and xp.is_contiguous()
+    assert torch.equal(xp.cpu().view(torch.int16 if dtype != torch.float32 else torch.int32),
+                       expected.view(torch.int16 if dtype != torch.float32 else torch.int32))
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("has_bias", [True, False])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_kernel_vs_float64(device, fmt, dtype, has_bias, shape):
+    if device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter multiplies bf16 tiles loaded through tensor descriptors wrongly "
+                    "(results ~1e10; fp16 and the same kernel on the GPU are right)")
+    x, w, b = _inputs(shape, dtype, device)
+    if not has_bias:
+        b = None
+    padding, dilation = shape[6], shape[7]
+    ref = _reference(x.cpu(), w.cpu(), None if b is None else b.cpu(), padding, dilation, dtype == torch.float32)
+    out = torch.full(ref.shape, float("nan"), dtype=dtype, device=device).contiguous(memory_format=fmt)
+    y = tc.conv_mish2(x.contiguous(memory_format=fmt), w, b, padding, dilation, fmt, out=out)
+    assert y is out
+    # fp32: the kernel's own rounding only (fp32 accumulation, exp2 and the division);
+    # 16-bit: one rounding of the output, plus fp32 accumulation of 16-bit products.
+    rtol = {torch.float32: 2e-6, torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
+    diff = (y.cpu().double() - ref).abs()
+    assert not y.isnan().any()
+    assert bool((diff <= rtol * (ref.abs() + ref.abs().max())).all()), f"max error {diff.max():.3g}"
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_kernel_special_inputs(device):
+    """NaN and inf in the input reach exactly the outputs whose windows hold them, as in eager."""
+    shape = (2, 4, 6, 8, 8, (3, 3), (1, 1), (1, 1))
+    x, w, b = _inputs(shape, torch.float32, "cpu")
+    x.view(-1)[torch.randperm(x.numel(), generator=torch.Generator().manual_seed(1))[:len(SPECIAL_VALUES)]] = \
+        torch.tensor(SPECIAL_VALUES)
+    ref = _reference(x, w, b, (1, 1), (1, 1), True)
+    y = tc.conv_mish2(x.to(device), w.to(device), b.to(device), (1, 1), (1, 1)).cpu().double()
+    assert torch.equal(y.isnan(), ref.isnan()) and ref.isnan().any()
+    assert torch.equal(y.isinf(), ref.isinf())
+    finite = ref.isfinite()
+    assert bool(((y - ref).abs()[finite] <= 2e-6 * ref.abs()[finite] + 1e-5).all())
+
+
+def test_out_of_the_wrong_layout_is_refused():
+    x, w, b = _inputs(SHAPES[0], torch.float32, "cpu")
+    out = torch.empty(2, 7, 6, 9)
+    with pytest.raises(ValueError, match="out must be a torch.channels_last"):
+        tc.conv_mish2(x, w, b, (1, 1), (1, 1), CL, out=out)
+
+
+def _spec(**conv_args) -> ConvSpec:
+    return ConvSpec.of(nn.Conv2d(4, 8, 3, **conv_args))
+
+
+@pytest.mark.parametrize("conv_args,why", [
+    ({"stride": 2}, "stride (2, 2)"),
+    ({"groups": 2}, "grouped conv"),
+    ({"padding": "same"}, "padding 'same'"),
+    ({"padding": 1, "padding_mode": "reflect"}, "mode 'reflect'"),
+])
+def test_declines_what_it_cannot_compute(monkeypatch, conv_args, why):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x, w = torch.randn(1, 4, 8, 8), torch.randn(8, 4 // conv_args.get("groups", 1), 3, 3)
+    reasons = plans.get_plan("triton_conv").not_supported_reasons(x, w, None, _spec(**conv_args))
+    assert any(why in r for r in reasons), reasons
+
+
+def test_declines_fp32_without_tf32(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    reasons = plans.get_plan("triton_conv").not_supported_reasons(
+        torch.randn(1, 4, 8, 8), torch.randn(8, 4, 3, 3), None, _spec())
+    assert any("TF32 off" in r for r in reasons), reasons
+    assert not plans.get_plan("triton_conv").not_supported_reasons(
+        torch.randn(1, 4, 8, 8, dtype=torch.bfloat16), torch.randn(8, 4, 3, 3, dtype=torch.bfloat16), None, _spec())
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the CPU-only answer")
+def test_unavailable_on_cpu_without_the_interpreter_says_why(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET=1" in plans.get_plan("triton_conv").is_available().reason
+    monkeypatch.setenv("MISHOPS_PLAN", "triton_conv")
+    with pytest.raises(plans.NoPlanError, match="triton_conv"):
+        run_block(torch.randn(1, 4, 8, 8), nn.Conv2d(4, 8, 3))
+
+
+@pytest.mark.parametrize("module_cl,input_cl", [(False, False), (True, False), (False, True)])
+def test_run_block_through_the_plan_in_the_interpreter(monkeypatch, module_cl, input_cl):
+    """Forced through ``mishops.plans``: values, PyTorch's memory format, and gradients from the
+    plan's recompute backward, against the reference module."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("MISHOPS_PLAN", "triton_conv")
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 10, 3, padding=1)
+    x = torch.randn(2, 6, 7, 11)
+    if module_cl:
+        conv = conv.to(memory_format=CL)
+    if input_cl:
+        x = x.contiguous(memory_format=CL)
+    grad = torch.randn(2, 10, 7, 11)
+
+    def grads(fn):
+        inp = x.clone().requires_grad_(True)
+        out = fn(inp)
+        return (out, *torch.autograd.grad(out, [inp, conv.weight, conv.bias], grad))
+
+    ours = grads(lambda t: run_block(t, conv))
+    eager = grads(lambda t: F.mish(F.mish(conv(t))))
+    assert plans.mismatch(ours[0], eager[0].detach()) == ""
+    for a, e in zip(ours[1:], eager[1:]):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
