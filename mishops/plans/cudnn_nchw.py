@@ -41,12 +41,11 @@ def _nhwc_to_nchw_kernel(src, bias, dst, HW, C, hw_tiles, c_tiles, HAS_BIAS: tl.
     hw = (rest % hw_tiles) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     image = (rest // hw_tiles).to(tl.int64) * HW * C  # 64-bit: the whole tensor may pass 2^31
     mask = (hw[:, None] < HW) & (c[None, :] < C)
-    v = tl.load(src + image + hw[:, None] * C + c[None, :], mask=mask)
-    if HAS_BIAS or APPLY_MISH:  # else the bits move untouched
-        v = v.to(tl.float32)
+    v = tl.load(src + image + hw[:, None] * C + c[None, :], mask=mask)  # neither: the bits move untouched
     if HAS_BIAS:
-        v += tl.load(bias + c, mask=c < C).to(tl.float32)[None, :]
+        v = v.to(tl.float32) + tl.load(bias + c, mask=c < C).to(tl.float32)[None, :]
     if APPLY_MISH:
+        v = v.to(tl.float32)
         for _ in tl.static_range(2):
             e = tl.exp2(tl.minimum(v, 20.0) * 1.4426950408889634)  # e^v as 2^(v log2 e)
             n = e * (e + 2.0)
