@@ -6,7 +6,7 @@ GPU: both kernels against float64 (odd shapes, misaligned input, more images tha
 more than 2^31 elements); both plans through ``run_block`` against the float64 block within 2x
 eager's own error; the conv-only cuDNN config surviving a new process; gradients.
 
-Kernel tolerances, per output element: fp32 ``3e-6 |ref|`` (the Triton backend's bound: exp2's
+Kernel tolerances, per output element: fp32 ``4e-6 |ref|`` (the Triton backend's 3e-6: exp2's
 argument rounding plus a few ulp; the bias add adds one rounding of the sum) plus 1e-11 where
 |ref| is tiny; fp16/bf16 one ulp of the output dtype (its rounding, plus the fp32 math's error
 near a rounding boundary), plus 6e-8 for fp16's subnormal spacing and 1e-35 for flushed e^v.
@@ -31,7 +31,7 @@ from tests.reference import special_input
 HAS_GPU = torch.cuda.is_available()
 CL = torch.channels_last
 EPILOGUE_PLANS = ["cudnn_conv_epilogue_cuda", "cudnn_conv_epilogue_triton"]
-RTOL = {torch.float32: 3e-6, torch.float16: 2**-10, torch.bfloat16: 2**-7}
+RTOL = {torch.float32: 4e-6, torch.float16: 2**-10, torch.bfloat16: 2**-7}
 ATOL = {torch.float32: 1e-11, torch.float16: 6e-8, torch.bfloat16: 1e-35}
 
 
