@@ -1,4 +1,4 @@
-// Python entry points of csrc/mish2.cu, for torch.utils.cpp_extension.load.
+// Python entry points of csrc/mish2.cu and csrc/epilogue_nchw.cu, for torch.utils.cpp_extension.load.
 //
 // torch/csrc/utils/pybind.h brings pybind11 with torch's Tensor conversions and nothing else:
 // this file compiles in about 10 s, where torch/extension.h (all of libtorch's C++ API) takes 80.
@@ -8,10 +8,12 @@
 
 #include <torch/csrc/utils/pybind.h>
 
+#include <optional>
 #include <string>
 
 std::string mish2_forward_unchecked(const at::Tensor& x, const at::Tensor& out);
 std::string mish2_backward_unchecked(const at::Tensor& x, const at::Tensor& grad_out, const at::Tensor& grad_in);
+std::string bias_mish2_nhwc_to_nchw_unchecked(const at::Tensor& y, const at::Tensor* bias, const at::Tensor& out);
 
 namespace {
 
@@ -39,6 +41,26 @@ std::string check_like(const at::Tensor& t, const char* name, const at::Tensor& 
   return message;
 }
 
+std::string check_epilogue(const at::Tensor& y, const std::optional<at::Tensor>& bias, const at::Tensor& out) {
+  const std::string what = "bias_mish2_nhwc_to_nchw: ";
+  if (!y.is_cuda()) return what + "y must be a CUDA tensor";
+  const auto dtype = y.scalar_type();
+  if (dtype != at::kFloat && dtype != at::kHalf && dtype != at::kBFloat16) {
+    return what + "y must be float32, float16 or bfloat16";
+  }
+  if (y.dim() != 4 || !y.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return what + "y must be a 4-D channels_last (NHWC) tensor";
+  }
+  if (out.device() != y.device() || out.scalar_type() != dtype || out.sizes() != y.sizes() || !out.is_contiguous()) {
+    return what + "out must be a contiguous (NCHW) tensor with y's shape, dtype and device";
+  }
+  if (bias && (bias->device() != y.device() || bias->scalar_type() != dtype || bias->dim() != 1 ||
+               bias->size(0) != y.size(1) || !bias->is_contiguous())) {
+    return what + "bias must be 1-D and contiguous, one element per channel, with y's dtype and device";
+  }
+  return {};
+}
+
 }  // namespace
 
 // The caller allocates `out` (torch.empty_like of the original tensor, whose flat view this is),
@@ -59,10 +81,20 @@ std::string mish2_backward(const at::Tensor& x, const at::Tensor& grad_out, cons
   return mish2_backward_unchecked(x, grad_out, grad_in);
 }
 
+// The block's epilogue after a conv without bias that wrote NHWC: out (NCHW) = mish(mish(y + bias)).
+std::string bias_mish2_nhwc_to_nchw(const at::Tensor& y, const std::optional<at::Tensor>& bias, const at::Tensor& out) {
+  const auto message = check_epilogue(y, bias, out);
+  if (!message.empty()) return message;
+  return bias_mish2_nhwc_to_nchw_unchecked(y, bias ? &*bias : nullptr, out);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mish2_forward", &mish2_forward, "out = mish(mish(x)); flat 1-D CUDA views of dense storage; returns an error message or ''",
         py::arg("x"), py::arg("out"));
   m.def("mish2_backward", &mish2_backward,
         "grad_in = d/dx mish(mish(x)) * grad_out; returns an error message or ''", py::arg("x"),
         py::arg("grad_out"), py::arg("grad_in"));
+  m.def("bias_mish2_nhwc_to_nchw", &bias_mish2_nhwc_to_nchw,
+        "out (NCHW) = mish(mish(y + bias)) for a channels_last y; bias may be None; returns an error message or ''",
+        py::arg("y"), py::arg("bias"), py::arg("out"));
 }

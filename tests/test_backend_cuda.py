@@ -45,6 +45,7 @@ from tests.reference import SPECIAL_VALUES, mish2_f64, mish2_grad_f64, special_i
 
 REPO = Path(__file__).resolve().parent.parent
 KERNEL = REPO / "csrc" / "mish2.cu"
+EPILOGUE_KERNEL = REPO / "csrc" / "epilogue_nchw.cu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FP32_FORWARD_REL, FP32_BACKWARD_REL = 1e-6, 2e-6
 FTZ_FLOOR = 1e-35
@@ -67,7 +68,8 @@ def test_registered_with_declared_capabilities():
     backend = registry.get("cuda")
     assert isinstance(backend, CudaBackend)
     assert backend.devices == frozenset({"cuda"}) and backend.dtypes == KERNEL_DTYPES and backend.priority == 10
-    assert {Path(p).name for p in backend.source_files} == {"mish2.cu", "mish2_binding.cpp"}
+    assert {Path(p).name for p in backend.source_files} == {"mish2.cu", "epilogue_nchw.cu", "mish2_binding.cpp",
+                                                            "mish.cuh"}
     assert all(Path(p).is_file() for p in backend.source_files)
 
 
@@ -125,11 +127,9 @@ def test_missing_ninja_says_how_to_install_it(monkeypatch, tmp_path):
 # --- the kernel source, compiled for real ---------------------------------------------------------
 
 
-@needs_nvcc
-def test_kernel_compiles_for_sm90_without_spills(tmp_path):
-    """The real file with torch's headers and torch's nvcc defines: every kernel instantiated
-    (3 dtypes x 2 access widths x forward/backward), none spilling, the wide ones moving 16 bytes
-    per access, no IEEE division anywhere. Takes 10-20 s on 2 cores."""
+def _compile_for_sm90(source: Path, tmp_path: Path) -> tuple[str, dict[str, str]]:
+    """``source`` compiled as the build compiles it (torch's headers and nvcc defines), for sm_90:
+    ptxas' report (every kernel's entry asserted spill-free) and the PTX of each kernel by name."""
     from torch.utils import cpp_extension
 
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
@@ -137,7 +137,7 @@ def test_kernel_compiles_for_sm90_without_spills(tmp_path):
     # A CPU-only torch wheel ships c10's CUDA headers without their generated config header.
     missing_config = not (torch_include / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").exists()
     command = [NVCC, "-std=c++17", "-arch=sm_90", "-Xptxas", "-v", "-keep", "--keep-dir", str(tmp_path),
-               "-c", str(KERNEL), "-o", str(tmp_path / "k.o"), *includes, *cpp_extension.COMMON_NVCC_FLAGS,
+               "-c", str(source), "-o", str(tmp_path / "k.o"), *includes, *cpp_extension.COMMON_NVCC_FLAGS,
                *cuda.EXTRA_CUDA_CFLAGS, "--compiler-options", "-fPIC",
                *(["-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE"] if missing_config else [])]
     started = time.perf_counter()
@@ -148,15 +148,24 @@ def test_kernel_compiles_for_sm90_without_spills(tmp_path):
 
     entries = re.findall(r"Compiling entry function '(\w+)' for 'sm_90'", output)
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", output)
-    assert len(entries) == 12, entries
     assert len(spills) == len(entries)
     report = [line for line in output.splitlines() if re.search(r"entry function|spill", line)]
     assert all(stores == "0" and loads == "0" for stores, loads in spills), "\n".join(report)
-    ours = [line for line in output.splitlines() if KERNEL.name in line and re.search(r"warning|error", line)]
+    ours = [line for line in output.splitlines()
+            if re.search(r"(mish2|mish|epilogue_nchw)\.cuh?\b", line) and re.search(r"warning|error", line)]
     assert not ours, "\n".join(ours)
-
-    ptx = (tmp_path / "mish2.ptx").read_text()
+    ptx = (tmp_path / source.with_suffix(".ptx").name).read_text()
     kernels = dict(re.findall(r"\.entry (\w+)\((.*?)\n}", ptx, re.S))
+    assert len(kernels) == len(entries)
+    return output, kernels
+
+
+@needs_nvcc
+def test_kernel_compiles_for_sm90_without_spills(tmp_path):
+    """The real file with torch's headers and torch's nvcc defines: every kernel instantiated
+    (3 dtypes x 2 access widths x forward/backward), none spilling, the wide ones moving 16 bytes
+    per access, no IEEE division anywhere. Takes 10-20 s on 2 cores."""
+    _, kernels = _compile_for_sm90(KERNEL, tmp_path)
     assert len(kernels) == 12
     wide = {name: body for name, body in kernels.items() if re.search(r"fLi4E|Li8E", name)}
     assert len(wide) == 6
@@ -165,6 +174,21 @@ def test_kernel_compiles_for_sm90_without_spills(tmp_path):
     for name, body in kernels.items():
         assert not re.search(r"\bdiv\.(rn|full)", body), name
         assert "rcp.approx.ftz.f32" in body and "ex2.approx.ftz.f32" in body, name
+
+
+@needs_nvcc
+def test_epilogue_kernel_compiles_for_sm90_without_spills(tmp_path):
+    """``csrc/epilogue_nchw.cu``: 3 dtypes x 2 read widths x with/without bias, none spilling, the
+    wide ones reading 16 bytes per access, the same Mish (no IEEE division) as mish2.cu."""
+    _, kernels = _compile_for_sm90(EPILOGUE_KERNEL, tmp_path)
+    assert len(kernels) == 12, list(kernels)
+    wide = {name: body for name, body in kernels.items() if re.search(r"fLi4E|Li8E", name)}
+    assert len(wide) == 6
+    for name, body in wide.items():
+        assert "ld.global.nc.v4" in body, name
+    for name, body in kernels.items():
+        assert not re.search(r"\bdiv\.(rn|full)", body), name
+        assert "rcp.approx.ftz.f32" in body, name
 
 
 @needs_nvcc

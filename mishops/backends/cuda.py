@@ -44,7 +44,11 @@ from mishops.registry import KERNEL_DTYPES, Availability, Backend, csrc_path, re
 log = logging.getLogger("mishops")
 
 MODULE_NAME = "mishops_mish2_cuda"
-SOURCES = (csrc_path("mish2.cu"), csrc_path("mish2_binding.cpp"))
+#: compiled into the one extension: the double-Mish passes, the block's NCHW epilogue
+#: (``mishops.plans.cudnn_epilogue``) and their Python entry points.
+SOURCES = (csrc_path("mish2.cu"), csrc_path("epilogue_nchw.cu"), csrc_path("mish2_binding.cpp"))
+#: included by the sources: hashed with them, never compiled on their own.
+HEADERS = (csrc_path("mish.cuh"),)
 #: beside torch's own flags. No --use_fast_math: the kernel picks its fast intrinsics one by one.
 EXTRA_CUDA_CFLAGS = ("-O3",)
 EXTRA_CFLAGS = ("-O3",)
@@ -64,7 +68,7 @@ class CudaBackend(Backend):
     devices = frozenset({"cuda"})
     dtypes = KERNEL_DTYPES
     priority = 10
-    source_files = SOURCES
+    source_files = SOURCES + HEADERS
 
     def is_available(self) -> Availability:
         if torch.version.cuda is None:
@@ -152,7 +156,7 @@ def nvcc_version(nvcc: Path) -> str:
 
 def sources_digest() -> str:
     h = hashlib.sha256()
-    for path in SOURCES:
+    for path in SOURCES + HEADERS:
         h.update(Path(path).name.encode())
         h.update(Path(path).read_bytes())
     return h.hexdigest()[:16]

@@ -3,8 +3,12 @@
 A backend (``mishops.registry``) computes only the double Mish; a *plan* computes the whole
 block from the input and the conv's parameters, so it may fuse the conv with its epilogue
 (``cudnn_fused``: one cuDNN kernel instead of a conv kernel and a separate pass over its 2 GB
-output; ``cudnn_fused_nchw``: the same, then a transpose, where the output must be NCHW).
-``torch_conv`` (PyTorch's conv, then ``mish2``) runs everywhere and is the reference.
+output; ``cudnn_fused_nchw``: the same, then a transpose, where the output must be NCHW), or fuse
+the epilogue with the layout change where the output must be NCHW (``cudnn_conv_epilogue_cuda``
+and ``cudnn_conv_epilogue_triton``: cuDNN's conv alone to NHWC, then one pass that adds the bias,
+applies both Mish and writes NCHW). ``triton_conv`` is a conv of our own (Triton, implicit GEMM
+on tensor cores) with the bias and both Mish in its epilogue, writing NCHW or channels_last
+directly. ``torch_conv`` (PyTorch's conv, then ``mish2``) runs everywhere and is the reference.
 
 Choosing follows ``mishops.dispatch`` and reuses its pieces: for a key (input and weight
 shapes, strides and dtypes, conv parameters, TF32 and autocast state) every available plan that
@@ -171,7 +175,8 @@ def _format_name(memory_format: torch.memory_format) -> str:
 
 
 def _import_builtin_plans() -> None:
-    from mishops.plans import cudnn_fused, cudnn_nchw, torch_conv, triton_conv  # noqa: F401  (registers the built-ins)
+    from mishops.plans import (  # noqa: F401  (registers them)
+        cudnn_epilogue, cudnn_fused, cudnn_nchw, torch_conv, triton_conv)
 
 
 PLANS = registry.Registry("plan", Plan, _import_builtin_plans, on_change=lambda: _memory.clear())

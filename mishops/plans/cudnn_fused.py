@@ -17,6 +17,11 @@ new process builds only that one (``MISHOPS_CUDNN_CONFIGS=N`` caps the search at
 heuristics' first N configs, to bound the first call's latency). fp32 runs with TF32 like
 PyTorch's own conv; with TF32 off the plan declines (its exact-fp32 engines are slower than the
 unfused block).
+
+The same builder makes the graph of the conv alone (no bias, NHWC output: 2.58 ms at the
+reference shape from an NCHW input) for the ``cudnn_epilogue`` plans, which apply the bias and
+both Mish while transposing to NCHW (``conv_nhwc``); its configs are searched, checked against
+``F.conv2d`` and cached the same way, under ``cudnn_conv|...`` keys.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ import torch
 
 from mishops import dispatch
 from mishops.dispatch import Measurement
-from mishops.plans import ConvSpec, NoPlanError, Plan, mismatch, reference, register_plan, synthetic_inputs
+from mishops.plans import (ConvSpec, NoPlanError, Plan, conv2d, mismatch, reference, register_plan,
+                           synthetic_inputs)
 from mishops.registry import Availability
 
 log = logging.getLogger("mishops")
@@ -76,9 +82,11 @@ def _mish(g, v, clamp, two, tag: str):
     return g.mul(v, t, name=f"{tag}_out")
 
 
-def _build_graph(cudnn, handle, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, spec: ConvSpec):
+def _build_graph(cudnn, handle, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, spec: ConvSpec,
+                 epilogue: bool = True):
     """The block as a cuDNN graph, every tensor declared with the strides it really has;
-    intermediates and arithmetic in fp32. Returns the graph and its named I/O tensors."""
+    intermediates and arithmetic in fp32; without ``epilogue`` the conv alone, no bias (a graph
+    that also has engines only for an NHWC output). Returns the graph and its named I/O tensors."""
     io = {torch.float32: cudnn.data_type.FLOAT, torch.bfloat16: cudnn.data_type.BFLOAT16,
           torch.float16: cudnn.data_type.HALF}[x.dtype]
     f32 = cudnn.data_type.FLOAT
@@ -86,16 +94,17 @@ def _build_graph(cudnn, handle, x: torch.Tensor, weight: torch.Tensor, has_bias:
     ports = {
         "x": g.tensor(name="x", dim=list(x.shape), stride=list(x.stride()), data_type=io),
         "w": g.tensor(name="w", dim=list(weight.shape), stride=list(weight.stride()), data_type=io),
-        "clamp": g.tensor(name="clamp_at", dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=f32),
-        "two": g.tensor(name="two", dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=f32),
     }
-    v = g.conv_fprop(image=ports["x"], weight=ports["w"], padding=list(spec.padding), stride=list(spec.stride),
+    y = g.conv_fprop(image=ports["x"], weight=ports["w"], padding=list(spec.padding), stride=list(spec.stride),
                      dilation=list(spec.dilation), compute_data_type=f32, name="conv")
-    if has_bias:
-        k = weight.shape[0]
-        ports["b"] = g.tensor(name="b", dim=[1, k, 1, 1], stride=[k, 1, k, k], data_type=io)
-        v = g.bias(input=v, bias=ports["b"], name="bias")
-    y = _mish(g, _mish(g, v, ports["clamp"], ports["two"], "mish1"), ports["clamp"], ports["two"], "mish2")
+    if epilogue:
+        ports["clamp"] = g.tensor(name="clamp_at", dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=f32)
+        ports["two"] = g.tensor(name="two", dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=f32)
+        if has_bias:
+            k = weight.shape[0]
+            ports["b"] = g.tensor(name="b", dim=[1, k, 1, 1], stride=[k, 1, k, k], data_type=io)
+            y = g.bias(input=y, bias=ports["b"], name="bias")
+        y = _mish(g, _mish(g, y, ports["clamp"], ports["two"], "mish1"), ports["clamp"], ports["two"], "mish2")
     n, k, p, q = _output_shape(x, weight, spec)
     y.set_output(True).set_data_type(io).set_dim([n, k, p, q]).set_stride([k * p * q, 1, k * q, k])
     ports["y"] = y
@@ -105,7 +114,7 @@ def _build_graph(cudnn, handle, x: torch.Tensor, weight: torch.Tensor, has_bias:
 
 
 @dataclass
-class _Fused:
+class _Engine:
     """A built graph and the engine config (its index in the graph's plan list) that runs it."""
 
     graph: Any
@@ -125,7 +134,7 @@ class CudnnFusedPlan(Plan):
 
     def __init__(self):
         self._lock = threading.RLock()
-        self._fused: dict[tuple, _Fused] = {}
+        self._engines: dict[tuple, _Engine] = {}
         self._handles: dict[int, Any] = {}
         self._constants: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -185,11 +194,20 @@ class CudnnFusedPlan(Plan):
         return f"{super().source_hash()}-{_versions()}"
 
     def forward(self, x, weight, bias, spec: ConvSpec) -> torch.Tensor:
+        return self._run(x, weight, bias, spec, epilogue=True)
+
+    def conv_nhwc(self, x, weight, spec: ConvSpec) -> torch.Tensor:
+        """The conv alone, without bias, written channels_last by cuDNN's graph of just the conv:
+        for plans that apply the epilogue themselves. Its engine configs are searched, checked
+        against ``F.conv2d`` and cached like the fused graph's, under their own key."""
+        return self._run(x, weight, None, spec, epilogue=False)
+
+    def _run(self, x, weight, bias, spec: ConvSpec, epilogue: bool) -> torch.Tensor:
         with torch.cuda.device(x.device):
-            fused = self._fused_for(x, weight, bias, spec)
+            engine = self._engine_for(x, weight, bias, spec, epilogue)
             out = torch.empty(_output_shape(x, weight, spec), dtype=x.dtype, device=x.device,
                               memory_format=torch.channels_last)
-            self._execute(fused, x, weight, bias, out)
+            self._execute(engine, x, weight, bias, out)
             return out
 
     # --- running one config ----------------------------------------------------------------
@@ -209,63 +227,67 @@ class CudnnFusedPlan(Plan):
                 torch.full((1, 1, 1, 1), 2.0, dtype=torch.float32, device=device))
         return found
 
-    def _execute(self, fused: _Fused, x, weight, bias, out) -> None:
-        """Run ``fused`` on PyTorch's current stream, with a workspace from PyTorch's allocator."""
+    def _execute(self, engine: _Engine, x, weight, bias, out) -> None:
+        """Run ``engine`` on PyTorch's current stream, with a workspace from PyTorch's allocator."""
         cudnn = _cudnn()
-        clamp, two = self._constants_for(x.device)
-        ports = fused.ports
-        pack = {ports["x"]: x, ports["w"]: weight, ports["y"]: out, ports["clamp"]: clamp, ports["two"]: two}
-        if bias is not None:
+        ports = engine.ports
+        pack = {ports["x"]: x, ports["w"]: weight, ports["y"]: out}
+        if "clamp" in ports:
+            pack[ports["clamp"]], pack[ports["two"]] = self._constants_for(x.device)
+        if "b" in ports:
             pack[ports["b"]] = bias.view(1, -1, 1, 1)
-        workspace = torch.empty(fused.workspace, dtype=torch.uint8, device=x.device) if fused.workspace else None
+        workspace = torch.empty(engine.workspace, dtype=torch.uint8, device=x.device) if engine.workspace else None
         with self._lock:  # the handle carries one stream at a time
             handle = self._handle(x.device)
             cudnn.set_stream(handle, torch.cuda.current_stream(x.device).cuda_stream)
-            fused.graph.execute_plan_at_index(pack, workspace, fused.index, handle=handle)
+            engine.graph.execute_plan_at_index(pack, workspace, engine.index, handle=handle)
 
     # --- finding the config ----------------------------------------------------------------
 
-    def _fused_for(self, x, weight, bias, spec: ConvSpec) -> _Fused:
-        mkey = (x.device.index, x.dtype, x.shape, x.stride(), weight.shape, weight.stride(), bias is not None, spec)
-        fused = self._fused.get(mkey)
-        if fused is not None:
-            return fused
+    def _engine_for(self, x, weight, bias, spec: ConvSpec, epilogue: bool) -> _Engine:
+        mkey = (x.device.index, x.dtype, x.shape, x.stride(), weight.shape, weight.stride(), bias is not None, spec,
+                epilogue)
+        engine = self._engines.get(mkey)
+        if engine is not None:
+            return engine
         with self._lock:
-            fused = self._fused.get(mkey)
-            if fused is None:
-                fused = self._fused[mkey] = self._find(x, weight, bias, spec)
-            return fused
+            engine = self._engines.get(mkey)
+            if engine is None:
+                engine = self._engines[mkey] = self._find(x, weight, bias, spec, epilogue)
+            return engine
 
-    def _disk_key(self, x, weight, bias, spec: ConvSpec) -> str:
+    def _disk_key(self, x, weight, bias, spec: ConvSpec, epilogue: bool = True) -> str:
         def t(v):
             return f"{tuple(v.shape)}{tuple(v.stride())}"
 
-        return (f"cudnn_fused|{str(x.dtype).removeprefix('torch.')}|x{t(x)}|w{t(weight)}|bias={bias is not None}"
+        graph = "cudnn_fused" if epilogue else "cudnn_conv"
+        return (f"{graph}|{str(x.dtype).removeprefix('torch.')}|x{t(x)}|w{t(weight)}|bias={bias is not None}"
                 f"|stride={spec.stride} padding={spec.padding} dilation={spec.dilation}|{self.source_hash()}")
 
-    def _find(self, x, weight, bias, spec: ConvSpec) -> _Fused:
+    def _find(self, x, weight, bias, spec: ConvSpec, epilogue: bool) -> _Engine:
         """The config the tuning cache names, rebuilt alone; else a full search, then remembered."""
         cudnn = _cudnn()
         handle = self._handle(x.device)
         store = dispatch._disk_cache(dispatch.device_label(x.device))
-        key = self._disk_key(x, weight, bias, spec)
+        key = self._disk_key(x, weight, bias, spec, epilogue)
+        what = "cuDNN fusion" if epilogue else "cuDNN conv"
         saved = store.read().get(key, {}).get("config")
         if saved is not None:
             if not saved.get("name"):
-                raise NoPlanError(f"cuDNN fusion: {saved.get('reason', 'no correct engine config')} (cached)")
+                raise NoPlanError(f"{what}: {saved.get('reason', 'no correct engine config')} (cached)")
             try:
-                return self._rebuild(cudnn, handle, x, weight, bias, spec, saved)
+                return self._rebuild(cudnn, handle, x, weight, bias, spec, epilogue, saved)
             except Exception as exc:
                 log.warning("mishops: cuDNN config %s could not be rebuilt (%s: %s); searching again",
                             saved["name"], type(exc).__name__, exc)
-        fused, identity = self._search(cudnn, handle, x, weight, bias, spec)
+        engine, identity = self._search(cudnn, handle, x, weight, bias, spec, epilogue)
         store.update(key, {"config": identity})
-        if fused is None:
-            raise NoPlanError(f"cuDNN fusion: {identity['reason']}")
-        return fused
+        if engine is None:
+            raise NoPlanError(f"{what}: {identity['reason']}")
+        return engine
 
-    def _rebuild(self, cudnn, handle, x, weight, bias, spec, saved: dict) -> _Fused:
-        graph, ports = _build_graph(cudnn, handle, x, weight, bias is not None, spec)
+    def _rebuild(self, cudnn, handle, x, weight, bias, spec, epilogue: bool, saved: dict) -> _Engine:
+        graph, ports = _build_graph(cudnn, handle, x, weight, bias is not None, spec, epilogue)
         if saved.get("knobs") is not None:
             knobs = {cudnn.knob_type.__members__[name]: value for name, value in saved["knobs"].items()}
             graph.create_execution_plan(int(saved["engine_id"]), knobs)
@@ -280,23 +302,28 @@ class CudnnFusedPlan(Plan):
         name = graph.get_plan_name_at_index(index)
         if name != saved["name"]:
             raise LookupError(f"rebuilt {name}, not {saved['name']}")
-        return _Fused(graph, ports, index, graph.get_workspace_size_plan_at_index(index), name)
+        return _Engine(graph, ports, index, graph.get_workspace_size_plan_at_index(index), name)
 
-    def _search(self, cudnn, handle, x, weight, bias, spec) -> tuple[_Fused | None, dict]:
+    def _search(self, cudnn, handle, x, weight, bias, spec, epilogue: bool) -> tuple[_Engine | None, dict]:
         """Build every config the heuristics offer; check each one's answer; time the correct ones."""
         stats["tunes"] += 1
         x, weight, bias = synthetic_inputs(x, weight, bias)
-        graph, ports = _build_graph(cudnn, handle, x, weight, bias is not None, spec)
+        graph, ports = _build_graph(cudnn, handle, x, weight, bias is not None, spec, epilogue)
         graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
         count = graph.get_execution_plan_count()
         cap = os.environ.get("MISHOPS_CUDNN_CONFIGS")
         count = min(count, int(cap)) if cap else count
-        # The graph writes NHWC whatever layout PyTorch would give (the nchw plan transposes after):
+        # The graph writes NHWC whatever layout PyTorch would give (the nchw plans transpose after):
         # its configs are judged on values, against the reference in the graph's own layout.
-        expected = reference(x, weight, bias, spec).contiguous(memory_format=torch.channels_last)
+        if epilogue:
+            expected = reference(x, weight, bias, spec)
+        else:
+            with torch.no_grad():
+                expected = conv2d(x, weight, None, spec)
+        expected = expected.contiguous(memory_format=torch.channels_last)
         budget_s = float(os.environ.get("MISHOPS_TUNE_BUDGET_MS", dispatch.DEFAULT_BUDGET_MS)) / 1e3
         measured: dict[str, Measurement] = {}
-        found: dict[str, _Fused] = {}
+        found: dict[str, _Engine] = {}
         for index in range(count):
             name = graph.get_plan_name_at_index(index)
             if name in found or name in measured:
@@ -304,34 +331,35 @@ class CudnnFusedPlan(Plan):
             try:
                 graph.build_plan_at_index(index)
                 stats["builds"] += 1
-                fused = _Fused(graph, ports, index, graph.get_workspace_size_plan_at_index(index), name)
+                engine = _Engine(graph, ports, index, graph.get_workspace_size_plan_at_index(index), name)
                 out = torch.empty_like(expected).fill_(float("nan"))
-                self._execute(fused, x, weight, bias, out)
+                self._execute(engine, x, weight, bias, out)
                 wrong = mismatch(out, expected)
                 if wrong:
                     measured[name] = Measurement(False, "", reason=wrong)
                     log.warning("mishops: cuDNN config %s rejected: %s", name, wrong)
                     continue
-                median, spread, _ = dispatch._time(lambda: self._execute(fused, x, weight, bias, out), out,
+                median, spread, _ = dispatch._time(lambda: self._execute(engine, x, weight, bias, out), out,
                                                    budget_s / count)
                 measured[name] = Measurement(True, "", median, spread)
-                found[name] = fused
+                found[name] = engine
             except Exception as exc:  # a config that does not build or run is skipped
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 measured[name] = Measurement(False, "", reason=f"{type(exc).__name__}: {first}")
         order = {name: i for i, name in enumerate(measured)}
         best = dispatch.pick(measured, order)
-        log.info("mishops: cuDNN configs for %s: %s -> %s", self._disk_key(x, weight, bias, spec),
+        log.info("mishops: cuDNN configs for %s: %s -> %s", self._disk_key(x, weight, bias, spec, epilogue),
                  ", ".join(f"{n} {m.median_ms:.3f} ms" if m.ok else f"{n} ({m.reason})" for n, m in measured.items()),
                  best)
         if best is None:
             reasons = "; ".join(f"{n}: {m.reason}" for n, m in measured.items()) or "the heuristics offered none"
-            return None, {"name": None, "reason": f"no engine config computed the block correctly ({reasons})"}
-        fused = found[best]
+            what = "block" if epilogue else "conv"
+            return None, {"name": None, "reason": f"no engine config computed the {what} correctly ({reasons})"}
+        engine = found[best]
         identity = {"name": best, "median_ms": measured[best].median_ms, "configs": count,
                     "engine_id": None, "knobs": None}
         try:
-            engine_id, knobs = graph.get_engine_and_knobs_at_index(fused.index)
+            engine_id, knobs = graph.get_engine_and_knobs_at_index(engine.index)
             identity["engine_id"] = int(engine_id)
             identity["knobs"] = {k.name: int(v) for k, v in dict(knobs).items()}
         except Exception as exc:  # then a new process finds it by name
@@ -340,8 +368,8 @@ class CudnnFusedPlan(Plan):
         # The search graph holds every config it built (and their device resources): keep only the
         # winner, rebuilt alone in a fresh graph exactly as a new process would.
         try:
-            return self._rebuild(cudnn, handle, x, weight, bias, spec, identity), identity
+            return self._rebuild(cudnn, handle, x, weight, bias, spec, epilogue, identity), identity
         except Exception as exc:
             log.warning("mishops: cuDNN config %s could not be rebuilt alone (%s: %s); keeping the search graph",
                         best, type(exc).__name__, exc)
-            return fused, identity
+            return engine, identity

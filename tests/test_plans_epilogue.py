@@ -1,0 +1,394 @@
+"""The NCHW epilogue plans: cuDNN's conv alone to NHWC, then bias + double Mish + NHWC -> NCHW in one pass.
+
+CPU: the Triton kernel in Triton's interpreter on odd shapes and special values, every element
+against float64 with the output poisoned beforehand; availability and applicability of the plans.
+GPU: both kernels against float64 (odd shapes, misaligned input, more images than the grid's z,
+more than 2^31 elements); both plans through ``run_block`` against the float64 block within 2x
+eager's own error; the conv-only cuDNN config surviving a new process; gradients.
+
+Kernel tolerances, per output element: fp32 ``4e-6 |ref|`` (the Triton backend's 3e-6: exp2's
+argument rounding plus a few ulp; the bias add adds one rounding of the sum) plus 1e-11 where
+|ref| is tiny; fp16/bf16 one ulp of the output dtype (its rounding, plus the fp32 math's error
+near a rounding boundary), plus 6e-8 for fp16's subnormal spacing and 1e-35 for flushed e^v.
+"""
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mishops import dispatch, plans
+from mishops.plans import ConvSpec, NoPlanError, run_block
+from tests.reference import special_input
+
+HAS_GPU = torch.cuda.is_available()
+CL = torch.channels_last
+EPILOGUE_PLANS = ["cudnn_conv_epilogue_cuda", "cudnn_conv_epilogue_triton"]
+RTOL = {torch.float32: 4e-6, torch.float16: 2**-10, torch.bfloat16: 2**-7}
+ATOL = {torch.float32: 1e-11, torch.float16: 6e-8, torch.bfloat16: 1e-35}
+
+
+class Model(nn.Module):
+    """The reference block."""
+
+    def __init__(self, cin, cout, k, **conv_args):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, **conv_args)
+
+    def forward(self, x):
+        return F.mish(F.mish(self.conv(x)))
+
+
+@pytest.fixture(autouse=True)
+def isolated_plans(monkeypatch):
+    monkeypatch.setenv("MISHOPS_TUNE_BUDGET_MS", "40")
+    monkeypatch.setenv("MISHOPS_CUDNN_CONFIGS", os.environ.get("MISHOPS_CUDNN_CONFIGS", "6"))
+    plans.clear_memory()
+    yield
+    plans.clear_memory()
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Every ``torch.empty`` comes back full of NaN (integers: -1), so an element a kernel skips fails."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan") if t.is_floating_point() else -1)
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+def _nhwc_input(n, c, h, w, dtype, device, seed):
+    """Random values with NaN, +-inf, large |x| and tiny ones planted, channels_last strides."""
+    return special_input((n, h, w, c), dtype=dtype, device=device, seed=seed).permute(0, 3, 1, 2)
+
+
+def _reference(y, bias):
+    """float64 ``mish(mish(y + bias))`` from the values the kernel read, NCHW."""
+    z = y.double() + (0 if bias is None else bias.double()[:, None, None])
+    return F.mish(F.mish(z)).contiguous()
+
+
+def _assert_every_element_close(out, ref, out_dtype):
+    assert out.is_contiguous() and out.shape == ref.shape and out.dtype == out_dtype
+    got = out.double()
+    assert torch.equal(got.isnan(), ref.isnan()), "NaN positions differ"
+    assert torch.equal(got.isinf() & (got > 0), ref.isinf() & (ref > 0)), "+inf positions differ"
+    assert torch.equal(got.isinf() & (got < 0), ref.isinf() & (ref < 0)), "-inf positions differ"
+    finite = ref.isfinite()
+    err = (got - ref).abs()[finite]
+    bound = (RTOL[out_dtype] * ref.abs() + ATOL[out_dtype])[finite]
+    worst = int((err - bound).argmax()) if err.numel() else 0
+    assert bool((err <= bound).all()), f"max excess at {worst}: got {got[finite][worst]}, want {ref[finite][worst]}"
+
+
+# --- the Triton kernel in the interpreter (CPU) ----------------------------------------------------
+
+CPU_SHAPES = [(2, 5, 1, 13), (2, 70, 1, 13), (2, 5, 12, 25), (2, 70, 12, 25)]  # N, C, H, W: H*W 13 and 300
+#: numpy's word for -inf * 0 = NaN, which is the answer (mish(-inf) is NaN like F.mish's)
+NAN_BY_DESIGN = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+
+@NAN_BY_DESIGN
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_triton_epilogue_in_interpreter(monkeypatch, poisoned_empty, shape, dtype, with_bias):
+    pytest.importorskip("triton")
+    from mishops.plans.cudnn_nchw import nhwc_to_nchw
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    n, c, h, w = shape
+    y = _nhwc_input(n, c, h, w, dtype, "cpu", seed=c * h)
+    bias = (torch.randn(c) * 3).to(dtype) if with_bias else None
+    out = nhwc_to_nchw(y, bias, mish2=True)
+    _assert_every_element_close(out, _reference(y, bias), dtype)
+
+
+@NAN_BY_DESIGN
+def test_triton_epilogue_in_interpreter_converts_dtype(monkeypatch, poisoned_empty):
+    pytest.importorskip("triton")
+    from mishops.plans.cudnn_nchw import nhwc_to_nchw
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    y = _nhwc_input(2, 70, 12, 25, torch.bfloat16, "cpu", seed=1)
+    bias = torch.randn(70)
+    for dtype in (torch.float32, torch.float16):
+        _assert_every_element_close(nhwc_to_nchw(y, bias, mish2=True, dtype=dtype), _reference(y, bias), dtype)
+
+
+def test_triton_transpose_rejects_a_tensor_that_is_not_channels_last(monkeypatch):
+    pytest.importorskip("triton")
+    from mishops.plans.cudnn_nchw import nhwc_to_nchw
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ValueError, match="channels_last"):
+        nhwc_to_nchw(torch.randn(2, 3, 4, 5))
+
+
+# --- the plans off the GPU ---------------------------------------------------------------------
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the CPU-only answer")
+@pytest.mark.parametrize("name", EPILOGUE_PLANS)
+def test_plans_unavailable_on_cpu_with_reason(monkeypatch, name):
+    available = plans.availability(name)
+    assert not available and available.reason
+    assert "cudnn" in available.reason.lower() or "GPU" in available.reason
+    monkeypatch.setenv("MISHOPS_PLAN", name)
+    with pytest.raises(NoPlanError, match=f"{name}.*unavailable"):
+        run_block(torch.randn(1, 3, 5, 5), nn.Conv2d(3, 4, 3))
+
+
+@pytest.mark.parametrize("name", EPILOGUE_PLANS)
+def test_plans_take_nchw_outputs_only(name):
+    plan = plans.get_plan(name)
+    conv, x = nn.Conv2d(4, 6, 3), torch.randn(1, 4, 8, 8)
+    spec = ConvSpec.of(conv)
+    nchw = plan.not_supported_reasons(x, conv.weight, conv.bias, spec)
+    assert not any("would be" in r for r in nchw), nchw  # a candidate, device aside
+    assert all("device type 'cpu'" in r for r in nchw), nchw
+    cl_conv = nn.Conv2d(4, 6, 3).to(memory_format=CL)
+    for inp, weight in [(x, cl_conv.weight), (x.contiguous(memory_format=CL), conv.weight)]:
+        reasons = plan.not_supported_reasons(inp, weight, conv.bias, spec)
+        assert any("would be channels_last" in r and "contiguous only" in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("name", EPILOGUE_PLANS)
+def test_plans_decline_what_cudnn_cannot_run(monkeypatch, name):
+    plan = plans.get_plan(name)
+    x = torch.randn(1, 4, 8, 8)
+    for conv, words in [(nn.Conv2d(4, 4, 3, groups=2), "grouped"),
+                        (nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), "padding"),
+                        (nn.Conv2d(4, 4, 3, padding="same"), "padding")]:
+        reasons = plan.not_supported_reasons(x, conv.weight, conv.bias, ConvSpec.of(conv))
+        assert any(words in r for r in reasons), reasons
+    conv = nn.Conv2d(4, 4, 3)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert any("TF32" in r for r in plan.not_supported_reasons(x, conv.weight, conv.bias, ConvSpec.of(conv)))
+
+
+def test_channels_last_block_never_offers_the_epilogue_plans():
+    model = Model(3, 5, 3).to(memory_format=CL)
+    x = torch.randn(2, 3, 9, 11)
+    with torch.no_grad():
+        torch.testing.assert_close(run_block(x, model.conv), model(x), rtol=0, atol=0)
+    choice = [c for c in dispatch.last_choices() if c.op == "block"][-1]
+    for name in EPILOGUE_PLANS:
+        assert "contiguous only" in choice.rejected[name]
+
+
+# --- GPU: the kernels --------------------------------------------------------------------------
+
+GPU_KERNEL_SHAPES = [(2, 5, 1, 13), (2, 70, 12, 25), (3, 128, 17, 19), (1, 64, 8, 8), (4, 1, 5, 7), (2, 3, 1, 1)]
+
+
+@pytest.fixture(params=["cuda", "triton"])
+def kernel(request):
+    """The epilogue pass of each plan, where its backend's toolchain is there."""
+    from mishops import registry
+    from mishops.plans.cudnn_epilogue import bias_mish2_nhwc_to_nchw
+    from mishops.plans.cudnn_nchw import nhwc_to_nchw
+
+    available = registry.availability(request.param)
+    if not available:
+        pytest.skip(f"{request.param}: {available.reason}")
+    if request.param == "cuda":
+        return bias_mish2_nhwc_to_nchw
+    return lambda y, bias: nhwc_to_nchw(y, bias, mish2=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "offset"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", GPU_KERNEL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gpu_kernel_vs_float64(kernel, poisoned_empty, shape, dtype, with_bias, misaligned):
+    n, c, h, w = shape
+    y = _nhwc_input(n, c, h, w, dtype, "cuda", seed=c * h + w)
+    if misaligned:  # one element into a buffer: the CUDA kernel's narrow loads
+        buffer = torch.zeros(y.numel() + 1, dtype=dtype, device="cuda")
+        buffer[1:].copy_(y.permute(0, 2, 3, 1).reshape(-1))
+        y = buffer[1:].view(n, h, w, c).permute(0, 3, 1, 2)
+    bias = (torch.randn(c, device="cuda") * 3).to(dtype) if with_bias else None
+    out = kernel(y, bias)
+    _assert_every_element_close(out, _reference(y, bias), dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_more_images_than_the_grid_holds(kernel, poisoned_empty):
+    y = _nhwc_input(70000, 3, 1, 2, torch.float32, "cuda", seed=3)
+    bias = torch.randn(3, device="cuda")
+    _assert_every_element_close(kernel(y, bias), _reference(y, bias), torch.float32)
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_past_2_31_elements(kernel):
+    """2.2e9 fp16 elements (4.4 GB each way): 64-bit offsets; first and last images checked."""
+    n, c, h, w = 33, 64, 1024, 1024
+    if torch.cuda.mem_get_info()[0] < 12 * 2**30:
+        pytest.skip("needs 12 GiB of free GPU memory")
+    y = torch.randn(n, h, w, c, device="cuda", dtype=torch.float16).permute(0, 3, 1, 2)
+    y[-1, :, -1, -1] = float("nan")
+    bias = torch.randn(c, device="cuda", dtype=torch.float16)
+    out = kernel(y, bias)
+    for image in (0, n - 1):
+        _assert_every_element_close(out[image:image + 1], _reference(y[image:image + 1], bias), torch.float16)
+    del out, y
+
+
+# --- GPU: the plans ----------------------------------------------------------------------------
+
+GPU_SHAPES = [  # (batch, cin, cout, h, w, kernel, conv args)
+    (2, 64, 128, 32, 32, 3, {}),
+    (3, 5, 7, 9, 41, 3, {}),
+    (2, 16, 24, 17, 13, 5, {"stride": 2, "padding": 1}),
+    (2, 8, 70, 15, 17, 3, {"padding": 1, "bias": False}),
+]
+SETTINGS = ["tf32", "fp32", "bf16-autocast"]
+
+
+def _tf32_round(t: torch.Tensor) -> torch.Tensor:
+    """Round fp32 to TF32's 10-bit mantissa (nearest, ties away), as a TF32 conv sees its operands."""
+    bits = t.float().contiguous().view(torch.int32)
+    return ((bits + 0x1000) & -0x2000).view(torch.float32)
+
+
+def _max_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    diff = (y.double() - ref).abs()
+    return float(diff.nan_to_num(nan=0.0).max()) if diff.numel() else 0.0
+
+
+def _setting(setting):
+    torch.backends.cudnn.allow_tf32 = setting != "fp32"
+    return torch.autocast("cuda", dtype=torch.bfloat16) if setting == "bf16-autocast" else contextlib.nullcontext()
+
+
+def _skip_unavailable(name):
+    available = plans.availability(name)
+    if not available:
+        pytest.skip(f"{name}: {available.reason}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("plan", EPILOGUE_PLANS)
+@pytest.mark.parametrize("setting", SETTINGS)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: f"{s[:6]}{s[6]}")
+def test_gpu_plan_accuracy_vs_float64(monkeypatch, plan, setting, shape):
+    _skip_unavailable(plan)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)
+    monkeypatch.setenv("MISHOPS_PLAN", plan)
+    n, cin, cout, h, w, k, conv_args = shape
+    torch.manual_seed(0)
+    model = Model(cin, cout, k, **conv_args).cuda()
+    x = torch.randn(n, cin, h, w, device="cuda") * 2
+    x.view(-1)[::97] *= 50  # some large |conv| values
+    model64 = Model(cin, cout, k, **conv_args).cuda().double()
+    model64.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        ref = model64(x.double())
+        with _setting(setting):
+            if setting == "fp32":  # TF32 off: cuDNN's graph would not honour it
+                with pytest.raises(NoPlanError, match="TF32"):
+                    run_block(x, model.conv)
+                return
+            try:
+                y = run_block(x, model.conv)
+            except NoPlanError as exc:  # no correct conv config for this setting: declining is right
+                assert "no engine config computed the conv correctly" in str(exc)
+                pytest.skip(str(exc))
+            eager = model(x)
+        floor = 0.0
+        if setting == "tf32":  # what correctly rounded TF32 operands cost, whatever algorithm eager picked
+            model64.conv.weight.copy_(_tf32_round(model.conv.weight).double())
+            floor = _max_err(model64(_tf32_round(x).double()), ref)
+    assert y.dtype == eager.dtype and y.shape == eager.shape and y.is_contiguous()
+    assert torch.equal(y.isnan(), eager.isnan())
+    err, eager_err = _max_err(y, ref), _max_err(eager, ref)
+    assert err <= 2 * max(eager_err, floor) + 1e-6, f"{plan} error {err:.3g}, eager {eager_err:.3g}, tf32 {floor:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("setting", ["tf32", "bf16-autocast"])
+def test_gpu_auto_choice_measures_the_epilogue_plans(monkeypatch, setting):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)
+    model, x = Model(32, 64, 3).cuda(), torch.randn(4, 32, 40, 40, device="cuda")
+    with torch.no_grad(), _setting(setting):
+        y, expected = run_block(x, model.conv), model(x)
+    assert plans.mismatch(y, expected) == ""
+    choice = [c for c in dispatch.last_choices() if c.op == "block"][-1]
+    for name in EPILOGUE_PLANS:
+        if plans.availability(name):
+            assert choice.measurements[name].ok, choice.measurements[name].reason
+
+
+_SUBPROCESS = textwrap.dedent("""
+    import json, torch
+    from torch import nn
+    from mishops.plans import run_block, cudnn_fused
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 32, 3).cuda()
+    x = torch.randn(2, 16, 20, 24, device="cuda")
+    with torch.no_grad():
+        y = run_block(x, conv)
+    assert y.is_contiguous()
+    print(json.dumps({"stats": cudnn_fused.stats, "sum": float(y.double().sum())}))
+""")
+
+
+@pytest.mark.gpu
+def test_gpu_cudnn_conv_config_survives_a_new_process(tmp_path):
+    _skip_unavailable("cudnn_conv_epilogue_triton")
+    env = dict(os.environ, MISHOPS_CACHE_DIR=str(tmp_path / "cache"), MISHOPS_PLAN="cudnn_conv_epilogue_triton",
+               MISHOPS_TUNE_BUDGET_MS="200")
+    env.pop("MISHOPS_CUDNN_CONFIGS")  # the whole search, as users get it
+
+    def run():
+        done = subprocess.run([sys.executable, "-c", _SUBPROCESS], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    first, second = run(), run()
+    assert first["stats"]["tunes"] == 1 and first["stats"]["builds"] >= 1
+    assert second["stats"] == {"tunes": 0, "builds": 1, "rebuilds": 1}, (first, second)
+    assert first["sum"] == second["sum"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("plan", EPILOGUE_PLANS)
+@pytest.mark.parametrize("setting", ["tf32", "bf16-autocast"])
+def test_gpu_gradients_vs_float64(monkeypatch, plan, setting):
+    _skip_unavailable(plan)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)
+    monkeypatch.setenv("MISHOPS_PLAN", plan)
+    torch.manual_seed(0)
+    model = Model(8, 16, 3, padding=1).cuda()
+    model64 = Model(8, 16, 3, padding=1).cuda().double()
+    model64.load_state_dict(model.state_dict())
+    x = torch.randn(2, 8, 15, 17, device="cuda")
+    grad = torch.randn(2, 16, 15, 17, device="cuda")
+
+    def grads(m, inp, fn):
+        inp = inp.clone().requires_grad_(True)
+        with _setting(setting if m is not model64 else "fp32"):
+            out = fn(m, inp)
+        return torch.autograd.grad(out, [inp, m.conv.weight, m.conv.bias], grad.to(out.dtype))
+
+    ref = grads(model64, x.double(), lambda m, t: m(t))
+    torch.backends.cudnn.allow_tf32 = True
+    ours = grads(model, x, lambda m, t: run_block(t, m.conv))
+    eager = grads(model, x, lambda m, t: m(t))
+    for name, a, e, r in zip(["x", "weight", "bias"], ours, eager, ref):
+        assert a.dtype == e.dtype and a.shape == e.shape
+        err, eager_err = _max_err(a, r), _max_err(e, r)
+        assert err <= 2 * eager_err + 1e-5 * float(r.abs().max()), f"d{name}: {err:.3g} vs eager {eager_err:.3g}"
