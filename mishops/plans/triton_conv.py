@@ -68,9 +68,9 @@ def _pad_round_kernel(x, xp, C, H, W, Hp, Wp, Cp, PH, PW, sxn, sxc, sxh, sxw,
         tl.store(dst + wp[:, None] * Cp + c[None, :], v, mask=(wp[:, None] < Wp) & (c[None, :] < Cp))
 
 
-def _conv_kernel(x_desc, w_desc, bias, out, H, W, Hp, Wp, Cout, TAPS_W, DH, DW,
+def _conv_kernel(x_desc, w_desc, out_desc, bias, out, H, W, Hp, Wp, Cout, TAPS_W, DH, DW,
                  TAPS: tl.constexpr, CP: tl.constexpr, HAS_BIAS: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                 BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr,
+                 TMA_STORE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr,
                  NUM_STAGES: tl.constexpr):
     tiles_w = (W + BLOCK_P - 1) // BLOCK_P  # not tl.cdiv: a jit function, which breaks the interpreter once
     # triton was imported with TRITON_INTERPRET unset
@@ -80,28 +80,34 @@ def _conv_kernel(x_desc, w_desc, bias, out, H, W, Hp, Wp, Cout, TAPS_W, DH, DW,
     n = tl.program_id(2)
     row0 = (n * Hp + h) * Wp + w0  # the padded-view row of this tile's first pixel at tap (0, 0)
     blocks = CP // BLOCK_K
-    acc = tl.full((BLOCK_P, BLOCK_CO), 0.0, tl.float32)  # tl.zeros is a jit function too
+    # acc[co, p] = W[co, k] X[p, k]^T: both operands K-major, as TF32 tensor cores need, and the
+    # tile's rows are runs of pixels, which NCHW stores contiguously.
+    acc = tl.full((BLOCK_CO, BLOCK_P), 0.0, tl.float32)  # tl.zeros is a jit function too
     for i in tl.range(0, TAPS * blocks, num_stages=NUM_STAGES):
         tap = i // blocks
         c0 = (i % blocks) * BLOCK_K
         a = x_desc.load([row0 + (tap // TAPS_W) * DH * Wp + (tap % TAPS_W) * DW, c0])
         b = w_desc.load([co0, tap * CP + c0])
-        acc = tl.dot(a, b.T, acc)
+        acc = tl.dot(b, a.T, acc)
 
     p = tl.arange(0, BLOCK_P)
     co = co0 + tl.arange(0, BLOCK_CO)
     if HAS_BIAS:
-        acc += tl.load(bias + co, mask=co < Cout, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias + co, mask=co < Cout, other=0.0).to(tl.float32)[:, None]
     v = acc
     for _ in tl.static_range(2):  # the same Mish as the double-Mish backends
         e = tl.exp2(tl.minimum(v, 20.0) * 1.4426950408889634)  # e^v as 2^(v log2 e)
         m = e * (e + 2.0)
         v = v * (m / (m + 2.0))
-    if CHANNELS_LAST:
-        offsets = ((n.to(tl.int64) * H + h) * W + (w0 + p[:, None])) * Cout + co[None, :]
+    v = v.to(out.dtype.element_ty)
+    if TMA_STORE:  # the descriptor clips the tile at the row's end and the last channel
+        out_desc.store([n, co0, h, w0], tl.reshape(v, (1, BLOCK_CO, 1, BLOCK_P)))
     else:
-        offsets = ((n.to(tl.int64) * Cout + co[None, :]) * H + h) * W + (w0 + p[:, None])
-    tl.store(out + offsets, v.to(out.dtype.element_ty), mask=(co[None, :] < Cout) & (w0 + p[:, None] < W))
+        if CHANNELS_LAST:
+            offsets = ((n.to(tl.int64) * H + h) * W + (w0 + p[None, :])) * Cout + co[:, None]
+        else:
+            offsets = ((n.to(tl.int64) * Cout + co[:, None]) * H + h) * W + (w0 + p[None, :])
+        tl.store(out + offsets, v, mask=(co[:, None] < Cout) & (w0 + p[None, :] < W))
 
 
 def _interpreting() -> bool:
@@ -204,11 +210,15 @@ def conv_mish2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     x_desc = TensorDescriptor(xp, [xp.shape[0] * xp.shape[1] * xp.shape[2], channels], [channels, 1],
                               [cfg.block_p, block_k])
     w_desc = TensorDescriptor(wk, list(wk.shape), [wk.shape[1], 1], [cfg.block_co, block_k])
+    # fp32 NCHW tiles go out through TMA (8% faster on the H100); 16-bit ones were 40% slower that way
+    tma_store = x.dtype == torch.float32 and memory_format == torch.contiguous_format and out_w % 4 == 0
+    out_desc = TensorDescriptor(out, list(out.shape), list(out.stride()), [1, cfg.block_co, 1, cfg.block_p]) \
+        if tma_store else None
     grid = (out_h * -(-out_w // cfg.block_p), -(-cout // cfg.block_co), n)
     _, conv_kernel = _kernels(_interpreting())
-    conv_kernel[grid](x_desc, w_desc, bias if bias is not None else wk, out, out_h, out_w, xp.shape[1],
+    conv_kernel[grid](x_desc, w_desc, out_desc, bias if bias is not None else wk, out, out_h, out_w, xp.shape[1],
                       xp.shape[2], cout, kw, dh, dw, TAPS=kh * kw, CP=channels, HAS_BIAS=bias is not None,
-                      CHANNELS_LAST=memory_format == torch.channels_last, BLOCK_P=cfg.block_p,
+                      CHANNELS_LAST=memory_format == torch.channels_last, TMA_STORE=tma_store, BLOCK_P=cfg.block_p,
                       BLOCK_CO=cfg.block_co, BLOCK_K=block_k, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps)
     return out
 
