@@ -483,11 +483,9 @@ def _grads_wanted(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return wanted if any(wanted) else None
 
 
-def _forward(plan: Plan, x, weight, bias, spec: ConvSpec, training: bool, backend: str = "auto") -> torch.Tensor:
-    """The plan's output, with a backward when ``training``: its own (``torch_conv`` stores the
-    pre-activation) or ``_PlanFunction``'s (the others recompute it)."""
-    if plan.name == "torch_conv":
-        return plan.forward(x, weight, bias, spec, backend)
+def _forward(plan: Plan, x, weight, bias, spec: ConvSpec, training: bool) -> torch.Tensor:
+    """The plan's output, with a backward when ``training``: its own where it is differentiable
+    (``torch_conv`` stores the pre-activation) or ``_PlanFunction``'s (which recomputes it)."""
     if training and not plan.differentiable:
         return _PlanFunction.apply(x, weight, bias, plan, spec)
     return plan.forward(x, weight, bias, spec)
