@@ -1,12 +1,27 @@
-"""Time the whole Conv2d -> Mish -> Mish block: the eager reference, each plan forced, and the automatic choice.
+"""Time the whole Conv2d -> Mish -> Mish block: eager, torch.compile, each plan forced, and the automatic choice.
 
-    python benchmarks/bench_plans.py                      # the reference shape: N64, 64->128, 256x256, k3
-    python benchmarks/bench_plans.py --batch 8 --out benchmarks/results/plans.md
+    python benchmarks/bench_plans.py --out plans.md                       # every case at ref, mid and small
+    python benchmarks/bench_plans.py --shapes ref --cases 1,4,7 --train   # NCHW module in each precision, + training
+    python benchmarks/bench_plans.py --device cpu --shapes 2x3x4x12x12 --no-compile --reps 3   # a CPU smoke run
 
-For every case (module and input memory format, fp32 with TF32 or bf16 autocast) it prints the median
-of CUDA-event timings of whole calls (inputs prepared, outputs allocated by the call), the first call's
-time (a plan's one-time search, e.g. building every cuDNN engine config), and the max |error| of the
-first two images against a float64 reference of the whole block. Standalone: not collected by pytest.
+Shapes (``--shapes``, comma-separated): ``ref`` (N64, 64->128, 256x256, the reference), ``mid`` (N16),
+``small`` (N1), or ``NxCINxCOUTxHxW`` (kernel ``--kernel``). Cases (``--cases``, 1-based, see ``--help``):
+each precision (fp32 with TF32, bf16 autocast, fp16 autocast) with each module layout (NCHW module and
+input; channels_last module with an NCHW input; channels_last module and input).
+
+Every row is whole calls (inputs prepared, outputs allocated by the call): the median of ``--reps`` CUDA-event
+timings (``perf_counter`` on CPU) after the first call and two warm-ups. The first call's time is where one-time
+work shows: a plan's search (building and checking cuDNN engine configs), the double-Mish backends' compile and
+tuning, and for ``torch.compile`` its compile time. Speed-ups are over the eager Model and over
+``torch.compile(Model)`` of the same case. The floor is reading x and writing the output once at the copy
+bandwidth measured in the same run (a ``torch.empty_like(out).copy_(out)`` of the output's size, reported per
+shape): no implementation of the block can beat it, so "% of floor" says how much is left. The error is
+max |y - y64| on the first two images against the float64 block.
+
+``--train`` adds forward + backward rows (an upstream gradient, the conv's weight and bias differentiated, x not):
+eager, each plan forced, and auto, so storing the pre-activation (``torch_conv``, "store") and recomputing it
+(the fused plans, "recompute") can be compared per shape, with the peak memory above the inputs (CUDA) and the
+weight gradient's error relative to its float64 value. Standalone: not collected by pytest.
 """
 
 from __future__ import annotations
@@ -18,6 +33,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,38 +43,101 @@ from mishops import dispatch, plans  # noqa: E402
 from tests.reference import Model  # noqa: E402
 
 CL = torch.channels_last
-CASES = [  # label, module channels_last, input channels_last, autocast dtype
-    ("fp32 TF32, NCHW module, NCHW input", False, False, None),
-    ("fp32 TF32, channels_last module, NCHW input", True, False, None),
-    ("fp32 TF32, channels_last module, channels_last input", True, True, None),
-    ("bf16 autocast, channels_last module, NCHW input", True, False, torch.bfloat16),
-    ("bf16 autocast, NCHW module, NCHW input", False, False, torch.bfloat16),
-]
+NAMED_SHAPES = {"ref": (64, 64, 128, 256, 256), "mid": (16, 64, 128, 256, 256), "small": (1, 64, 128, 256, 256)}
+PRECISIONS = [("fp32 TF32", None), ("bf16 autocast", torch.bfloat16), ("fp16 autocast", torch.float16)]
+LAYOUTS = [("NCHW module, NCHW input", False, False), ("channels_last module, NCHW input", True, False),
+           ("channels_last module, channels_last input", True, True)]
+#: images of the batch whose output is compared with float64.
+ERROR_IMAGES = 2
 
 
-def time_ms(fn, reps: int) -> tuple[float, float]:
-    """(first call in ms, median of ``reps`` later calls in ms)."""
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    first = (time.perf_counter() - t0) * 1e3
-    for _ in range(2):
+@dataclass(frozen=True)
+class Case:
+    label: str
+    module_channels_last: bool
+    input_channels_last: bool
+    autocast: torch.dtype | None
+
+
+@dataclass(frozen=True)
+class Shape:
+    batch: int
+    cin: int
+    cout: int
+    height: int
+    width: int
+    kernel: int
+
+    def __str__(self) -> str:
+        return f"N{self.batch}, {self.cin}->{self.cout}, {self.height}x{self.width}, k{self.kernel}"
+
+
+CASES = [Case(f"{precision}, {layout}", module_cl, input_cl, amp)
+         for precision, amp in PRECISIONS for layout, module_cl, input_cl in LAYOUTS]
+
+
+def parse_shapes(text: str, kernel: int) -> list[Shape]:
+    shapes = []
+    for item in text.split(","):
+        dims = NAMED_SHAPES.get(item) or tuple(int(d) for d in item.split("x"))
+        if len(dims) != 5:
+            raise SystemExit(f"--shapes: {item!r} is neither {sorted(NAMED_SHAPES)} nor NxCINxCOUTxHxW")
+        shapes.append(Shape(*dims, kernel))
+    return shapes
+
+
+class Clock:
+    """Whole-call timings: CUDA events on a GPU, ``perf_counter`` on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def time(self, fn, reps: int) -> tuple[float, float]:
+        """(first call in ms, median of ``reps`` later calls in ms)."""
+        self.sync()
+        t0 = time.perf_counter()
         fn()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return first, statistics.median(s.elapsed_time(e) for s, e in events)
+        self.sync()
+        first = (time.perf_counter() - t0) * 1e3
+        for _ in range(2):
+            fn()
+        if self.device.type != "cuda":
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+            return first, statistics.median(times)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        self.sync()
+        return first, statistics.median(s.elapsed_time(e) for s, e in events)
 
 
-def versions() -> str:
-    memory_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
-    lines = [f"- device: {torch.cuda.get_device_name()} ({memory_gib:.0f} GiB)",
-             f"- torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
-             f"Python {platform.python_version()}"]
+def copy_bandwidth_gbps(clock: Clock, shape: Shape, reps: int) -> float:
+    """Bytes read plus bytes written per second by a copy of the fp32 output's size: the floor's yardstick."""
+    ho, wo = shape.height - shape.kernel + 1, shape.width - shape.kernel + 1
+    out = torch.empty(shape.batch, shape.cout, ho, wo, device=clock.device).normal_()
+    _, ms = clock.time(lambda: torch.empty_like(out).copy_(out), reps)
+    return 2 * out.nbytes / (ms * 1e-3) / 1e9
+
+
+def versions(device: torch.device) -> str:
+    if device.type == "cuda":
+        memory_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+        lines = [f"- device: {torch.cuda.get_device_name(device)} ({memory_gib:.0f} GiB)",
+                 f"- torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
+                 f"Python {platform.python_version()}"]
+    else:
+        lines = [f"- device: CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+                 f"- torch {torch.__version__}, Python {platform.python_version()}"]
     try:
         import cudnn
 
@@ -68,78 +147,206 @@ def versions() -> str:
     return "\n".join(lines)
 
 
-def run_case(label, module_cl, input_cl, amp, args) -> list[str]:
-    torch.manual_seed(0)
-    model = Model(args.cin, args.cout, args.kernel).cuda()
-    model64 = Model(args.cin, args.cout, args.kernel).cuda().double()
-    model64.load_state_dict(model.state_dict())
-    x = torch.rand(args.batch, args.cin, args.size, args.size, device="cuda")
-    if module_cl:
-        model = model.to(memory_format=CL)
-    if input_cl:
-        x = x.contiguous(memory_format=CL)
-    with torch.no_grad():
-        ref = model64(x[:2].double())
-    rows = []
+def output_format(y: torch.Tensor) -> str:
+    layout = "channels_last" if y.is_contiguous(memory_format=CL) and not y.is_contiguous() else "contiguous"
+    return f"{str(y.dtype).removeprefix('torch.')} {layout}"
 
-    def measure(name, fn):
-        try:
-            first, median = time_ms(fn, args.reps)
-            y = fn()
-            err = float((y[:2].double() - ref).abs().max())
-            layout = "channels_last" if y.is_contiguous(memory_format=CL) and not y.is_contiguous() else "contiguous"
-            rows.append(f"| {label} | {name} | {median:.3f} | {first / 1e3:.2f} | {err:.2e} | {str(y.dtype)[6:]} "
-                        f"{layout} |")
-            del y
-        except plans.NoPlanError as exc:
-            rows.append(f"| {label} | {name} | n/a | | | {str(exc).split(': ', 2)[-1][:90]} |")
-        print(rows[-1], flush=True)
 
-    amp_ctx = torch.autocast("cuda", dtype=amp) if amp is not None else contextlib.nullcontext()
-    with torch.no_grad(), amp_ctx:
-        measure("eager Model", lambda: model(x))
-        for name in plans.plans():
-            os.environ["MISHOPS_PLAN"] = name
-            measure(f"plan {name}", lambda: plans.run_block(x, model.conv))
+@contextlib.contextmanager
+def forced_plan(name: str):
+    os.environ["MISHOPS_PLAN"] = name
+    try:
+        yield
+    finally:
         del os.environ["MISHOPS_PLAN"]
+
+
+def why_not(exc: Exception) -> str:
+    """One short line for a row that could not run."""
+    if isinstance(exc, plans.NoPlanError):
+        return str(exc).split(": ", 2)[-1][:110]
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}"[:110]
+
+
+def last_block_choice() -> str:
+    chosen = [c for c in dispatch.last_choices() if c.op == "block"]
+    return f"{chosen[-1].backend} ({chosen[-1].how})" if chosen else "no choice recorded"
+
+
+def label(name) -> str:
+    """A row's name; the automatic choice's is a function, read after the call that made the choice."""
+    return name() if callable(name) else name
+
+
+def plan_kind(name: str) -> str:
+    """How the plan's backward gets the pre-activation."""
+    plan = plans.get_plan(name)
+    return "store" if plan.differentiable or name == "torch_conv" else "recompute"
+
+
+class CaseRun:
+    """One case at one shape: the models, the inputs, the float64 references, and the rows measured."""
+
+    def __init__(self, case: Case, shape: Shape, clock: Clock, args, bandwidth_gbps: float):
+        self.case, self.clock, self.args, self.bandwidth_gbps = case, clock, args, bandwidth_gbps
+        device = clock.device
+        torch.manual_seed(0)
+        self.model = Model(shape.cin, shape.cout, shape.kernel).to(device)
+        self.model64 = Model(shape.cin, shape.cout, shape.kernel).to(device).double()
+        self.model64.load_state_dict(self.model.state_dict())
+        self.x = torch.rand(shape.batch, shape.cin, shape.height, shape.width, device=device)
+        if case.module_channels_last:
+            self.model = self.model.to(memory_format=CL)
+        if case.input_channels_last:
+            self.x = self.x.contiguous(memory_format=CL)
+        with torch.no_grad():
+            self.ref64 = self.model64(self.x[:ERROR_IMAGES].double())
+
+    def autocast(self):
+        if self.case.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.clock.device.type, dtype=self.case.autocast)
+
+    def row(self, *cells) -> str:
+        line = "| " + " | ".join([self.case.label, *map(str, cells)]) + " |"
+        print(line, flush=True)
+        return line
+
+    # --- inference -----------------------------------------------------------------------------
+
+    def inference_rows(self) -> list[str]:
+        rows, baseline = [], {}
+
+        def measure(name, fn, baseline_of=None):
+            try:
+                with torch.no_grad(), self.autocast():
+                    first, ms = self.clock.time(fn, self.args.reps)
+                    y = fn()
+            except Exception as exc:
+                rows.append(self.row(label(name), "n/a", "", "", "", "", "", why_not(exc)))
+                return
+            if baseline_of:
+                baseline[baseline_of] = ms
+            floor_ms = (self.x.nbytes + y.nbytes) / (self.bandwidth_gbps * 1e9) * 1e3
+            error = float((y[:ERROR_IMAGES].double() - self.ref64).abs().max())
+            over = [f"{baseline[k] / ms:.2f}x" if k in baseline else "" for k in ("eager", "compile")]
+            rows.append(self.row(label(name), f"{ms:.3f}", f"{first / 1e3:.2f}", *over,
+                                 f"{100 * floor_ms / ms:.0f}%", f"{error:.2e}", output_format(y)))
+            del y
+
+        measure("eager Model", lambda: self.model(self.x), "eager")
+        if not self.args.no_compile:
+            torch._dynamo.reset()  # the first call's time is this case's compile, not a recompile
+            compiled = torch.compile(self.model)
+            measure("torch.compile(Model)", lambda: compiled(self.x), "compile")
+        for name in plans.plans():
+            with forced_plan(name):
+                measure(f"plan {name}", lambda: plans.run_block(self.x, self.model.conv))
         plans.clear_memory()
-        measure("run_block auto", lambda: plans.run_block(x, model.conv))
-        chosen = [c for c in dispatch.last_choices() if c.op == "block"][-1]
-        rows.append(f"| {label} | auto chose **{chosen.backend}** ({chosen.how}) | | | | |")
-        print(rows[-1], flush=True)
-    return rows
+        measure(lambda: f"run_block auto: {last_block_choice()}", lambda: plans.run_block(self.x, self.model.conv))
+        return rows
+
+    # --- training ------------------------------------------------------------------------------
+
+    def training_rows(self) -> list[str]:
+        params = [self.model.conv.weight, self.model.conv.bias]
+        with torch.no_grad(), self.autocast():
+            grad = torch.randn_like(self.model(self.x))
+        try:  # the whole batch in float64: the weight gradient sums over all of it
+            (dw64,) = torch.autograd.grad(self.model64(self.x.double()), [self.model64.conv.weight], grad.double())
+        except torch.OutOfMemoryError:
+            dw64 = None
+        rows, baseline = [], {}
+
+        def step(forward):
+            with self.autocast():
+                y = forward()
+            return torch.autograd.grad(y, params, grad)
+
+        def measure(name, forward, baseline_of=None):
+            try:
+                baseline_bytes = self.memory_allocated()
+                self.reset_peak()
+                first, ms = self.clock.time(lambda: step(forward), self.args.reps)
+                peak = self.peak_memory() - baseline_bytes
+                dw, _ = step(forward)
+            except Exception as exc:
+                rows.append(self.row(label(name), "n/a", "", "", "", "", why_not(exc)))
+                return
+            if baseline_of:
+                baseline[baseline_of] = ms
+            error = "n/a" if dw64 is None else f"{float((dw.double() - dw64).abs().max() / dw64.abs().max()):.2e}"
+            peak_cell = f"{peak / 2**20:.0f}" if self.clock.device.type == "cuda" else ""
+            over_eager = f"{baseline['eager'] / ms:.2f}x" if "eager" in baseline else ""
+            rows.append(self.row(label(name), f"{ms:.3f}", f"{first / 1e3:.2f}", over_eager, peak_cell, error, ""))
+
+        measure("eager Model", lambda: self.model(self.x), "eager")
+        for name in plans.plans():
+            with forced_plan(name):
+                measure(f"plan {name} ({plan_kind(name)})", lambda: plans.run_block(self.x, self.model.conv))
+        plans.clear_memory()
+        measure(lambda: f"run_block auto: {last_block_choice()}", lambda: plans.run_block(self.x, self.model.conv))
+        return rows
+
+    def memory_allocated(self) -> int:
+        return torch.cuda.memory_allocated(self.clock.device) if self.clock.device.type == "cuda" else 0
+
+    def reset_peak(self) -> None:
+        if self.clock.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.clock.device)
+
+    def peak_memory(self) -> int:
+        return torch.cuda.max_memory_allocated(self.clock.device) if self.clock.device.type == "cuda" else 0
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--cin", type=int, default=64)
-    parser.add_argument("--cout", type=int, default=128)
-    parser.add_argument("--size", type=int, default=256)
+INFERENCE_HEADER = ["| case | what | ms | first call s | vs eager | vs compile | % of floor | error | output |",
+                    "|---|---|---|---|---|---|---|---|---|"]
+TRAINING_HEADER = ["| case | what | fwd+bwd ms | first call s | vs eager | peak MiB | dW rel. error | note |",
+                   "|---|---|---|---|---|---|---|---|"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="cases:\n" + "\n".join(f"  {i}: {c.label}" for i, c in enumerate(CASES, 1)))
+    parser.add_argument("--shapes", default="ref,mid,small", help="comma-separated: ref, mid, small or NxCINxCOUTxHxW")
     parser.add_argument("--kernel", type=int, default=3)
-    parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--cases", default="all", help="comma-separated case numbers (1-based) or 'all'")
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--train", action="store_true", help="also time forward + backward")
+    parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile(Model)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-cudnn-benchmark", action="store_true", help="leave torch.backends.cudnn.benchmark off")
     parser.add_argument("--out", help="also write the markdown here")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
-        return 2
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    clock = Clock(device)
     torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     torch.backends.cudnn.allow_tf32 = True
     picked = CASES if args.cases == "all" else [CASES[int(i) - 1] for i in args.cases.split(",")]
-    header = [f"Block N{args.batch}, {args.cin}->{args.cout}, {args.size}x{args.size}, k{args.kernel}; "
-              f"cudnn.benchmark={torch.backends.cudnn.benchmark}; median of {args.reps} calls; error: max |y - y64| "
-              "on the first 2 images", "", versions(), "",
-              "| case | what | ms | first call s | error | output |", "|---|---|---|---|---|---|"]
-    print("\n".join(header), flush=True)
-    rows = []
-    for case in picked:
-        rows += run_case(*case, args)
-        torch.cuda.empty_cache()
+    lines = [f"cudnn.benchmark={torch.backends.cudnn.benchmark}; median of {args.reps} calls "
+             f"({'CUDA events' if device.type == 'cuda' else 'perf_counter'}); error: max |y - y64| on the first "
+             f"{ERROR_IMAGES} images; floor: x read + output written once at the copy bandwidth", "", versions(device)]
+    print("\n".join(lines), flush=True)
+    for shape in parse_shapes(args.shapes, args.kernel):
+        bandwidth = copy_bandwidth_gbps(clock, shape, args.reps)
+        section = ["", f"## {shape}: copy bandwidth {bandwidth:.0f} GB/s", "", *INFERENCE_HEADER]
+        print("\n".join(section), flush=True)
+        training = ["", f"### {shape}: training step", "", *TRAINING_HEADER]
+        for case in picked:
+            run = CaseRun(case, shape, clock, args, bandwidth)
+            section += run.inference_rows()
+            if args.train:
+                if len(training) == 4:
+                    print("\n".join(training), flush=True)
+                training += run.training_rows()
+            del run
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        lines += section + (training if args.train else [])
     if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(header + rows) + "\n")
+        Path(args.out).write_text("\n".join(lines) + "\n")
     return 0
 
 

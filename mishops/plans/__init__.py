@@ -18,11 +18,19 @@ with the eager double Mish on random inputs of the same shapes and strides, then
 plan can never win. Measurements go to the same disk cache as the backends' under ``block|...``
 keys.
 
+A call that trains (grad mode on and x, the weight or the bias requiring grad) has keys of its own,
+ending in ``|train=`` and the inputs it differentiates (``|train=w,b``); inference keys are unchanged.
+There every candidate is checked and timed as a forward and a backward with a fixed random upstream
+gradient, and its gradients are checked against autograd through the reference: ``torch_conv``
+stores the pre-activation (the conv output, saved by ``mishops::mish2``), the fused plans recompute
+it in ``_PlanFunction``'s backward, and which is faster at a shape is measured, not assumed. A
+plan whose backward is wrong cannot be chosen for training, even where it wins inference.
+
 Environment (read at call time): ``MISHOPS_PLAN`` forces a plan (and wins over the next two);
 ``MISHOPS_BACKEND`` (like a named ``backend`` argument) forces the double-Mish backend, which
 means ``torch_conv`` with that backend; ``MISHOPS_AUTOTUNE=0`` takes the first plan in
-preference order that passes the check, without timing; ``MISHOPS_TUNE_BUDGET_MS`` bounds the
-timing per key.
+preference order that passes the check (its gradients' too, for a training key), without timing;
+``MISHOPS_TUNE_BUDGET_MS`` bounds the timing per key. A forced plan is used for training as it is.
 
 Plans that are not differentiable themselves (``differentiable = False``) still train: their
 forward runs inside an autograd function whose backward recomputes the conv and applies the
@@ -217,6 +225,25 @@ def mismatch(result: torch.Tensor, expected: torch.Tensor) -> str:
     return dispatch.wrong_answer(result, expected, TOLERANCE)
 
 
+def reference_gradients(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec,
+                        grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The gradients every plan's are checked against: autograd through ``reference``'s block (the
+    conv's own backward, the eager double Mish's), for the inputs that require them."""
+    with torch.enable_grad():
+        y = mish2(conv2d(x, weight, bias, spec), "eager")
+        return torch.autograd.grad(y, _differentiated(x, weight, bias), grad)
+
+
+def gradient_mismatch(result: torch.Tensor, expected: torch.Tensor) -> str:
+    """Why ``result`` is not an acceptable gradient (empty when it is): ``TOLERANCE`` relative to the
+    largest element of ``expected``. Each element of the weight's and the bias's gradient sums over
+    the batch and the image, so its rounding error grows with them and a fixed atol would reject a
+    right backward at the reference shape; a wrong formula is off by the gradients' own size."""
+    scale = max(1.0, float(expected.abs().nan_to_num(0.0).max())) if expected.numel() else 1.0
+    wrong = dispatch.wrong_answer(result / scale, expected / scale, TOLERANCE)
+    return f"{wrong}, relative to the largest element {scale:.3g}" if wrong.startswith("wrong answer") else wrong
+
+
 # --- choosing ----------------------------------------------------------------------------------
 
 _memory: dict[tuple, Choice] = {}
@@ -235,7 +262,8 @@ def _flags() -> tuple:
             torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled())
 
 
-def _key_string(x, weight, bias, spec: ConvSpec, autocast: torch.dtype | None, flags: tuple) -> str:
+def _key_string(x, weight, bias, spec: ConvSpec, autocast: torch.dtype | None, flags: tuple,
+                grads_of: tuple[bool, ...] | None = None) -> str:
     def t(name, v):
         return f"{name}={str(v.dtype).removeprefix('torch.')}{tuple(v.shape)}{tuple(v.stride())}"
 
@@ -244,8 +272,9 @@ def _key_string(x, weight, bias, spec: ConvSpec, autocast: torch.dtype | None, f
     bias_s = t("b", bias) if bias is not None else "b=None"
     amp = str(autocast).removeprefix("torch.") if autocast is not None else "off"
     tf32, enabled, cudnn_det, det = flags
+    train = "" if grads_of is None else "|train=" + ",".join(n for n, g in zip("xwb", grads_of) if g)
     return (f"block|{t('x', x)}|{t('w', weight)}|{bias_s}|{conv}|tf32={int(tf32)}|cudnn={int(enabled)}"
-            f"|deterministic={int(cudnn_det or det)}|autocast={amp}")
+            f"|deterministic={int(cudnn_det or det)}|autocast={amp}{train}")
 
 
 def _reasons(plan: Plan, x, weight, bias, spec) -> list[str]:
@@ -270,55 +299,89 @@ def _forced(name: str, x, weight, bias, spec) -> Plan:
     return plan
 
 
-def _profile(candidates: list[Plan], x, weight, bias, spec, budget_s: float) -> dict[str, Measurement]:
-    """Check, then time, each candidate against the reference on synthetic inputs like the caller's."""
-    x, weight, bias = synthetic_inputs(x, weight, bias)
-    expected = reference(x, weight, bias, spec)
+class _Trial:
+    """What every candidate for a key runs on and is judged by: synthetic inputs like the caller's
+    and the reference answer; for a training key also a fixed random upstream gradient and the
+    reference gradients, so a candidate is run, checked and timed as a forward and a backward
+    (``_forward_backward``) -- storing the pre-activation (``torch_conv``) against recomputing
+    it (``_PlanFunction``) is then settled by the clock, per shape."""
+
+    def __init__(self, x, weight, bias, spec: ConvSpec, grads_of: tuple[bool, ...] | None):
+        self.x, self.weight, self.bias = synthetic_inputs(x, weight, bias)
+        self.spec = spec
+        self.expected = reference(self.x, self.weight, self.bias, spec)
+        self.training = grads_of is not None
+        if self.training:
+            for t, wanted in zip((self.x, self.weight, self.bias), grads_of):
+                if t is not None:
+                    t.requires_grad_(wanted)
+            self.grad = torch.empty_like(self.expected).normal_()
+            self.expected_grads = reference_gradients(self.x, self.weight, self.bias, spec, self.grad)
+
+    def run(self, plan: Plan):
+        """The plan's output; for a training key, its output and gradients."""
+        if self.training:
+            return _forward_backward(plan, self.x, self.weight, self.bias, self.spec, self.grad)
+        with torch.no_grad():
+            return plan.forward(self.x, self.weight, self.bias, self.spec)
+
+    def wrong(self, outcome) -> str:
+        """Why ``outcome`` (what ``run`` returned) is not acceptable; empty when it is."""
+        if not self.training:
+            return mismatch(outcome, self.expected)
+        y, *grads = outcome
+        wrong = mismatch(y, self.expected)
+        names = [n for n, t in zip(("dx", "dweight", "dbias"), (self.x, self.weight, self.bias))
+                 if t is not None and t.requires_grad]
+        for name, got, want in zip(names, grads, self.expected_grads):
+            wrong = wrong or (f"{name}: {why}" if (why := gradient_mismatch(got, want)) else "")
+        return wrong
+
+
+def _profile(candidates: list[Plan], trial: _Trial, budget_s: float) -> dict[str, Measurement]:
+    """Check, then time, each candidate against the reference on the trial's synthetic inputs."""
     share = budget_s / max(len(candidates), 1)
     results: dict[str, Measurement] = {}
-    with torch.no_grad():
-        for plan in candidates:
-            h = plan.source_hash()
-            try:
-                for _ in range(2):  # the first call may build, compile or tune
-                    out = plan.forward(x, weight, bias, spec)
-                wrong = mismatch(out, expected)
-                del out
-                if wrong:
-                    results[plan.name] = Measurement(False, h, reason=wrong)
-                    log.warning("mishops: plan %r rejected for %s: %s", plan.name, _describe(x, weight), wrong)
-                    continue
-                median, spread, reps = dispatch._time(lambda: plan.forward(x, weight, bias, spec), expected, share)
-                stats["timed_runs"] += reps
-                results[plan.name] = Measurement(True, h, median, spread)
-            except torch.OutOfMemoryError as exc:  # says nothing about the plan: not remembered on disk
-                results[plan.name] = Measurement(False, "", reason=f"out of memory: {str(exc).splitlines()[0]}")
-            except Exception as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                results[plan.name] = Measurement(False, h, reason=f"raised {type(exc).__name__}: {first}")
-                log.warning("mishops: plan %r failed for %s: %s", plan.name, _describe(x, weight),
-                            results[plan.name].reason)
+    for plan in candidates:
+        h = plan.source_hash()
+        try:
+            for _ in range(2):  # the first call may build, compile or tune
+                outcome = trial.run(plan)
+            wrong = trial.wrong(outcome)
+            del outcome
+            if wrong:
+                results[plan.name] = Measurement(False, h, reason=wrong)
+                log.warning("mishops: plan %r rejected for %s: %s", plan.name, _describe(trial.x, trial.weight), wrong)
+                continue
+            median, spread, reps = dispatch._time(lambda: trial.run(plan), trial.expected, share)
+            stats["timed_runs"] += reps
+            results[plan.name] = Measurement(True, h, median, spread)
+        except torch.OutOfMemoryError as exc:  # says nothing about the plan: not remembered on disk
+            results[plan.name] = Measurement(False, "", reason=f"out of memory: {str(exc).splitlines()[0]}")
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            results[plan.name] = Measurement(False, h, reason=f"raised {type(exc).__name__}: {first}")
+            log.warning("mishops: plan %r failed for %s: %s", plan.name, _describe(trial.x, trial.weight),
+                        results[plan.name].reason)
     return results
 
 
-def _first_correct(candidates: list[Plan], x, weight, bias, spec) -> tuple[str, dict[str, Measurement]]:
-    """Without timing: the first plan in preference order whose answer passes the check."""
-    x, weight, bias = synthetic_inputs(x, weight, bias)
-    expected = reference(x, weight, bias, spec)
+def _first_correct(candidates: list[Plan], trial: _Trial) -> tuple[str, dict[str, Measurement]]:
+    """Without timing: the first plan in preference order whose answer (and, for a training key,
+    whose gradients) pass the check."""
     checked = {}
-    with torch.no_grad():
-        for plan in candidates:
-            try:
-                wrong = mismatch(plan.forward(x, weight, bias, spec), expected)
-            except Exception as exc:
-                wrong = f"raised {type(exc).__name__}: {exc}"
-            checked[plan.name] = Measurement(not wrong, plan.source_hash(), reason=wrong)
-            if not wrong:
-                return plan.name, checked
+    for plan in candidates:
+        try:
+            wrong = trial.wrong(trial.run(plan))
+        except Exception as exc:
+            wrong = f"raised {type(exc).__name__}: {exc}"
+        checked[plan.name] = Measurement(not wrong, plan.source_hash(), reason=wrong)
+        if not wrong:
+            return plan.name, checked
     return "torch_conv", checked
 
 
-def _choose(key: str, x, weight, bias, spec) -> Choice:
+def _choose(key: str, x, weight, bias, spec, grads_of: tuple[bool, ...] | None) -> Choice:
     dispatch._apply_log_env()
     usable, rejected = [], {}
     for name, plan in plans().items():
@@ -335,7 +398,7 @@ def _choose(key: str, x, weight, bias, spec) -> Choice:
         return Choice("block", key, preferred, "preference", rejected=rejected)
     started = time.perf_counter()
     if os.environ.get("MISHOPS_AUTOTUNE", "1") == "0":
-        winner, checked = _first_correct(usable, x, weight, bias, spec)
+        winner, checked = _first_correct(usable, _Trial(x, weight, bias, spec, grads_of))
         return Choice("block", key, winner, "preference", checked, rejected, time.perf_counter() - started)
 
     label = dispatch.device_label(x.device)
@@ -345,7 +408,7 @@ def _choose(key: str, x, weight, bias, spec) -> Choice:
     fresh = {}
     if missing:
         budget_s = float(os.environ.get("MISHOPS_TUNE_BUDGET_MS", dispatch.DEFAULT_BUDGET_MS)) / 1e3
-        fresh = _profile(missing, x, weight, bias, spec, budget_s)
+        fresh = _profile(missing, _Trial(x, weight, bias, spec, grads_of), budget_s)
         stats["profiled_keys"] += 1
     measured.update(fresh)
     writer = True
@@ -360,20 +423,24 @@ def _choose(key: str, x, weight, bias, spec) -> Choice:
                   time.perf_counter() - started)
 
 
-def choose(x, weight, bias, spec: ConvSpec, autocast: torch.dtype | None = None) -> Plan:
-    """The plan for this block input: ``MISHOPS_PLAN``'s, or the fastest correct one."""
+def choose(x, weight, bias, spec: ConvSpec, autocast: torch.dtype | None = None,
+           grads_of: tuple[bool, ...] | None = None) -> Plan:
+    """The plan for this block input: ``MISHOPS_PLAN``'s, or the fastest correct one -- for
+    ``grads_of`` (which of x, weight, bias the call differentiates; None: inference) the fastest
+    forward and backward with correct gradients."""
     forced = os.environ.get("MISHOPS_PLAN")
     if forced:
         return _forced(forced, x, weight, bias, spec)
     flags = _flags()
     mkey = (x.device, x.dtype, x.shape, x.stride(), weight.dtype, weight.shape, weight.stride(),
-            None if bias is None else (bias.dtype, bias.stride()), spec, autocast, flags)
+            None if bias is None else (bias.dtype, bias.stride()), spec, autocast, flags, grads_of)
     choice = _memory.get(mkey)
     if choice is None:
         with _lock:  # one thread profiles a cold key; the others wait and reuse its choice
             choice = _memory.get(mkey)
             if choice is None:
-                choice = _choose(_key_string(x, weight, bias, spec, autocast, flags), x, weight, bias, spec)
+                key = _key_string(x, weight, bias, spec, autocast, flags, grads_of)
+                choice = _choose(key, x, weight, bias, spec, grads_of)
                 _memory[mkey] = choice
                 with dispatch._lock:
                     dispatch._history.append(choice)
@@ -406,6 +473,35 @@ class _PlanFunction(torch.autograd.Function):
             grad_z, x, weight, None if bias is None else list(bias.shape), list(spec.stride), list(spec.padding),
             list(spec.dilation), False, [0] * len(spec.stride), spec.groups, mask)
         return dx, dw, db, None, None
+
+
+def _differentiated(*tensors: torch.Tensor | None) -> list[torch.Tensor]:
+    return [t for t in tensors if t is not None and t.requires_grad]
+
+
+def _grads_wanted(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[bool, ...] | None:
+    """Which of x, weight, bias this call differentiates, or None when it trains nothing: a
+    training call is chosen for, and timed as, a forward and a backward."""
+    if not torch.is_grad_enabled():
+        return None
+    wanted = tuple(t is not None and t.requires_grad for t in (x, weight, bias))
+    return wanted if any(wanted) else None
+
+
+def _forward(plan: Plan, x, weight, bias, spec: ConvSpec, training: bool) -> torch.Tensor:
+    """The plan's output, with a backward when ``training``: its own where it is differentiable
+    (``torch_conv`` stores the pre-activation) or ``_PlanFunction``'s (which recomputes it)."""
+    if training and not plan.differentiable:
+        return _PlanFunction.apply(x, weight, bias, plan, spec)
+    return plan.forward(x, weight, bias, spec)
+
+
+def _forward_backward(plan: Plan, x, weight, bias, spec: ConvSpec, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One training step of the block by ``plan``: the output, then the gradients of the inputs
+    that require them for the upstream gradient ``grad``."""
+    with torch.enable_grad():
+        y = _forward(plan, x, weight, bias, spec, training=True)
+        return (y.detach(), *torch.autograd.grad(y, _differentiated(x, weight, bias), grad))
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -448,16 +544,13 @@ def run_block(x: torch.Tensor, conv: torch.nn.Conv2d, backend: str = "auto") -> 
             if not os.environ.get("MISHOPS_PLAN"):
                 return mish2(conv2d(x, weight, bias, spec), backend)
         explicit = bool(os.environ.get("MISHOPS_PLAN"))
+        grads_of = _grads_wanted(x, weight, bias)
         while True:
-            plan = choose(x, weight, bias, spec, amp)
+            plan = choose(x, weight, bias, spec, amp, grads_of)
             if plan.name == "torch_conv":
                 return plan.forward(x, weight, bias, spec, backend)
             try:
-                needs_grad = torch.is_grad_enabled() and any(
-                    t is not None and t.requires_grad for t in (x, weight, bias))
-                if needs_grad and not plan.differentiable:
-                    return _PlanFunction.apply(x, weight, bias, plan, spec)
-                return plan.forward(x, weight, bias, spec)
+                return _forward(plan, x, weight, bias, spec, grads_of is not None)
             except Exception as exc:
                 if explicit:
                     raise
@@ -465,5 +558,5 @@ def run_block(x: torch.Tensor, conv: torch.nn.Conv2d, backend: str = "auto") -> 
 
 
 __all__ = ["ConvSpec", "NoPlanError", "Plan", "TOLERANCE", "choose", "clear_memory", "conv2d",
-           "expected_memory_format", "get_plan", "mismatch", "plans", "reference", "register_plan",
-           "run_block", "synthetic_inputs", "unregister_plan"]
+           "expected_memory_format", "get_plan", "gradient_mismatch", "mismatch", "plans", "reference",
+           "reference_gradients", "register_plan", "run_block", "synthetic_inputs", "unregister_plan"]
