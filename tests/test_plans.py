@@ -386,7 +386,8 @@ def test_a_plan_that_raises_is_replaced_and_remembered(monkeypatch):
 
 
 @pytest.mark.parametrize("plan", ["torch_conv", "test_fast"])
-@pytest.mark.parametrize("shape", CPU_SHAPES[:3], ids=lambda s: f"{s[:6]}{s[6]}")
+@pytest.mark.parametrize("shape", CPU_SHAPES + [(2, 3, 4, 8, 10, 3, {"padding": "same", "dilation": 2})],
+                         ids=lambda s: f"{s[:6]}{s[6]}")
 @pytest.mark.parametrize("input_grad", [True, False])
 def test_gradients_equal_reference_model(monkeypatch, plan, shape, input_grad):
     _register(_TestPlan)

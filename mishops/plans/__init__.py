@@ -453,7 +453,8 @@ def choose(x, weight, bias, spec: ConvSpec, autocast: torch.dtype | None = None,
 
 class _PlanFunction(torch.autograd.Function):
     """Forward: the plan. Backward: recompute the conv, the dispatcher's fused double-Mish
-    backward, then PyTorch's convolution backward -- the gradients autograd would give."""
+    backward, then autograd through that conv -- the gradients autograd would give, for every
+    padding (``"same"``, reflect, ...) ``nn.Conv2d`` accepts."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, plan: Plan, spec: ConvSpec):
@@ -465,14 +466,14 @@ class _PlanFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, weight, bias = ctx.saved_tensors
-        spec = ctx.spec
-        z = conv2d(x, weight, bias, spec)
-        grad_z = dispatch.run("backward", z, grad)  # copies grad to z's strides when they differ
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
-        dx, dw, db = torch.ops.aten.convolution_backward(
-            grad_z, x, weight, None if bias is None else list(bias.shape), list(spec.stride), list(spec.padding),
-            list(spec.dilation), False, [0] * len(spec.stride), spec.groups, mask)
-        return dx, dw, db, None, None
+        wanted = [t is not None and need for t, need in zip((x, weight, bias), ctx.needs_input_grad[:3])]
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_(w) if t is not None else None for t, w in zip((x, weight, bias), wanted)]
+            z = conv2d(*inputs, ctx.spec)
+            grad_z = dispatch.run("backward", z.detach(), grad)  # copies grad to z's strides when they differ
+            leaves = [t for t, w in zip(inputs, wanted) if w]
+            found = iter(torch.autograd.grad(z, leaves, grad_z)) if leaves else iter(())
+        return (*(next(found) if w else None for w in wanted), None, None)
 
 
 def _differentiated(*tensors: torch.Tensor | None) -> list[torch.Tensor]:
