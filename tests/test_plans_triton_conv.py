@@ -209,3 +209,44 @@ def test_run_block_through_the_plan_in_the_interpreter(monkeypatch, module_cl, i
     assert plans.mismatch(ours[0], eager[0].detach()) == ""
     for a, e in zip(ours[1:], eager[1:]):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "channels_last"])
+def test_a_wider_input_is_cast_by_the_input_pass(device, fmt):
+    """Autocast's cast of x, done while padding: the same bits as casting first."""
+    x, w, b = _inputs(SHAPES[4], torch.float32, device)
+    w16, b16 = w.half(), b.half()
+    x = x.contiguous(memory_format=fmt)
+    fused = tc.conv_mish2(x, w16, b16, (1, 1), (1, 1), fmt)
+    cast_first = tc.conv_mish2(x.half(), w16, b16, (1, 1), (1, 1), fmt)
+    assert fused.dtype == torch.float16 and fused.is_contiguous(memory_format=fmt)
+    assert torch.equal(fused.view(torch.int16), cast_first.view(torch.int16))
+
+
+def test_under_autocast_run_block_never_casts_the_input_separately(monkeypatch):
+    """The plan takes the fp32 input itself (``casts_input``); values, dtype and gradients
+    (dx in fp32, as autocast gives) match eager autocast."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("MISHOPS_PLAN", "triton_conv")
+    casts = []
+    real_cast = plans._PendingCast.cast
+    monkeypatch.setattr(plans._PendingCast, "cast", lambda self: casts.append(1) or real_cast(self))
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 10, 3, padding=1)
+    x = torch.randn(2, 6, 7, 12, requires_grad=True)
+    grad = torch.randn(2, 10, 7, 12)
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = run_block(x, conv)
+        expected = F.mish(F.mish(conv(x)))
+    assert casts == [] and y.dtype == expected.dtype == torch.float16
+    assert plans.mismatch(y.detach(), expected.detach()) == ""
+    ours = torch.autograd.grad(y, [x, conv.weight, conv.bias], grad.half())
+    theirs = torch.autograd.grad(expected, [x, conv.weight, conv.bias], grad.half())
+    for a, e in zip(ours, theirs):
+        assert a.dtype == e.dtype
+        torch.testing.assert_close(a, e, rtol=2e-2, atol=2e-2 * float(e.abs().max()))
+    monkeypatch.setenv("MISHOPS_PLAN", "torch_conv")
+    with torch.autocast("cpu", dtype=torch.float16):
+        run_block(x, conv)
+    assert casts == [1]  # a plan without casts_input gets autocast's cast

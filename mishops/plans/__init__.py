@@ -147,6 +147,9 @@ class Plan:
         {torch.contiguous_format, torch.channels_last})
     #: False: its forward is not tracked by autograd; the dispatcher supplies the backward.
     differentiable: ClassVar[bool] = False
+    #: True: under autocast its forward takes the input as the caller gave it (e.g. fp32 with bf16
+    #: weights) and casts it while reading it, which saves autocast's own pass over the input.
+    casts_input: ClassVar[bool] = False
     #: kernel sources hashed into the tuning-cache key beside the class's module (as for backends).
     source_files: ClassVar[tuple[Path, ...]] = ()
 
@@ -469,7 +472,8 @@ class _PlanFunction(torch.autograd.Function):
         wanted = [t is not None and need for t, need in zip((x, weight, bias), ctx.needs_input_grad[:3])]
         with torch.enable_grad():
             inputs = [t.detach().requires_grad_(w) if t is not None else None for t, w in zip((x, weight, bias), wanted)]
-            z = conv2d(*inputs, ctx.spec)
+            x_conv = inputs[0].to(weight.dtype)  # a plan that casts its input got it uncast (casts_input)
+            z = conv2d(x_conv, *inputs[1:], ctx.spec)
             grad_z = dispatch.run("backward", z.detach(), grad)  # copies grad to z's strides when they differ
             leaves = [t for t, w in zip(inputs, wanted) if w]
             found = iter(torch.autograd.grad(z, leaves, grad_z)) if leaves else iter(())
@@ -521,6 +525,34 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype,
     return t.to(dtype, memory_format=memory_format)
 
 
+@dataclass
+class _PendingCast:
+    """Autocast's cast of the input, made only if the chosen plan needs it; ``like`` is an
+    unwritten tensor with the cast's dtype, shape and strides, for choosing."""
+
+    source: torch.Tensor
+    like: torch.Tensor
+    memory_format: torch.memory_format
+    done: torch.Tensor | None = None
+
+    def cast(self) -> torch.Tensor:
+        if self.done is None:
+            self.done = self.source.to(self.like.dtype, memory_format=self.memory_format)
+        return self.done
+
+
+def _cast_later(x: torch.Tensor, dtype: torch.dtype, memory_format: torch.memory_format):
+    """``_cast(x, dtype, memory_format)``, deferred where it would copy."""
+    if not x.is_floating_point() or x.dtype in (torch.float64, dtype):
+        return x
+    like = torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=memory_format)
+    return _PendingCast(x, like, memory_format)
+
+
+def _cast_now(x) -> torch.Tensor:
+    return x.cast() if isinstance(x, _PendingCast) else x
+
+
 def _capturing(x: torch.Tensor) -> bool:
     return x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
@@ -538,20 +570,23 @@ def run_block(x: torch.Tensor, conv: torch.nn.Conv2d, backend: str = "auto") -> 
     spec = ConvSpec.of(conv)
     weight, bias = conv.weight, conv.bias
     amp = _autocast_dtype(x.device.type)
+    uncast = x
     if amp is not None:  # cast here, as autocast would for the conv, so plans see one dtype
-        x, weight, bias = _cast(x, amp, expected_memory_format(x, weight)), _cast(weight, amp), _cast(bias, amp)
-    with torch.autocast(x.device.type, enabled=False) if amp is not None else contextlib.nullcontext():
+        x, weight, bias = _cast_later(x, amp, expected_memory_format(x, weight)), _cast(weight, amp), _cast(bias, amp)
+    with torch.autocast(uncast.device.type, enabled=False) if amp is not None else contextlib.nullcontext():
         if backend != "auto" or os.environ.get("MISHOPS_BACKEND"):
             if not os.environ.get("MISHOPS_PLAN"):
-                return mish2(conv2d(x, weight, bias, spec), backend)
+                return mish2(conv2d(_cast_now(x), weight, bias, spec), backend)
         explicit = bool(os.environ.get("MISHOPS_PLAN"))
-        grads_of = _grads_wanted(x, weight, bias)
+        grads_of = _grads_wanted(uncast, weight, bias)
         while True:
-            plan = choose(x, weight, bias, spec, amp, grads_of)
+            # choosing reads only the input's shape, strides, dtype and device: a cast not done yet will do
+            plan = choose(x.like if isinstance(x, _PendingCast) else x, weight, bias, spec, amp, grads_of)
             if plan.name == "torch_conv":
-                return plan.forward(x, weight, bias, spec, backend)
+                return plan.forward(_cast_now(x), weight, bias, spec, backend)
             try:
-                return _forward(plan, x, weight, bias, spec, grads_of is not None)
+                return _forward(plan, uncast if plan.casts_input else _cast_now(x), weight, bias, spec,
+                                grads_of is not None)
             except Exception as exc:
                 if explicit:
                     raise

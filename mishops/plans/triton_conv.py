@@ -65,7 +65,8 @@ def _pad_round_kernel(x, xp, C, H, W, Hp, Wp, Cp, PH, PW, sxn, sxc, sxh, sxw,
             rounded = (bits + 0x1000) & 0xFFFFE000
             bits = tl.where((bits & 0x7F800000) == 0x7F800000, bits, rounded)
             v = bits.to(tl.float32, bitcast=True)
-        tl.store(dst + wp[:, None] * Cp + c[None, :], v, mask=(wp[:, None] < Wp) & (c[None, :] < Cp))
+        tl.store(dst + wp[:, None] * Cp + c[None, :], v.to(xp.dtype.element_ty),
+                 mask=(wp[:, None] < Wp) & (c[None, :] < Cp))
 
 
 def _conv_kernel(x_desc, w_desc, out_desc, bias, out, H, W, Hp, Wp, Cout, TAPS_W, DH, DW,
@@ -133,12 +134,14 @@ def _round_tf32(t: torch.Tensor) -> torch.Tensor:
     return torch.where(special, bits, rounded).view(torch.float32)
 
 
-def padded_input(x: torch.Tensor, padding: tuple[int, int], channels: int, round_tf32: bool) -> torch.Tensor:
-    """``x`` as a zero-padded NHWC buffer ``[N, H + 2 ph, W + 2 pw, channels]``, TF32-rounded if asked."""
+def padded_input(x: torch.Tensor, padding: tuple[int, int], channels: int, round_tf32: bool,
+                 dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x`` as a zero-padded NHWC buffer ``[N, H + 2 ph, W + 2 pw, channels]`` of ``dtype`` (x's
+    by default; a narrower one is autocast's cast, done in the same pass), TF32-rounded if asked."""
     n, c, h, w = x.shape
     ph, pw = padding
     hp, wp = h + 2 * ph, w + 2 * pw
-    xp = torch.empty((n, hp, wp, channels), dtype=x.dtype, device=x.device)
+    xp = torch.empty((n, hp, wp, channels), dtype=dtype or x.dtype, device=x.device)
     block_c = min(64, 1 << (channels - 1).bit_length())
     block_w = max(1, 4096 // block_c)
     block_w = min(block_w, 1 << (wp - 1).bit_length())
@@ -186,32 +189,35 @@ def conv_mish2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                memory_format: torch.memory_format = torch.contiguous_format,
                config: TileConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``mish(mish(conv2d(x, weight, bias, 1, padding, dilation)))``, written in ``memory_format``
-    (contiguous NCHW or channels_last) into a new tensor or ``out``. fp32 operands are rounded to TF32."""
+    (contiguous NCHW or channels_last) into a new tensor or ``out``. It computes in the weight's
+    dtype: a wider ``x`` (fp32 under bf16 autocast) is cast as the input pass reads it. fp32
+    operands are rounded to TF32."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     n, cin, h, w = x.shape
     cout, _, kh, kw = weight.shape
     (ph, pw), (dh, dw) = padding, dilation
     out_h, out_w = h + 2 * ph - dh * (kh - 1), w + 2 * pw - dw * (kw - 1)
+    dtype = weight.dtype
     if out is None:
-        out = torch.empty((n, cout, out_h, out_w), dtype=x.dtype, device=x.device, memory_format=memory_format)
-    elif (out.shape != (n, cout, out_h, out_w) or out.dtype != x.dtype or out.device != x.device
+        out = torch.empty((n, cout, out_h, out_w), dtype=dtype, device=x.device, memory_format=memory_format)
+    elif (out.shape != (n, cout, out_h, out_w) or out.dtype != dtype or out.device != x.device
           or not out.is_contiguous(memory_format=memory_format)):
-        raise ValueError(f"out must be a {memory_format} {x.dtype} tensor of shape {(n, cout, out_h, out_w)} "
+        raise ValueError(f"out must be a {memory_format} {dtype} tensor of shape {(n, cout, out_h, out_w)} "
                          f"on {x.device}; got {out.dtype} {tuple(out.shape)} strides {out.stride()} on {out.device}")
     if out.numel() == 0:
         return out
-    cfg = config or tile_config(x.dtype, out_w, cout)
+    cfg = config or tile_config(dtype, out_w, cout)
     block_k = min(cfg.block_k, max(16, 1 << (cin - 1).bit_length()))  # tl.dot needs K >= 16
     channels = -(-cin // block_k) * block_k
-    round_tf32 = x.dtype == torch.float32
-    xp = padded_input(x, padding, channels, round_tf32)
+    round_tf32 = dtype == torch.float32
+    xp = padded_input(x, padding, channels, round_tf32, dtype)
     wk = packed_weight(weight, channels, round_tf32)
     x_desc = TensorDescriptor(xp, [xp.shape[0] * xp.shape[1] * xp.shape[2], channels], [channels, 1],
                               [cfg.block_p, block_k])
     w_desc = TensorDescriptor(wk, list(wk.shape), [wk.shape[1], 1], [cfg.block_co, block_k])
     # fp32 NCHW tiles go out through TMA (8% faster on the H100); 16-bit ones were 40% slower that way
-    tma_store = x.dtype == torch.float32 and memory_format == torch.contiguous_format and out_w % 4 == 0
+    tma_store = dtype == torch.float32 and memory_format == torch.contiguous_format and out_w % 4 == 0
     out_desc = TensorDescriptor(out, list(out.shape), list(out.stride()), [1, cfg.block_co, 1, cfg.block_p]) \
         if tma_store else None
     grid = (out_h * -(-out_w // cfg.block_p), -(-cout // cfg.block_co), n)
@@ -237,6 +243,7 @@ def _numeric_padding(spec: ConvSpec) -> tuple[int, int] | None:
 class TritonConvPlan(Plan):
     name = "triton_conv"
     priority = 15
+    casts_input = True
     dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32})
 
     @property
