@@ -238,6 +238,10 @@ class CaseRun:
         measure("eager Model", lambda: self.model(self.x), "eager")
         if not self.args.no_compile:
             torch._dynamo.reset()  # the first call's time is this case's compile, not a recompile
+            # torch 2.11 on the H100 served the bf16-autocast graph to the fp16-autocast case from
+            # its compile caches (bf16 outputs under fp16 autocast): compile each case afresh
+            torch._inductor.config.fx_graph_cache = False
+            torch._functorch.config.enable_autograd_cache = False
             compiled = torch.compile(self.model)
             measure("torch.compile(Model)", lambda: compiled(self.x), "compile")
         for name in plans.plans():

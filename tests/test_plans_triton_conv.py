@@ -47,6 +47,7 @@ SHAPES = [  # (batch, cin, cout, h, w, (kh, kw), padding, dilation)
     (2, 3, 4, 7, 7, (2, 3), (0, 1), (2, 1)),
     (1, 70, 130, 3, 21, (1, 1), (0, 0), (1, 1)),
     (2, 8, 9, 5, 12, (3, 3), (1, 1), (1, 1)),  # rows of a multiple of 4: fp32 NCHW tiles leave through TMA
+    (1, 4, 9, 2, 130, (3, 3), (1, 1), (1, 1)),  # a whole tile and a partial one per row
 ]
 
 
