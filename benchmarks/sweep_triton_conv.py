@@ -66,7 +66,8 @@ def main() -> None:
     parser.add_argument("--padding", type=int, default=1,
                         help="1: 256x256 outputs; 0: the reference problem's 254x254 (rows TMA cannot store)")
     parser.add_argument("--configs", default="",
-                        help="only these, e.g. 128x128x32x8x3,128x64x32x4x3 (BLOCK_P x BLOCK_CO x BLOCK_K x warps x stages)")
+                        help="only these, e.g. 128x128x32x8x3,128x64x32x4x3x128 (BLOCK_P x BLOCK_CO x BLOCK_K x warps x "
+                             "stages [x maxnreg])")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = True
@@ -98,8 +99,9 @@ def main() -> None:
                             args.reps)
         chosen = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",") if c]
         for cfg in chosen or CONFIGS[dtype]:
-            bp, bco, bk, warps, stages = cfg
-            config = triton_conv.TileConfig(bp, bco, bk, warps, stages)
+            bp, bco, bk, warps, stages, *maxnreg = cfg
+            config = triton_conv.TileConfig(bp, bco, bk, warps, stages, *maxnreg)
+            stages = f"{stages}" + (f", maxnreg {maxnreg[0]}" if maxnreg else "")
             run = lambda: triton_conv.conv_mish2(xd, wd, bd, (args.padding,) * 2, (1, 1), config=config)  # noqa: E731
             try:
                 err = (run()[:2].double() - y64).abs().max().item()

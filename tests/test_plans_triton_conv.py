@@ -48,6 +48,7 @@ SHAPES = [  # (batch, cin, cout, h, w, (kh, kw), padding, dilation)
     (1, 70, 130, 3, 21, (1, 1), (0, 0), (1, 1)),
     (2, 8, 9, 5, 12, (3, 3), (1, 1), (1, 1)),  # rows of a multiple of 4: fp32 NCHW tiles leave through TMA
     (1, 4, 9, 2, 130, (3, 3), (1, 1), (1, 1)),  # a whole tile and a partial one per row
+    (1, 16, 128, 2, 130, (3, 3), (1, 1), (1, 1)),  # the reference shape's 128 x 128 tiles, 8 warps, maxnreg
 ]
 
 

@@ -170,18 +170,23 @@ class TileConfig:
     block_k: int
     num_warps: int
     num_stages: int
+    #: a cap on registers per thread (None: the compiler's choice), to fit more programs on an SM
+    maxnreg: int | None = None
 
 
 def tile_config(dtype: torch.dtype, out_w: int, cout: int) -> TileConfig:
     """The tiles measured fastest at the reference shape on an H100 (``benchmarks/sweep_triton_conv.py``,
-    ``benchmarks/results/triton-conv-h100.md``): 128 pixels x 128 channels, K steps of 32 fp32 or 64
-    16-bit values, 8 warps, 3 stages (4 stages or 2, fewer warps or larger tiles ran 10 - 50% slower).
-    Narrower rows and fewer channels get smaller tiles so the programs are not mostly masked off."""
+    ``benchmarks/results/plans-h100/``): 128 pixels x 128 channels, K steps of 32 fp32 or 64 16-bit
+    values, 8 warps, 3 stages (4 stages or 2, fewer warps or larger tiles ran 10 - 50% slower), and
+    at most 128 registers a thread, so two programs share an SM and one's epilogue overlaps the
+    other's main loop: without the cap, the plain-store epilogue took 176 and the conv ran 15 - 20%
+    slower. Narrower rows and fewer channels get smaller tiles so programs are not mostly masked off."""
     block_p = min(128, max(16, 1 << (out_w - 1).bit_length()))
     block_co = min(128, max(16, 1 << (cout - 1).bit_length()))
     block_k = 32 if dtype == torch.float32 else 64
-    warps = 8 if block_p * block_co >= 128 * 128 else 4
-    return TileConfig(block_p, block_co, block_k, warps, 3)
+    if block_p * block_co >= 128 * 128:
+        return TileConfig(block_p, block_co, block_k, 8, 3, maxnreg=128)
+    return TileConfig(block_p, block_co, block_k, 4, 3)
 
 
 def conv_mish2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -227,7 +232,8 @@ def conv_mish2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     conv_kernel[grid](x_desc, w_desc, out_desc, bias if bias is not None else wk, out, out_h, out_w, xp.shape[1],
                       xp.shape[2], cout, kw, dh, dw, TAPS=kh * kw, CP=channels, HAS_BIAS=bias is not None,
                       CHANNELS_LAST=memory_format == torch.channels_last, TMA_STORE=tma_store, BLOCK_P=cfg.block_p,
-                      BLOCK_CO=cfg.block_co, BLOCK_K=block_k, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps)
+                      BLOCK_CO=cfg.block_co, BLOCK_K=block_k, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+                      **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
     return out
 
 
