@@ -413,6 +413,7 @@ def _choose(key: str, x, weight, bias, spec, grads_of: tuple[bool, ...] | None) 
         budget_s = float(os.environ.get("MISHOPS_TUNE_BUDGET_MS", dispatch.DEFAULT_BUDGET_MS)) / 1e3
         fresh = _profile(missing, _Trial(x, weight, bias, spec, grads_of), budget_s)
         stats["profiled_keys"] += 1
+        dispatch.release_scratch(x.device)
     measured.update(fresh)
     writer = True
     if dispatch._distributed():

@@ -281,6 +281,7 @@ class CudnnFusedPlan(Plan):
                 log.warning("mishops: cuDNN config %s could not be rebuilt (%s: %s); searching again",
                             saved["name"], type(exc).__name__, exc)
         engine, identity = self._search(cudnn, handle, x, weight, bias, spec, epilogue)
+        dispatch.release_scratch(x.device)  # the search's scratch tensors and workspaces
         store.update(key, {"config": identity})
         if engine is None:
             raise NoPlanError(f"{what}: {identity['reason']}")
