@@ -364,6 +364,39 @@ def test_key_includes_tf32_and_autocast(monkeypatch):
     assert len(set(keys)) == 3, keys
 
 
+class _CastingPlan(_TestPlan):
+    """Takes autocast's input uncast (``casts_input``) and records the dtypes it is given."""
+
+    name = "test_casting"
+    casts_input = True
+    seen: list = []
+
+    def compute(self, x, weight, bias, spec):
+        type(self).seen.append(x.dtype)
+        return super().compute(x.to(weight.dtype), weight, bias, spec)
+
+
+def test_under_autocast_each_plan_is_timed_as_run_block_runs_it(monkeypatch):
+    """A plan that casts while reading gets the fp32 input, in profiling as in the call; the
+    others get autocast's cast, done inside the timed call, so its cost counts against them."""
+    _register(_TestPlan)
+    _register(_CastingPlan)
+    _CastingPlan.seen = []
+    seen_by_others = []
+    real = _TestPlan.compute
+    monkeypatch.setattr(_TestPlan, "compute", lambda self, x, *a: (
+        seen_by_others.append(x.dtype) if type(self) is _TestPlan else None) or real(self, x, *a))
+    model, x = Model(3, 5, 3), torch.randn(2, 3, 9, 11)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # training trials time the cast input
+        y = run_block(x, model.conv)
+        expected = model(x)
+    choice = _block_choices()[-1]
+    assert choice.how == "profiled" and "|uncast=float32" in choice.key
+    assert {"test_fast", "test_casting"} <= {n for n, m in choice.measurements.items() if m.ok}
+    assert set(_CastingPlan.seen) == {torch.float32} and set(seen_by_others) == {torch.bfloat16}
+    assert y.dtype == expected.dtype == torch.bfloat16
+
+
 def test_a_plan_that_raises_is_replaced_and_remembered(monkeypatch):
     class Breaks(_TestPlan):
         name = "test_breaks"

@@ -26,6 +26,13 @@ stores the pre-activation (the conv output, saved by ``mishops::mish2``), the fu
 it in ``_PlanFunction``'s backward, and which is faster at a shape is measured, not assumed. A
 plan whose backward is wrong cannot be chosen for training, even where it wins inference.
 
+Under autocast the block's input is cast as autocast would cast it for the conv, but only once a
+plan is chosen, and not at all for a plan that casts while it reads (``casts_input``:
+``triton_conv`` does it in its input pass, which saves a pass over the input). Inference keys
+then name the uncast input too (``|uncast=float32...``), and each candidate is timed as it will
+run: with the cast inside the timed call, or from the uncast input. After profiling a key the
+scratch memory it cached goes back to CUDA (``dispatch.release_scratch``).
+
 Environment (read at call time): ``MISHOPS_PLAN`` forces a plan (and wins over the next two);
 ``MISHOPS_BACKEND`` (like a named ``backend`` argument) forces the double-Mish backend, which
 means ``torch_conv`` with that backend; ``MISHOPS_AUTOTUNE=0`` takes the first plan in
@@ -34,7 +41,7 @@ preference order that passes the check (its gradients' too, for a training key),
 
 Plans that are not differentiable themselves (``differentiable = False``) still train: their
 forward runs inside an autograd function whose backward recomputes the conv and applies the
-dispatcher's fused double-Mish backward, then PyTorch's convolution backward. Under
+dispatcher's fused double-Mish backward, then autograd through that conv (any padding). Under
 ``torch.compile`` tracing or CUDA graph capture the block is ``mish2(conv(x))``, the custom op
 that is safe there.
 """
@@ -133,7 +140,7 @@ class Plan:
 
     Subclasses set the class attributes and implement ``forward``; inputs reach ``forward`` on a
     supported device and dtype, with ``not_supported_reasons`` empty, and with the dtypes
-    autocast would give the conv (the dispatcher casts first).
+    autocast would give the conv (the dispatcher casts first, unless ``casts_input``).
     """
 
     name: ClassVar[str]
@@ -266,7 +273,7 @@ def _flags() -> tuple:
 
 
 def _key_string(x, weight, bias, spec: ConvSpec, autocast: torch.dtype | None, flags: tuple,
-                grads_of: tuple[bool, ...] | None = None) -> str:
+                grads_of: tuple[bool, ...] | None = None, source: torch.Tensor | None = None) -> str:
     def t(name, v):
         return f"{name}={str(v.dtype).removeprefix('torch.')}{tuple(v.shape)}{tuple(v.stride())}"
 
@@ -276,8 +283,9 @@ def _key_string(x, weight, bias, spec: ConvSpec, autocast: torch.dtype | None, f
     amp = str(autocast).removeprefix("torch.") if autocast is not None else "off"
     tf32, enabled, cudnn_det, det = flags
     train = "" if grads_of is None else "|train=" + ",".join(n for n, g in zip("xwb", grads_of) if g)
+    src = "" if source is None else "|" + t("uncast", source)
     return (f"block|{t('x', x)}|{t('w', weight)}|{bias_s}|{conv}|tf32={int(tf32)}|cudnn={int(enabled)}"
-            f"|deterministic={int(cudnn_det or det)}|autocast={amp}{train}")
+            f"|deterministic={int(cudnn_det or det)}|autocast={amp}{train}{src}")
 
 
 def _reasons(plan: Plan, x, weight, bias, spec) -> list[str]:
@@ -309,8 +317,15 @@ class _Trial:
     (``_forward_backward``) -- storing the pre-activation (``torch_conv``) against recomputing
     it (``_PlanFunction``) is then settled by the clock, per shape."""
 
-    def __init__(self, x, weight, bias, spec: ConvSpec, grads_of: tuple[bool, ...] | None):
-        self.x, self.weight, self.bias = synthetic_inputs(x, weight, bias)
+    def __init__(self, x, weight, bias, spec: ConvSpec, grads_of: tuple[bool, ...] | None,
+                 source: torch.Tensor | None = None):
+        self.source = None
+        if source is not None and grads_of is None:  # inference under autocast, the cast not done yet
+            self.source, self.weight, self.bias = synthetic_inputs(source, weight, bias)
+            self.memory_format = expected_memory_format(source, weight)
+            self.x = self.source.to(x.dtype, memory_format=self.memory_format)
+        else:  # training trials time every plan on the cast input
+            self.x, self.weight, self.bias = synthetic_inputs(x, weight, bias)
         self.spec = spec
         self.expected = reference(self.x, self.weight, self.bias, spec)
         self.training = grads_of is not None
@@ -325,8 +340,11 @@ class _Trial:
         """The plan's output; for a training key, its output and gradients."""
         if self.training:
             return _forward_backward(plan, self.x, self.weight, self.bias, self.spec, self.grad)
+        x = self.x
+        if self.source is not None:  # as run_block would: the plan casts, or autocast's cast first
+            x = self.source if plan.casts_input else self.source.to(x.dtype, memory_format=self.memory_format)
         with torch.no_grad():
-            return plan.forward(self.x, self.weight, self.bias, self.spec)
+            return plan.forward(x, self.weight, self.bias, self.spec)
 
     def wrong(self, outcome) -> str:
         """Why ``outcome`` (what ``run`` returned) is not acceptable; empty when it is."""
@@ -384,7 +402,8 @@ def _first_correct(candidates: list[Plan], trial: _Trial) -> tuple[str, dict[str
     return "torch_conv", checked
 
 
-def _choose(key: str, x, weight, bias, spec, grads_of: tuple[bool, ...] | None) -> Choice:
+def _choose(key: str, x, weight, bias, spec, grads_of: tuple[bool, ...] | None,
+            source: torch.Tensor | None = None) -> Choice:
     dispatch._apply_log_env()
     usable, rejected = [], {}
     for name, plan in plans().items():
@@ -401,7 +420,7 @@ def _choose(key: str, x, weight, bias, spec, grads_of: tuple[bool, ...] | None) 
         return Choice("block", key, preferred, "preference", rejected=rejected)
     started = time.perf_counter()
     if os.environ.get("MISHOPS_AUTOTUNE", "1") == "0":
-        winner, checked = _first_correct(usable, _Trial(x, weight, bias, spec, grads_of))
+        winner, checked = _first_correct(usable, _Trial(x, weight, bias, spec, grads_of, source))
         return Choice("block", key, winner, "preference", checked, rejected, time.perf_counter() - started)
 
     label = dispatch.device_label(x.device)
@@ -411,7 +430,7 @@ def _choose(key: str, x, weight, bias, spec, grads_of: tuple[bool, ...] | None) 
     fresh = {}
     if missing:
         budget_s = float(os.environ.get("MISHOPS_TUNE_BUDGET_MS", dispatch.DEFAULT_BUDGET_MS)) / 1e3
-        fresh = _profile(missing, _Trial(x, weight, bias, spec, grads_of), budget_s)
+        fresh = _profile(missing, _Trial(x, weight, bias, spec, grads_of, source), budget_s)
         stats["profiled_keys"] += 1
         dispatch.release_scratch(x.device)
     measured.update(fresh)
@@ -428,23 +447,26 @@ def _choose(key: str, x, weight, bias, spec, grads_of: tuple[bool, ...] | None) 
 
 
 def choose(x, weight, bias, spec: ConvSpec, autocast: torch.dtype | None = None,
-           grads_of: tuple[bool, ...] | None = None) -> Plan:
+           grads_of: tuple[bool, ...] | None = None, source: torch.Tensor | None = None) -> Plan:
     """The plan for this block input: ``MISHOPS_PLAN``'s, or the fastest correct one -- for
     ``grads_of`` (which of x, weight, bias the call differentiates; None: inference) the fastest
-    forward and backward with correct gradients."""
+    forward and backward with correct gradients. ``source``: the input before autocast's cast,
+    where the cast is not done yet (``x`` then only describes it); each candidate is timed with
+    the cast included, or without it for plans that cast while reading (``casts_input``)."""
     forced = os.environ.get("MISHOPS_PLAN")
     if forced:
         return _forced(forced, x, weight, bias, spec)
     flags = _flags()
     mkey = (x.device, x.dtype, x.shape, x.stride(), weight.dtype, weight.shape, weight.stride(),
-            None if bias is None else (bias.dtype, bias.stride()), spec, autocast, flags, grads_of)
+            None if bias is None else (bias.dtype, bias.stride()), spec, autocast, flags, grads_of,
+            None if source is None else (source.dtype, source.stride()))
     choice = _memory.get(mkey)
     if choice is None:
         with _lock:  # one thread profiles a cold key; the others wait and reuse its choice
             choice = _memory.get(mkey)
             if choice is None:
-                key = _key_string(x, weight, bias, spec, autocast, flags, grads_of)
-                choice = _choose(key, x, weight, bias, spec, grads_of)
+                key = _key_string(x, weight, bias, spec, autocast, flags, grads_of, source)
+                choice = _choose(key, x, weight, bias, spec, grads_of, source)
                 _memory[mkey] = choice
                 with dispatch._lock:
                     dispatch._history.append(choice)
@@ -582,7 +604,8 @@ def run_block(x: torch.Tensor, conv: torch.nn.Conv2d, backend: str = "auto") -> 
         grads_of = _grads_wanted(uncast, weight, bias)
         while True:
             # choosing reads only the input's shape, strides, dtype and device: a cast not done yet will do
-            plan = choose(x.like if isinstance(x, _PendingCast) else x, weight, bias, spec, amp, grads_of)
+            pending = isinstance(x, _PendingCast)
+            plan = choose(x.like if pending else x, weight, bias, spec, amp, grads_of, uncast if pending else None)
             if plan.name == "torch_conv":
                 return plan.forward(_cast_now(x), weight, bias, spec, backend)
             try:
