@@ -1,6 +1,5 @@
 """Whole-block plans: layout rules, forcing, checking, choosing, gradients, and the cuDNN fusion on GPU."""
 
-import contextlib
 import json
 import os
 import subprocess
@@ -12,41 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mishops import dispatch, plans
+from mishops import plans
 from mishops.plans import ConvSpec, NoPlanError, Plan, conv2d, expected_memory_format, run_block
+from tests.blocks import (Model, assert_gradients_match_eager, block_choices, isolated_plans, max_err, register,  # noqa: F401
+                          in_setting, tf32_round)
 
 HAS_GPU = torch.cuda.is_available()
 CL = torch.channels_last
-
-
-class Model(nn.Module):
-    """The reference block."""
-
-    def __init__(self, cin, cout, k, **conv_args):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, k, **conv_args)
-
-    def forward(self, x):
-        return F.mish(F.mish(self.conv(x)))
-
-
-@pytest.fixture(autouse=True)
-def isolated_plans(monkeypatch):
-    monkeypatch.delenv("MISHOPS_PLAN", raising=False)
-    monkeypatch.setenv("MISHOPS_TUNE_BUDGET_MS", "40")
-    # GPU tests: search the heuristics' first 6 cuDNN configs (a full search takes 5-15 s per graph)
-    monkeypatch.setenv("MISHOPS_CUDNN_CONFIGS", os.environ.get("MISHOPS_CUDNN_CONFIGS", "6"))
-    plans.clear_memory()
-    before = plans.plans()  # the built-ins, registered
-    yield
-    with plans._lock:
-        plans._plans.clear()
-        plans._plans.update(before)
-    plans.clear_memory()
-
-
-def _block_choices():
-    return [c for c in dispatch.last_choices() if c.op == "block"]
 
 
 class _TestPlan(Plan):
@@ -83,12 +54,6 @@ class _WrongLayoutPlan(_TestPlan):
 
     def compute(self, x, weight, bias, spec):
         return super().compute(x, weight, bias, spec).contiguous()
-
-
-def _register(plan_cls, monkeypatch=None):
-    plan_cls.calls = 0
-    plans.register_plan(plan_cls, replace=True)
-    return plans._plans[plan_cls.name]
 
 
 def _layouts(model, x, module_cl, input_cl):
@@ -140,7 +105,7 @@ def test_channels_last_only_plan_is_no_candidate_for_contiguous_output(monkeypat
         name = "test_cl_only"
         output_formats = frozenset({CL})
 
-    plan = _register(ChannelsLastOnly)
+    plan = register(ChannelsLastOnly)
     conv, x = nn.Conv2d(3, 4, 3), torch.randn(1, 3, 6, 6)
     spec = ConvSpec.of(conv)
     assert any("contiguous" in r for r in plan.not_supported_reasons(x, conv.weight, conv.bias, spec))
@@ -170,7 +135,7 @@ def test_run_block_equals_reference_model_on_cpu(shape, dtype):
     with torch.no_grad():
         y, expected = run_block(x, model.conv), model(x)
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
-    assert _block_choices()[-1].backend == "torch_conv"
+    assert block_choices()[-1].backend == "torch_conv"
 
 
 def test_run_block_under_cpu_autocast_equals_reference_model():
@@ -179,7 +144,7 @@ def test_run_block_under_cpu_autocast_equals_reference_model():
         y, expected = run_block(x, model.conv), model(x)
     assert y.dtype == expected.dtype == torch.bfloat16
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
-    assert "autocast=bfloat16" in _block_choices()[-1].key
+    assert "autocast=bfloat16" in block_choices()[-1].key
 
 
 def test_run_block_under_torch_compile_equals_reference_model():
@@ -199,7 +164,7 @@ def test_empty_batch():
 
 
 def test_mishops_plan_forces_a_plan(monkeypatch):
-    _register(_TestPlan)
+    register(_TestPlan)
     model, x = Model(3, 5, 3), torch.randn(2, 3, 9, 11)
     monkeypatch.setenv("MISHOPS_PLAN", "torch_conv")
     run_block(x, model.conv)
@@ -226,7 +191,7 @@ def test_forcing_cudnn_on_cpu_says_why(monkeypatch):
 
 @pytest.mark.parametrize("how", ["argument", "environment"])
 def test_named_backend_means_torch_conv_with_that_backend(monkeypatch, how):
-    _register(_TestPlan)
+    register(_TestPlan)
     model, x = Model(3, 5, 3), torch.randn(2, 3, 9, 11)
     if how == "environment":
         monkeypatch.setenv("MISHOPS_BACKEND", "eager")
@@ -235,7 +200,7 @@ def test_named_backend_means_torch_conv_with_that_backend(monkeypatch, how):
         y = run_block(x, model.conv, "eager")
     with torch.no_grad():
         torch.testing.assert_close(y, model(x), rtol=0, atol=0)
-    assert _TestPlan.calls == 0 and _block_choices() == []
+    assert _TestPlan.calls == 0 and block_choices() == []
 
 
 def test_named_unknown_backend_fails_loudly():
@@ -318,13 +283,13 @@ def test_nhwc_to_nchw_kernel_in_triton_interpreter(monkeypatch):
 @pytest.mark.parametrize("bad,why", [(_CorruptPlan, "wrong answer"), (_WrongLayoutPlan, "not channels_last")])
 def test_a_wrong_plan_is_never_chosen(monkeypatch, autotune, bad, why):
     monkeypatch.setenv("MISHOPS_AUTOTUNE", autotune)
-    _register(bad)
+    register(bad)
     model, x = _layouts(Model(3, 5, 3), torch.randn(2, 3, 9, 11), True, False)
     with torch.no_grad():
         y = run_block(x, model.conv)
         torch.testing.assert_close(y, model(x), rtol=0, atol=0)
         assert y.stride() == model(x).stride()
-    choice = _block_choices()[-1]
+    choice = block_choices()[-1]
     assert choice.backend == "torch_conv"
     assert not choice.measurements[bad.name].ok
     assert why in choice.measurements[bad.name].reason
@@ -332,35 +297,35 @@ def test_a_wrong_plan_is_never_chosen(monkeypatch, autotune, bad, why):
 
 def test_a_correct_preferred_plan_is_chosen_without_autotune(monkeypatch):
     monkeypatch.setenv("MISHOPS_AUTOTUNE", "0")
-    _register(_TestPlan)
+    register(_TestPlan)
     model, x = Model(3, 5, 3), torch.randn(2, 3, 9, 11)
     with torch.no_grad():
         torch.testing.assert_close(run_block(x, model.conv), model(x))
-    assert _block_choices()[-1].backend == "test_fast"
+    assert block_choices()[-1].backend == "test_fast"
 
 
 def test_choice_is_cached_in_memory_and_on_disk():
-    _register(_TestPlan)
+    register(_TestPlan)
     model, x = Model(3, 5, 3), torch.randn(2, 3, 9, 11)
     run_block(x, model.conv)
-    assert _block_choices()[-1].how == "profiled"
+    assert block_choices()[-1].how == "profiled"
     profiled = plans.stats["profiled_keys"]
     run_block(x, model.conv)
-    assert plans.stats["profiled_keys"] == profiled and len(_block_choices()) == 1
+    assert plans.stats["profiled_keys"] == profiled and len(block_choices()) == 1
     plans.clear_memory()  # a new process: the disk cache answers
     run_block(x, model.conv)
-    assert plans.stats["profiled_keys"] == profiled and _block_choices()[-1].how == "cached"
+    assert plans.stats["profiled_keys"] == profiled and block_choices()[-1].how == "cached"
 
 
 def test_key_includes_tf32_and_autocast(monkeypatch):
-    _register(_TestPlan)
+    register(_TestPlan)
     model, x = Model(3, 5, 3), torch.randn(2, 3, 9, 11)
     run_block(x, model.conv)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", not torch.backends.cudnn.allow_tf32)
     run_block(x, model.conv)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         run_block(x, model.conv)
-    keys = [c.key for c in _block_choices()]
+    keys = [c.key for c in block_choices()]
     assert len(set(keys)) == 3, keys
 
 
@@ -379,8 +344,8 @@ class _CastingPlan(_TestPlan):
 def test_under_autocast_each_plan_is_timed_as_run_block_runs_it(monkeypatch):
     """A plan that casts while reading gets the fp32 input, in profiling as in the call; the
     others get autocast's cast, done inside the timed call, so its cost counts against them."""
-    _register(_TestPlan)
-    _register(_CastingPlan)
+    register(_TestPlan)
+    register(_CastingPlan)
     _CastingPlan.seen = []
     seen_by_others = []
     real = _TestPlan.compute
@@ -390,7 +355,7 @@ def test_under_autocast_each_plan_is_timed_as_run_block_runs_it(monkeypatch):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # training trials time the cast input
         y = run_block(x, model.conv)
         expected = model(x)
-    choice = _block_choices()[-1]
+    choice = block_choices()[-1]
     assert choice.how == "profiled" and "|uncast=float32" in choice.key
     assert {"test_fast", "test_casting"} <= {n for n, m in choice.measurements.items() if m.ok}
     assert set(_CastingPlan.seen) == {torch.float32} and set(seen_by_others) == {torch.bfloat16}
@@ -407,7 +372,7 @@ def test_a_plan_that_raises_is_replaced_and_remembered(monkeypatch):
             return super().compute(x, weight, bias, spec)
 
     monkeypatch.setenv("MISHOPS_AUTOTUNE", "0")
-    _register(Breaks)
+    register(Breaks)
     model, x = Model(3, 5, 3), torch.randn(2, 3, 9, 11)
     with torch.no_grad():
         for _ in range(3):
@@ -423,7 +388,7 @@ def test_a_plan_that_raises_is_replaced_and_remembered(monkeypatch):
                          ids=lambda s: f"{s[:6]}{s[6]}")
 @pytest.mark.parametrize("input_grad", [True, False])
 def test_gradients_equal_reference_model(monkeypatch, plan, shape, input_grad):
-    _register(_TestPlan)
+    register(_TestPlan)
     monkeypatch.setenv("MISHOPS_PLAN", plan)
     n, cin, cout, h, w, k, conv_args = shape
     model = Model(cin, cout, k, **conv_args).double()
@@ -442,7 +407,7 @@ def test_gradients_equal_reference_model(monkeypatch, plan, shape, input_grad):
 
 
 def test_plan_function_leaves_frozen_parameters_alone(monkeypatch):
-    _register(_TestPlan)
+    register(_TestPlan)
     monkeypatch.setenv("MISHOPS_PLAN", "test_fast")
     model = Model(3, 4, 3)
     model.conv.bias.requires_grad_(False)
@@ -459,23 +424,6 @@ GPU_SHAPES = [  # (batch, cin, cout, h, w, kernel, conv args)
     (2, 16, 24, 17, 13, 5, {"stride": 2, "padding": 1}),
 ]
 SETTINGS = ["tf32", "fp32", "bf16-autocast", "fp16-autocast"]
-
-
-def _tf32_round(t: torch.Tensor) -> torch.Tensor:
-    """Round fp32 to TF32's 10-bit mantissa (nearest, ties away), as a TF32 conv sees its operands."""
-    bits = t.float().contiguous().view(torch.int32)
-    return ((bits + 0x1000) & -0x2000).view(torch.float32)
-
-
-def _max_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    diff = (y.double() - ref).abs()
-    return float(diff.nan_to_num(nan=0.0).max()) if diff.numel() else 0.0
-
-
-def _setting(setting):
-    torch.backends.cudnn.allow_tf32 = setting != "fp32"
-    amp = {"bf16-autocast": torch.bfloat16, "fp16-autocast": torch.float16}.get(setting)
-    return torch.autocast("cuda", dtype=amp) if amp else contextlib.nullcontext()
 
 
 def _expected_to_run(plan, setting, module_cl, input_cl, conv_args):
@@ -510,7 +458,7 @@ def test_gpu_plan_accuracy_vs_float64(monkeypatch, plan, setting, module_cl, inp
     model64.load_state_dict(model.state_dict())
     with torch.no_grad():
         ref = model64(x.double())
-        with _setting(setting):
+        with in_setting(setting):
             if not _expected_to_run(plan, setting, module_cl, input_cl, conv_args):
                 with pytest.raises(NoPlanError):
                     run_block(x, model.conv)
@@ -526,17 +474,17 @@ def test_gpu_plan_accuracy_vs_float64(monkeypatch, plan, setting, module_cl, inp
                 monkeypatch.delenv("MISHOPS_PLAN")
                 plans.clear_memory()
                 y = run_block(x, model.conv)
-                assert _block_choices()[-1].backend != plan
+                assert block_choices()[-1].backend != plan
             eager = model(x)
         floor = 0.0
         if setting == "tf32":  # what correctly rounded TF32 operands cost, whatever algorithm eager picked
-            model64.conv.weight.copy_(_tf32_round(model.conv.weight).double())
-            floor = _max_err(model64(_tf32_round(x).double()), ref)
+            model64.conv.weight.copy_(tf32_round(model.conv.weight).double())
+            floor = max_err(model64(tf32_round(x).double()), ref)
     assert y.dtype == eager.dtype and y.shape == eager.shape
     for fmt in (torch.contiguous_format, CL):
         assert y.is_contiguous(memory_format=fmt) or not eager.is_contiguous(memory_format=fmt)
     assert torch.equal(y.isnan(), eager.isnan())
-    err, eager_err = _max_err(y, ref), _max_err(eager, ref)
+    err, eager_err = max_err(y, ref), max_err(eager, ref)
     assert err <= 2 * max(eager_err, floor) + 1e-6, f"{plan} error {err:.3g}, eager {eager_err:.3g}, tf32 {floor:.3g}"
 
 
@@ -547,10 +495,10 @@ def test_gpu_auto_choice_is_correct_and_cached(monkeypatch, setting, module_cl):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)
     model, x = _layouts(Model(32, 64, 3).cuda(), torch.randn(4, 32, 40, 40, device="cuda"), module_cl, False)
     fused = "cudnn_fused" if module_cl else "cudnn_fused_nchw"
-    with torch.no_grad(), _setting(setting):
+    with torch.no_grad(), in_setting(setting):
         y, expected = run_block(x, model.conv), model(x)
         assert plans.mismatch(y, expected) == ""
-        choice = _block_choices()[-1]
+        choice = block_choices()[-1]
         assert choice.how == "profiled" and set(choice.measurements) >= {"torch_conv"}
         if plans.availability(fused):
             assert choice.measurements[fused].ok, choice.measurements[fused].reason
@@ -607,29 +555,7 @@ def test_gpu_cudnn_config_survives_a_new_process(tmp_path):
 @pytest.mark.parametrize("plan", ["torch_conv", "cudnn_fused", "triton_conv"])
 @pytest.mark.parametrize("setting", ["tf32", "bf16-autocast", "fp16-autocast"])
 def test_gpu_gradients_vs_float64(monkeypatch, plan, setting):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)
-    monkeypatch.setenv("MISHOPS_PLAN", plan)
-    torch.manual_seed(0)
-    model = Model(8, 16, 3, padding=1).cuda().to(memory_format=CL)
-    model64 = Model(8, 16, 3, padding=1).cuda().double()
-    model64.load_state_dict(model.state_dict())
-    x = torch.randn(2, 8, 15, 17, device="cuda")
-    grad = torch.randn(2, 16, 15, 17, device="cuda")
-
-    def grads(m, inp, fn):
-        inp = inp.clone().requires_grad_(True)
-        with _setting(setting if m is not model64 else "fp32"):
-            out = fn(m, inp)
-        return torch.autograd.grad(out, [inp, m.conv.weight, m.conv.bias], grad.to(out.dtype))
-
-    ref = grads(model64, x.double(), lambda m, t: m(t))
-    torch.backends.cudnn.allow_tf32 = True
-    ours = grads(model, x, lambda m, t: run_block(t, m.conv))
-    eager = grads(model, x, lambda m, t: m(t))
-    for name, a, e, r in zip(["x", "weight", "bias"], ours, eager, ref):
-        assert a.dtype == e.dtype and a.shape == e.shape
-        err, eager_err = _max_err(a, r), _max_err(e, r)
-        assert err <= 2 * eager_err + 1e-5 * float(r.abs().max()), f"d{name}: {err:.3g} vs eager {eager_err:.3g}"
+    assert_gradients_match_eager(monkeypatch, plan, setting, module_cl=True)
 
 
 @pytest.mark.gpu
@@ -663,7 +589,7 @@ def test_gpu_plan_profiling_hands_its_scratch_memory_back():
         return torch.cuda.memory_reserved() - torch.cuda.memory_allocated(), y.nbytes
 
     after_profiling, out_bytes = idle_after_a_call()
-    assert _block_choices()[-1].how == "profiled"
+    assert block_choices()[-1].how == "profiled"
     torch.cuda.empty_cache()
     steady, _ = idle_after_a_call()
     assert after_profiling <= steady + out_bytes // 4, \

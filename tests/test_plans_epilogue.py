@@ -12,7 +12,6 @@ argument rounding plus a few ulp; the bias add adds one rounding of the sum) plu
 near a rounding boundary), plus 6e-8 for fp16's subnormal spacing and 1e-35 for flushed e^v.
 """
 
-import contextlib
 import json
 import os
 import subprocess
@@ -24,8 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mishops import dispatch, plans
+from mishops import plans
 from mishops.plans import ConvSpec, NoPlanError, run_block
+from tests.blocks import (Model, assert_gradients_match_eager, block_choices, in_setting,  # noqa: F401
+                          isolated_plans, max_err, tf32_round)
 from tests.reference import special_input
 
 HAS_GPU = torch.cuda.is_available()
@@ -33,26 +34,6 @@ CL = torch.channels_last
 EPILOGUE_PLANS = ["cudnn_conv_epilogue_cuda", "cudnn_conv_epilogue_triton"]
 RTOL = {torch.float32: 4e-6, torch.float16: 2**-10, torch.bfloat16: 2**-7}
 ATOL = {torch.float32: 1e-11, torch.float16: 6e-8, torch.bfloat16: 1e-35}
-
-
-class Model(nn.Module):
-    """The reference block."""
-
-    def __init__(self, cin, cout, k, **conv_args):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, k, **conv_args)
-
-    def forward(self, x):
-        return F.mish(F.mish(self.conv(x)))
-
-
-@pytest.fixture(autouse=True)
-def isolated_plans(monkeypatch):
-    monkeypatch.setenv("MISHOPS_TUNE_BUDGET_MS", "40")
-    monkeypatch.setenv("MISHOPS_CUDNN_CONFIGS", os.environ.get("MISHOPS_CUDNN_CONFIGS", "6"))
-    plans.clear_memory()
-    yield
-    plans.clear_memory()
 
 
 @pytest.fixture
@@ -182,7 +163,7 @@ def test_channels_last_block_never_offers_the_epilogue_plans():
     x = torch.randn(2, 3, 9, 11)
     with torch.no_grad():
         torch.testing.assert_close(run_block(x, model.conv), model(x), rtol=0, atol=0)
-    choice = [c for c in dispatch.last_choices() if c.op == "block"][-1]
+    choice = block_choices()[-1]
     for name in EPILOGUE_PLANS:
         assert "contiguous only" in choice.rejected[name]
 
@@ -257,22 +238,6 @@ GPU_SHAPES = [  # (batch, cin, cout, h, w, kernel, conv args)
 SETTINGS = ["tf32", "fp32", "bf16-autocast"]
 
 
-def _tf32_round(t: torch.Tensor) -> torch.Tensor:
-    """Round fp32 to TF32's 10-bit mantissa (nearest, ties away), as a TF32 conv sees its operands."""
-    bits = t.float().contiguous().view(torch.int32)
-    return ((bits + 0x1000) & -0x2000).view(torch.float32)
-
-
-def _max_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    diff = (y.double() - ref).abs()
-    return float(diff.nan_to_num(nan=0.0).max()) if diff.numel() else 0.0
-
-
-def _setting(setting):
-    torch.backends.cudnn.allow_tf32 = setting != "fp32"
-    return torch.autocast("cuda", dtype=torch.bfloat16) if setting == "bf16-autocast" else contextlib.nullcontext()
-
-
 def _skip_unavailable(name):
     available = plans.availability(name)
     if not available:
@@ -296,7 +261,7 @@ def test_gpu_plan_accuracy_vs_float64(monkeypatch, plan, setting, shape):
     model64.load_state_dict(model.state_dict())
     with torch.no_grad():
         ref = model64(x.double())
-        with _setting(setting):
+        with in_setting(setting):
             if setting == "fp32":  # TF32 off: cuDNN's graph would not honour it
                 with pytest.raises(NoPlanError, match="TF32"):
                     run_block(x, model.conv)
@@ -309,11 +274,11 @@ def test_gpu_plan_accuracy_vs_float64(monkeypatch, plan, setting, shape):
             eager = model(x)
         floor = 0.0
         if setting == "tf32":  # what correctly rounded TF32 operands cost, whatever algorithm eager picked
-            model64.conv.weight.copy_(_tf32_round(model.conv.weight).double())
-            floor = _max_err(model64(_tf32_round(x).double()), ref)
+            model64.conv.weight.copy_(tf32_round(model.conv.weight).double())
+            floor = max_err(model64(tf32_round(x).double()), ref)
     assert y.dtype == eager.dtype and y.shape == eager.shape and y.is_contiguous()
     assert torch.equal(y.isnan(), eager.isnan())
-    err, eager_err = _max_err(y, ref), _max_err(eager, ref)
+    err, eager_err = max_err(y, ref), max_err(eager, ref)
     assert err <= 2 * max(eager_err, floor) + 1e-6, f"{plan} error {err:.3g}, eager {eager_err:.3g}, tf32 {floor:.3g}"
 
 
@@ -322,10 +287,10 @@ def test_gpu_plan_accuracy_vs_float64(monkeypatch, plan, setting, shape):
 def test_gpu_auto_choice_measures_the_epilogue_plans(monkeypatch, setting):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)
     model, x = Model(32, 64, 3).cuda(), torch.randn(4, 32, 40, 40, device="cuda")
-    with torch.no_grad(), _setting(setting):
+    with torch.no_grad(), in_setting(setting):
         y, expected = run_block(x, model.conv), model(x)
     assert plans.mismatch(y, expected) == ""
-    choice = [c for c in dispatch.last_choices() if c.op == "block"][-1]
+    choice = block_choices()[-1]
     for name in EPILOGUE_PLANS:
         if plans.availability(name):
             assert choice.measurements[name].ok, choice.measurements[name].reason
@@ -369,26 +334,4 @@ def test_gpu_cudnn_conv_config_survives_a_new_process(tmp_path):
 @pytest.mark.parametrize("setting", ["tf32", "bf16-autocast"])
 def test_gpu_gradients_vs_float64(monkeypatch, plan, setting):
     _skip_unavailable(plan)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)
-    monkeypatch.setenv("MISHOPS_PLAN", plan)
-    torch.manual_seed(0)
-    model = Model(8, 16, 3, padding=1).cuda()
-    model64 = Model(8, 16, 3, padding=1).cuda().double()
-    model64.load_state_dict(model.state_dict())
-    x = torch.randn(2, 8, 15, 17, device="cuda")
-    grad = torch.randn(2, 16, 15, 17, device="cuda")
-
-    def grads(m, inp, fn):
-        inp = inp.clone().requires_grad_(True)
-        with _setting(setting if m is not model64 else "fp32"):
-            out = fn(m, inp)
-        return torch.autograd.grad(out, [inp, m.conv.weight, m.conv.bias], grad.to(out.dtype))
-
-    ref = grads(model64, x.double(), lambda m, t: m(t))
-    torch.backends.cudnn.allow_tf32 = True
-    ours = grads(model, x, lambda m, t: run_block(t, m.conv))
-    eager = grads(model, x, lambda m, t: m(t))
-    for name, a, e, r in zip(["x", "weight", "bias"], ours, eager, ref):
-        assert a.dtype == e.dtype and a.shape == e.shape
-        err, eager_err = _max_err(a, r), _max_err(e, r)
-        assert err <= 2 * eager_err + 1e-5 * float(r.abs().max()), f"d{name}: {err:.3g} vs eager {eager_err:.3g}"
+    assert_gradients_match_eager(monkeypatch, plan, setting, module_cl=False)

@@ -6,30 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mishops import dispatch, plans
+from mishops import plans
 from mishops.model import ModelNew
 from mishops.plans import Plan, conv2d, run_block
+from tests.blocks import block_choices, isolated_plans, register  # noqa: F401
 from tests.reference import Model
-
-
-@pytest.fixture(autouse=True)
-def isolated_plans(monkeypatch):
-    monkeypatch.setenv("MISHOPS_TUNE_BUDGET_MS", "40")
-    before = plans.plans()  # the built-ins, registered
-    yield
-    with plans._lock:
-        plans._plans.clear()
-        plans._plans.update(before)
-    plans.clear_memory()
-
-
-def _block_choices():
-    return [c for c in dispatch.last_choices() if c.op == "block"]
-
-
-def _register(plan_cls):
-    plans.register_plan(plan_cls, replace=True)
-    return plans._plans[plan_cls.name]
 
 
 class _OwnBackward(Plan):
@@ -98,14 +79,14 @@ def _conv_and_input(x_requires_grad=False):
 
 
 def test_fast_forward_slow_backward_wins_inference_and_loses_training(monkeypatch):
-    _register(_SlowBackward)
+    register(_SlowBackward)
     _slow_torch_conv_forward(monkeypatch)
     conv, x = _conv_and_input()
     with torch.no_grad():
         run_block(x, conv)
-    inference = _block_choices()[-1]
+    inference = block_choices()[-1]
     run_block(x, conv).sum().backward()
-    training = _block_choices()[-1]
+    training = block_choices()[-1]
     assert inference.backend == "test_slow_backward", inference.summary()
     assert training.backend == "torch_conv", training.summary()
     assert training.key.endswith("|train=w,b") and "train" not in inference.key
@@ -118,17 +99,17 @@ def test_fast_forward_slow_backward_wins_inference_and_loses_training(monkeypatc
 @pytest.mark.parametrize("autotune", ["1", "0"])
 def test_a_plan_with_a_wrong_backward_is_never_chosen_for_training(monkeypatch, autotune):
     monkeypatch.setenv("MISHOPS_AUTOTUNE", autotune)
-    _register(_WrongBackward)
+    register(_WrongBackward)
     _slow_torch_conv_forward(monkeypatch)  # the wrong plan is the faster one too
     conv, x = _conv_and_input(x_requires_grad=True)
     with torch.no_grad():
         run_block(x, conv)
-    inference = _block_choices()[-1]
+    inference = block_choices()[-1]
     assert inference.backend == "test_wrong_backward" and inference.measurements["test_wrong_backward"].ok
 
     grad = torch.randn(2, 5, 7, 9)
     ours = torch.autograd.grad(run_block(x, conv), [x, conv.weight, conv.bias], grad)
-    training = _block_choices()[-1]
+    training = block_choices()[-1]
     assert training.backend == "torch_conv", training.summary()
     rejected = training.measurements["test_wrong_backward"]
     assert not rejected.ok and rejected.reason.startswith("dx: wrong answer"), rejected.reason
@@ -139,27 +120,27 @@ def test_a_plan_with_a_wrong_backward_is_never_chosen_for_training(monkeypatch, 
 
 def test_a_forced_plan_trains_as_it_is(monkeypatch):
     """MISHOPS_PLAN is obeyed in training as in inference: no choice, no check, its own backward."""
-    _register(_WrongBackward)
+    register(_WrongBackward)
     monkeypatch.setenv("MISHOPS_PLAN", "test_wrong_backward")
     conv, x = _conv_and_input()
     (dw,) = torch.autograd.grad(run_block(x, conv).sum(), [conv.weight])
     (expected,) = torch.autograd.grad(F.mish(F.mish(conv(x))).sum(), [conv.weight])
     torch.testing.assert_close(dw, 1.5 * expected)
-    assert _block_choices() == []
+    assert block_choices() == []
 
 
 def test_training_and_inference_keys_are_cached_separately():
-    _register(_Recompute)
+    register(_Recompute)
     conv, x = _conv_and_input()
     profiled = plans.stats["profiled_keys"]
     with torch.no_grad():
         run_block(x, conv)
     run_block(x, conv)  # trains the weight and the bias
     run_block(x.detach().requires_grad_(True), conv)  # and the input
-    keys = [c.key for c in _block_choices()]
+    keys = [c.key for c in block_choices()]
     assert keys == [keys[0], keys[0] + "|train=w,b", keys[0] + "|train=x,w,b"], keys
-    assert [c.how for c in _block_choices()] == ["profiled"] * 3
-    assert all(c.measurements["test_recompute"].ok and c.measurements["torch_conv"].ok for c in _block_choices())
+    assert [c.how for c in block_choices()] == ["profiled"] * 3
+    assert all(c.measurements["test_recompute"].ok and c.measurements["torch_conv"].ok for c in block_choices())
     before = dict(plans.stats)
     assert before["profiled_keys"] == profiled + 3
 
@@ -170,18 +151,18 @@ def test_training_and_inference_keys_are_cached_separately():
         run_block(x.detach().requires_grad_(True), conv)
 
     all_three()
-    assert plans.stats == before and len(_block_choices()) == 3
+    assert plans.stats == before and len(block_choices()) == 3
     plans.clear_memory()  # a new process: the disk cache answers each key
     all_three()
     assert plans.stats == before
-    assert [c.how for c in _block_choices()[3:]] == ["cached"] * 3
-    assert [c.key for c in _block_choices()[3:]] == keys
+    assert [c.how for c in block_choices()[3:]] == ["cached"] * 3
+    assert [c.key for c in block_choices()[3:]] == keys
 
 
 @pytest.mark.parametrize("extra_plan", [None, _Recompute], ids=["builtin-plans", "with-a-recompute-plan"])
 def test_model_new_training_steps_equal_reference_model(extra_plan):
     if extra_plan is not None:
-        _register(extra_plan)
+        register(extra_plan)
     torch.manual_seed(0)
     reference = Model(4, 6, 3).double()
     ours = ModelNew(4, 6, 3).double()
@@ -197,7 +178,7 @@ def test_model_new_training_steps_equal_reference_model(extra_plan):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, msg=f"step {step}: d{name}")
         for optimizer in optimizers:
             optimizer.step()
-    choices = _block_choices()
+    choices = block_choices()
     assert len(choices) == 1 and choices[0].key.endswith("|train=w,b")
     if extra_plan is not None:
         assert choices[0].how == "profiled" and choices[0].measurements[extra_plan.name].ok

@@ -185,6 +185,21 @@ class Plan:
         return f"<mishops plan {self.name!r}>"
 
 
+def operand_reasons(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec) -> list[str]:
+    """Why a fused kernel cannot take these operands, whatever it computes: what every plan of
+    ours with its own kernel (cuDNN's graphs, ``triton_conv``) needs of them."""
+    if x.dim() != 4:
+        return ["input is not a batch of images (4-D)"]
+    reasons = []
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        reasons.append("input, weight and bias dtypes differ")
+    if weight.device != x.device or (bias is not None and bias.device != x.device):
+        reasons.append("input, weight and bias are on different devices")
+    if spec.groups != 1:
+        reasons.append(f"grouped conv (groups={spec.groups})")
+    return reasons
+
+
 def _format_name(memory_format: torch.memory_format) -> str:
     return "channels_last" if memory_format == torch.channels_last else "contiguous"
 
@@ -618,5 +633,5 @@ def run_block(x: torch.Tensor, conv: torch.nn.Conv2d, backend: str = "auto") -> 
 
 
 __all__ = ["ConvSpec", "NoPlanError", "Plan", "TOLERANCE", "choose", "clear_memory", "conv2d",
-           "expected_memory_format", "get_plan", "gradient_mismatch", "mismatch", "plans", "reference",
+           "expected_memory_format", "get_plan", "gradient_mismatch", "mismatch", "operand_reasons", "plans", "reference",
            "reference_gradients", "register_plan", "run_block", "synthetic_inputs", "unregister_plan"]

@@ -27,7 +27,8 @@ import torch
 
 from mishops import registry
 from mishops.backends import cuda
-from mishops.plans import ConvSpec, Plan, availability, cudnn_nchw, get_plan, register_plan
+from mishops.plans import ConvSpec, cudnn_nchw, get_plan, register_plan
+from mishops.plans.cudnn_fused import OnCudnnGraphs
 from mishops.registry import Availability
 
 
@@ -40,25 +41,8 @@ def bias_mish2_nhwc_to_nchw(y: torch.Tensor, bias: torch.Tensor | None) -> torch
     return out
 
 
-class _ConvEpiloguePlan(Plan):
+class _ConvEpiloguePlan(OnCudnnGraphs):
     """cuDNN's conv alone to NHWC, then ``epilogue`` (bias, double Mish, NHWC -> NCHW)."""
-
-    devices = frozenset({"cuda"})
-    dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32})
-    output_formats = frozenset({torch.contiguous_format})
-
-    def is_available(self) -> Availability:
-        conv = availability("cudnn_fused")
-        if not conv:
-            return Availability.no(f"needs cuDNN's graph API like the cudnn_fused plan: {conv.reason}")
-        return Availability.yes()
-
-    def not_supported_reasons(self, x, weight, bias, spec: ConvSpec) -> list[str]:
-        reasons = super().not_supported_reasons(x, weight, bias, spec)
-        return reasons + get_plan("cudnn_fused").fusion_reasons(x, weight, bias, spec)
-
-    def source_hash(self) -> str:
-        return f"{super().source_hash()}-{get_plan('cudnn_fused').source_hash()}"
 
     def forward(self, x, weight, bias, spec: ConvSpec) -> torch.Tensor:
         y = get_plan("cudnn_fused").conv_nhwc(x, weight, spec)

@@ -37,8 +37,8 @@ import torch
 
 from mishops import dispatch
 from mishops.dispatch import Measurement
-from mishops.plans import (ConvSpec, NoPlanError, Plan, conv2d, mismatch, reference, register_plan,
-                           synthetic_inputs)
+from mishops.plans import (ConvSpec, NoPlanError, Plan, availability, conv2d, get_plan, mismatch, operand_reasons,
+                           reference, register_plan, synthetic_inputs)
 from mishops.registry import Availability
 
 log = logging.getLogger("mishops")
@@ -159,15 +159,9 @@ class CudnnFusedPlan(Plan):
 
     def fusion_reasons(self, x, weight, bias, spec: ConvSpec) -> list[str]:
         """Why cuDNN cannot fuse this block, whatever output layout is wanted."""
-        reasons = []
+        reasons = operand_reasons(x, weight, bias, spec)
         if x.dim() != 4:
-            return reasons + ["input is not a batch of images (4-D)"]
-        if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-            reasons.append("input, weight and bias dtypes differ")
-        if weight.device != x.device or (bias is not None and bias.device != x.device):
-            reasons.append("input, weight and bias are on different devices")
-        if spec.groups != 1:
-            reasons.append(f"grouped conv (groups={spec.groups})")
+            return reasons
         if spec.padding_mode != "zeros" or isinstance(spec.padding, str):
             reasons.append(f"padding {spec.padding!r} with mode {spec.padding_mode!r} (needs numbers, zeros mode)")
         for what, t in (("input", x), ("weight", weight)):
@@ -374,3 +368,24 @@ class CudnnFusedPlan(Plan):
             log.warning("mishops: cuDNN config %s could not be rebuilt alone (%s: %s); keeping the search graph",
                         best, type(exc).__name__, exc)
             return engine, identity
+
+
+class OnCudnnGraphs(Plan):
+    """A plan that runs one of ``cudnn_fused``'s graphs and then a pass of its own: it needs what
+    that plan needs, takes what cuDNN can take, and its results change with that plan's code and
+    cuDNN's version."""
+
+    devices = frozenset({"cuda"})
+    dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32})
+    output_formats = frozenset({torch.contiguous_format})
+
+    def is_available(self) -> Availability:
+        fused = availability("cudnn_fused")
+        return Availability.yes() if fused else Availability.no(f"needs the cudnn_fused plan: {fused.reason}")
+
+    def not_supported_reasons(self, x, weight, bias, spec: ConvSpec) -> list[str]:
+        reasons = super().not_supported_reasons(x, weight, bias, spec)
+        return reasons + get_plan("cudnn_fused").fusion_reasons(x, weight, bias, spec)
+
+    def source_hash(self) -> str:
+        return f"{super().source_hash()}-{get_plan('cudnn_fused').source_hash()}"

@@ -21,7 +21,8 @@ import os
 
 import torch
 
-from mishops.plans import ConvSpec, Plan, availability, get_plan, register_plan
+from mishops.plans import ConvSpec, get_plan, register_plan
+from mishops.plans.cudnn_fused import OnCudnnGraphs
 from mishops.registry import Availability
 
 tl = None  # triton.language, bound by _kernel() on first use; the kernel looks it up at launch
@@ -92,27 +93,17 @@ def nhwc_to_nchw(y: torch.Tensor, bias: torch.Tensor | None = None, mish2: bool 
 
 
 @register_plan
-class CudnnFusedNchwPlan(Plan):
+class CudnnFusedNchwPlan(OnCudnnGraphs):
     name = "cudnn_fused_nchw"
     priority = 20
-    devices = frozenset({"cuda"})
-    dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32})
-    output_formats = frozenset({torch.contiguous_format})
 
     def is_available(self) -> Availability:
-        fused = availability("cudnn_fused")
+        fused = super().is_available()
         if not fused:
-            return Availability.no(f"needs the cudnn_fused plan: {fused.reason}")
+            return fused
         if importlib.util.find_spec("triton") is None:
             return Availability.no("triton is not installed: pip install mishops[triton]")
         return Availability.yes()
-
-    def not_supported_reasons(self, x, weight, bias, spec: ConvSpec) -> list[str]:
-        reasons = super().not_supported_reasons(x, weight, bias, spec)
-        return reasons + get_plan("cudnn_fused").fusion_reasons(x, weight, bias, spec)
-
-    def source_hash(self) -> str:
-        return f"{super().source_hash()}-{get_plan('cudnn_fused').source_hash()}"
 
     def forward(self, x, weight, bias, spec: ConvSpec) -> torch.Tensor:
         y = get_plan("cudnn_fused").forward(x, weight, bias, spec)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mishops.plans import ConvSpec, Plan, expected_memory_format, register_plan
+from mishops.plans import ConvSpec, Plan, expected_memory_format, operand_reasons, register_plan
 from mishops.registry import Availability
 
 tl = None  # triton.language, bound by _kernels() on first use; the kernels look it up at launch
@@ -276,15 +276,9 @@ class TritonConvPlan(Plan):
         return Availability.yes()
 
     def not_supported_reasons(self, x, weight, bias, spec: ConvSpec) -> list[str]:
-        reasons = super().not_supported_reasons(x, weight, bias, spec)
+        reasons = super().not_supported_reasons(x, weight, bias, spec) + operand_reasons(x, weight, bias, spec)
         if x.dim() != 4:
-            return reasons + ["input is not a batch of images (4-D)"]
-        if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-            reasons.append("input, weight and bias dtypes differ")
-        if weight.device != x.device or (bias is not None and bias.device != x.device):
-            reasons.append("input, weight and bias are on different devices")
-        if spec.groups != 1:
-            reasons.append(f"grouped conv (groups={spec.groups})")
+            return reasons
         if tuple(spec.stride) != (1, 1):
             reasons.append(f"stride {tuple(spec.stride)} (this kernel does stride 1)")
         padding = _numeric_padding(spec)

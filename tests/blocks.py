@@ -1,0 +1,100 @@
+"""What the plan tests share: the block with any conv options, an isolated plan registry, and how
+a GPU result is judged against float64 and against eager's own error."""
+
+import contextlib
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mishops import dispatch, plans
+from mishops.plans import run_block
+
+CL = torch.channels_last
+
+
+class Model(nn.Module):
+    """The reference block, with any ``nn.Conv2d`` options."""
+
+    def __init__(self, cin, cout, k, **conv_args):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, **conv_args)
+
+    def forward(self, x):
+        return F.mish(F.mish(self.conv(x)))
+
+
+@pytest.fixture(autouse=True)
+def isolated_plans(monkeypatch):
+    """No forced plan, a short timing budget, and the registry and choices as they were after."""
+    monkeypatch.delenv("MISHOPS_PLAN", raising=False)
+    monkeypatch.setenv("MISHOPS_TUNE_BUDGET_MS", "40")
+    # GPU tests: search the heuristics' first 6 cuDNN configs (a full search takes 5-15 s per graph)
+    monkeypatch.setenv("MISHOPS_CUDNN_CONFIGS", os.environ.get("MISHOPS_CUDNN_CONFIGS", "6"))
+    plans.clear_memory()
+    before = plans.plans()  # the built-ins, registered
+    yield
+    with plans._lock:
+        plans._plans.clear()
+        plans._plans.update(before)
+    plans.clear_memory()
+
+
+def block_choices():
+    return [c for c in dispatch.last_choices() if c.op == "block"]
+
+
+def register(plan_cls):
+    """Register a test plan (replacing one of the same name), its call count reset."""
+    plan_cls.calls = 0
+    plans.register_plan(plan_cls, replace=True)
+    return plans._plans[plan_cls.name]
+
+
+def tf32_round(t: torch.Tensor) -> torch.Tensor:
+    """Round fp32 to TF32's 10-bit mantissa (nearest, ties away), as a TF32 conv sees its operands."""
+    bits = t.float().contiguous().view(torch.int32)
+    return ((bits + 0x1000) & -0x2000).view(torch.float32)
+
+
+def max_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    diff = (y.double() - ref).abs()
+    return float(diff.nan_to_num(nan=0.0).max()) if diff.numel() else 0.0
+
+
+def in_setting(name: str):
+    """Enter a GPU test setting: "tf32", "fp32" (TF32 off), "bf16-autocast" or "fp16-autocast"."""
+    torch.backends.cudnn.allow_tf32 = name != "fp32"
+    amp = {"bf16-autocast": torch.bfloat16, "fp16-autocast": torch.float16}.get(name)
+    return torch.autocast("cuda", dtype=amp) if amp else contextlib.nullcontext()
+
+
+def assert_gradients_match_eager(monkeypatch, plan: str, name: str, module_cl: bool) -> None:
+    """dx, dweight and dbias through ``plan`` (forced) within 2x eager's own error against float64."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)
+    monkeypatch.setenv("MISHOPS_PLAN", plan)
+    torch.manual_seed(0)
+    model = Model(8, 16, 3, padding=1).cuda()
+    if module_cl:
+        model = model.to(memory_format=CL)
+    model64 = Model(8, 16, 3, padding=1).cuda().double()
+    model64.load_state_dict(model.state_dict())
+    x = torch.randn(2, 8, 15, 17, device="cuda")
+    grad = torch.randn(2, 16, 15, 17, device="cuda")
+
+    def grads(m, inp, fn):
+        inp = inp.clone().requires_grad_(True)
+        with in_setting(name if m is not model64 else "fp32"):
+            out = fn(m, inp)
+        return torch.autograd.grad(out, [inp, m.conv.weight, m.conv.bias], grad.to(out.dtype))
+
+    ref = grads(model64, x.double(), lambda m, t: m(t))
+    torch.backends.cudnn.allow_tf32 = True
+    ours = grads(model, x, lambda m, t: run_block(t, m.conv))
+    eager = grads(model, x, lambda m, t: m(t))
+    for what, a, e, r in zip(["x", "weight", "bias"], ours, eager, ref):
+        assert a.dtype == e.dtype and a.shape == e.shape
+        err, eager_err = max_err(a, r), max_err(e, r)
+        assert err <= 2 * eager_err + 1e-5 * float(r.abs().max()), f"d{what}: {err:.3g} vs eager {eager_err:.3g}"
