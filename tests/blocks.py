@@ -2,7 +2,10 @@
 a GPU result is judged against float64 and against eager's own error."""
 
 import contextlib
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -98,3 +101,17 @@ def assert_gradients_match_eager(monkeypatch, plan: str, name: str, module_cl: b
         assert a.dtype == e.dtype and a.shape == e.shape
         err, eager_err = max_err(a, r), max_err(e, r)
         assert err <= 2 * eager_err + 1e-5 * float(r.abs().max()), f"d{what}: {err:.3g} vs eager {eager_err:.3g}"
+
+
+def run_in_two_new_processes(tmp_path, plan: str, script: str) -> tuple[dict, dict]:
+    """Run ``script`` (which prints a JSON line last) twice, each in a new process forcing ``plan``
+    with one disk cache between them and the whole cuDNN search, as users get it."""
+    env = dict(os.environ, MISHOPS_CACHE_DIR=str(tmp_path / "cache"), MISHOPS_PLAN=plan, MISHOPS_TUNE_BUDGET_MS="200")
+    env.pop("MISHOPS_CUDNN_CONFIGS", None)
+
+    def run():
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    return run(), run()

@@ -1,9 +1,5 @@
 """Whole-block plans: layout rules, forcing, checking, choosing, gradients, and the cuDNN fusion on GPU."""
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -13,8 +9,8 @@ from torch import nn
 
 from mishops import plans
 from mishops.plans import ConvSpec, NoPlanError, Plan, conv2d, expected_memory_format, run_block
-from tests.blocks import (Model, assert_gradients_match_eager, block_choices, isolated_plans, max_err, register,  # noqa: F401
-                          in_setting, tf32_round)
+from tests.blocks import (Model, assert_gradients_match_eager, block_choices, in_setting,  # noqa: F401 (fixture)
+                          isolated_plans, max_err, register, run_in_two_new_processes, tf32_round)
 
 HAS_GPU = torch.cuda.is_available()
 CL = torch.channels_last
@@ -535,17 +531,7 @@ _SUBPROCESS = textwrap.dedent("""
 def test_gpu_cudnn_config_survives_a_new_process(tmp_path):
     if not plans.availability("cudnn_fused"):
         pytest.skip(plans.availability("cudnn_fused").reason)
-    env = dict(os.environ, MISHOPS_CACHE_DIR=str(tmp_path / "cache"), MISHOPS_PLAN="cudnn_fused",
-               MISHOPS_TUNE_BUDGET_MS="200")
-    env.pop("MISHOPS_CUDNN_CONFIGS")  # the whole search, as users get it
-
-    def run():
-        done = subprocess.run([sys.executable, "-c", _SUBPROCESS], env=env, capture_output=True, text=True,
-                              timeout=300)
-        assert done.returncode == 0, done.stderr
-        return json.loads(done.stdout.strip().splitlines()[-1])
-
-    first, second = run(), run()
+    first, second = run_in_two_new_processes(tmp_path, "cudnn_fused", _SUBPROCESS)
     assert first["stats"]["tunes"] == 1 and first["stats"]["builds"] >= 1
     assert second["stats"] == {"tunes": 0, "builds": 1, "rebuilds": 1}, (first, second)
     assert first["sum"] == second["sum"]

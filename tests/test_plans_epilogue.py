@@ -12,10 +12,6 @@ argument rounding plus a few ulp; the bias add adds one rounding of the sum) plu
 near a rounding boundary), plus 6e-8 for fp16's subnormal spacing and 1e-35 for flushed e^v.
 """
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -25,8 +21,8 @@ from torch import nn
 
 from mishops import plans
 from mishops.plans import ConvSpec, NoPlanError, run_block
-from tests.blocks import (Model, assert_gradients_match_eager, block_choices, in_setting,  # noqa: F401
-                          isolated_plans, max_err, tf32_round)
+from tests.blocks import (Model, assert_gradients_match_eager, block_choices, in_setting,  # noqa: F401 (fixture)
+                          isolated_plans, max_err, run_in_two_new_processes, tf32_round)
 from tests.reference import special_input
 
 HAS_GPU = torch.cuda.is_available()
@@ -313,17 +309,7 @@ _SUBPROCESS = textwrap.dedent("""
 @pytest.mark.gpu
 def test_gpu_cudnn_conv_config_survives_a_new_process(tmp_path):
     _skip_unavailable("cudnn_conv_epilogue_triton")
-    env = dict(os.environ, MISHOPS_CACHE_DIR=str(tmp_path / "cache"), MISHOPS_PLAN="cudnn_conv_epilogue_triton",
-               MISHOPS_TUNE_BUDGET_MS="200")
-    env.pop("MISHOPS_CUDNN_CONFIGS")  # the whole search, as users get it
-
-    def run():
-        done = subprocess.run([sys.executable, "-c", _SUBPROCESS], env=env, capture_output=True, text=True,
-                              timeout=300)
-        assert done.returncode == 0, done.stderr
-        return json.loads(done.stdout.strip().splitlines()[-1])
-
-    first, second = run(), run()
+    first, second = run_in_two_new_processes(tmp_path, "cudnn_conv_epilogue_triton", _SUBPROCESS)
     assert first["stats"]["tunes"] == 1 and first["stats"]["builds"] >= 1
     assert second["stats"] == {"tunes": 0, "builds": 1, "rebuilds": 1}, (first, second)
     assert first["sum"] == second["sum"]
