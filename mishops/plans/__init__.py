@@ -565,17 +565,22 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype,
 
 @dataclass
 class _PendingCast:
-    """Autocast's cast of the input, made only if the chosen plan needs it; ``like`` is an
-    unwritten tensor with the cast's dtype, shape and strides, for choosing."""
+    """Autocast's cast of the input, made only if the chosen plan needs it."""
 
     source: torch.Tensor
-    like: torch.Tensor
+    dtype: torch.dtype
     memory_format: torch.memory_format
     done: torch.Tensor | None = None
 
+    def like(self) -> torch.Tensor:
+        """An unwritten tensor with the cast's dtype, shape and strides, for choosing; the caller
+        drops it at once, so a plan that casts as it reads never holds the cast's memory."""
+        return torch.empty(self.source.shape, dtype=self.dtype, device=self.source.device,
+                           memory_format=self.memory_format)
+
     def cast(self) -> torch.Tensor:
         if self.done is None:
-            self.done = self.source.to(self.like.dtype, memory_format=self.memory_format)
+            self.done = self.source.to(self.dtype, memory_format=self.memory_format)
         return self.done
 
 
@@ -583,8 +588,7 @@ def _cast_later(x: torch.Tensor, dtype: torch.dtype, memory_format: torch.memory
     """``_cast(x, dtype, memory_format)``, deferred where it would copy."""
     if not x.is_floating_point() or x.dtype in (torch.float64, dtype):
         return x
-    like = torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=memory_format)
-    return _PendingCast(x, like, memory_format)
+    return _PendingCast(x, dtype, memory_format)
 
 
 def _cast_now(x) -> torch.Tensor:
@@ -620,7 +624,7 @@ def run_block(x: torch.Tensor, conv: torch.nn.Conv2d, backend: str = "auto") -> 
         while True:
             # choosing reads only the input's shape, strides, dtype and device: a cast not done yet will do
             pending = isinstance(x, _PendingCast)
-            plan = choose(x.like if pending else x, weight, bias, spec, amp, grads_of, uncast if pending else None)
+            plan = choose(x.like() if pending else x, weight, bias, spec, amp, grads_of, uncast if pending else None)
             if plan.name == "torch_conv":
                 return plan.forward(_cast_now(x), weight, bias, spec, backend)
             try:
