@@ -94,12 +94,16 @@ class ConvSpec:
     padding_mode: str
     #: ``F.pad`` amounts for a non-zeros ``padding_mode`` (``nn.Conv2d._reversed_padding_repeated_twice``).
     reversed_padding: tuple[int, ...]
+    #: how many Mish follow the conv: 2 is the reference block, 1 the Conv -> Mish of CSPDarknet-style models.
+    mish_count: int = 2
 
     @classmethod
-    def of(cls, conv: torch.nn.Conv2d) -> ConvSpec:
+    def of(cls, conv: torch.nn.Conv2d, mish_count: int = 2) -> ConvSpec:
+        if mish_count not in (1, 2):
+            raise ValueError(f"mishops: mish_count must be 1 or 2, not {mish_count!r}")
         return cls(tuple(conv.stride), conv.padding if isinstance(conv.padding, str) else tuple(conv.padding),
                    tuple(conv.dilation), conv.groups, conv.padding_mode,
-                   tuple(getattr(conv, "_reversed_padding_repeated_twice", ())))
+                   tuple(getattr(conv, "_reversed_padding_repeated_twice", ())), mish_count)
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec) -> torch.Tensor:
@@ -108,6 +112,21 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spe
         x = F.pad(x, spec.reversed_padding, mode=spec.padding_mode)
         return F.conv2d(x, weight, bias, spec.stride, 0, spec.dilation, spec.groups)
     return F.conv2d(x, weight, bias, spec.stride, spec.padding, spec.dilation, spec.groups)
+
+
+def activation(z: torch.Tensor, spec: ConvSpec, backend: str = "auto") -> torch.Tensor:
+    """The block's activation of the conv output ``z``: ``mish2`` (by ``backend``) or one ``F.mish``."""
+    return mish2(z, backend) if spec.mish_count == 2 else F.mish(z)
+
+
+def activation_backward(z: torch.Tensor, grad: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    """d(activation)/dz * grad, from the conv output ``z`` alone: the dispatcher's fused double-Mish
+    backward, or autograd through one ``F.mish``."""
+    if spec.mish_count == 2:
+        return dispatch.run("backward", z, grad)  # copies grad to z's strides when they differ
+    with torch.enable_grad():
+        leaf = z.detach().requires_grad_()
+        return torch.autograd.grad(F.mish(leaf), leaf, grad)[0]
 
 
 def _strides_like_channels_last(t: torch.Tensor) -> bool:
@@ -197,6 +216,8 @@ def operand_reasons(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         reasons.append("input, weight and bias are on different devices")
     if spec.groups != 1:
         reasons.append(f"grouped conv (groups={spec.groups})")
+    if spec.mish_count != 2:
+        reasons.append(f"its epilogue applies Mish twice (mish_count={spec.mish_count} asked)")
     return reasons
 
 
@@ -224,7 +245,7 @@ availability, mark_failed = PLANS.availability, PLANS.mark_failed
 def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec) -> torch.Tensor:
     """The answer every plan is checked against: PyTorch's conv, then ``F.mish`` twice."""
     with torch.no_grad():
-        return mish2(conv2d(x, weight, bias, spec), "eager")
+        return activation(conv2d(x, weight, bias, spec), spec, "eager")
 
 
 def synthetic_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -255,7 +276,7 @@ def reference_gradients(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     """The gradients every plan's are checked against: autograd through ``reference``'s block (the
     conv's own backward, the eager double Mish's), for the inputs that require them."""
     with torch.enable_grad():
-        y = mish2(conv2d(x, weight, bias, spec), "eager")
+        y = activation(conv2d(x, weight, bias, spec), spec, "eager")
         return torch.autograd.grad(y, _differentiated(x, weight, bias), grad)
 
 
@@ -293,7 +314,7 @@ def _key_string(x, weight, bias, spec: ConvSpec, autocast: torch.dtype | None, f
         return f"{name}={str(v.dtype).removeprefix('torch.')}{tuple(v.shape)}{tuple(v.stride())}"
 
     conv = f"stride={spec.stride} padding={spec.padding} dilation={spec.dilation} groups={spec.groups} " \
-           f"mode={spec.padding_mode}"
+           f"mode={spec.padding_mode} mish={spec.mish_count}"
     bias_s = t("b", bias) if bias is not None else "b=None"
     amp = str(autocast).removeprefix("torch.") if autocast is not None else "off"
     tf32, enabled, cudnn_det, det = flags
@@ -512,7 +533,7 @@ class _PlanFunction(torch.autograd.Function):
             inputs = [t.detach().requires_grad_(w) if t is not None else None for t, w in zip((x, weight, bias), wanted)]
             x_conv = inputs[0].to(weight.dtype)  # a plan that casts its input got it uncast (casts_input)
             z = conv2d(x_conv, *inputs[1:], ctx.spec)
-            grad_z = dispatch.run("backward", z.detach(), grad)  # copies grad to z's strides when they differ
+            grad_z = activation_backward(z.detach(), grad, ctx.spec)
             leaves = [t for t, w in zip(inputs, wanted) if w]
             found = iter(torch.autograd.grad(z, leaves, grad_z)) if leaves else iter(())
         return (*(next(found) if w else None for w in wanted), None, None)
@@ -599,8 +620,8 @@ def _capturing(x: torch.Tensor) -> bool:
     return x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def run_block(x: torch.Tensor, conv: torch.nn.Conv2d, backend: str = "auto") -> torch.Tensor:
-    """``mish(mish(conv(x)))`` by the fastest correct plan for this input.
+def run_block(x: torch.Tensor, conv: torch.nn.Conv2d, backend: str = "auto", mish_count: int = 2) -> torch.Tensor:
+    """``mish(mish(conv(x)))`` (``mish(conv(x))`` for ``mish_count=1``) by the fastest correct plan for this input.
 
     ``backend`` (or ``MISHOPS_BACKEND``) other than ``"auto"`` names the double-Mish backend and
     so means the ``torch_conv`` plan; ``MISHOPS_PLAN`` names a plan and wins over both. Same
@@ -608,8 +629,8 @@ def run_block(x: torch.Tensor, conv: torch.nn.Conv2d, backend: str = "auto") -> 
     differentiable.
     """
     if torch.compiler.is_compiling() or _capturing(x):
-        return mish2(conv(x), backend)
-    spec = ConvSpec.of(conv)
+        return activation(conv(x), ConvSpec.of(conv, mish_count), backend)
+    spec = ConvSpec.of(conv, mish_count)
     weight, bias = conv.weight, conv.bias
     amp = _autocast_dtype(x.device.type)
     uncast = x
@@ -618,7 +639,7 @@ def run_block(x: torch.Tensor, conv: torch.nn.Conv2d, backend: str = "auto") -> 
     with torch.autocast(uncast.device.type, enabled=False) if amp is not None else contextlib.nullcontext():
         if backend != "auto" or os.environ.get("MISHOPS_BACKEND"):
             if not os.environ.get("MISHOPS_PLAN"):
-                return mish2(conv2d(_cast_now(x), weight, bias, spec), backend)
+                return activation(conv2d(_cast_now(x), weight, bias, spec), spec, backend)
         explicit = bool(os.environ.get("MISHOPS_PLAN"))
         grads_of = _grads_wanted(uncast, weight, bias)
         while True:
@@ -636,6 +657,6 @@ def run_block(x: torch.Tensor, conv: torch.nn.Conv2d, backend: str = "auto") -> 
                 mark_failed(plan.name, f"forward raised {type(exc).__name__}: {exc}")
 
 
-__all__ = ["ConvSpec", "NoPlanError", "Plan", "TOLERANCE", "choose", "clear_memory", "conv2d",
+__all__ = ["ConvSpec", "activation", "activation_backward", "NoPlanError", "Plan", "TOLERANCE", "choose", "clear_memory", "conv2d",
            "expected_memory_format", "get_plan", "gradient_mismatch", "mismatch", "operand_reasons", "plans", "reference",
            "reference_gradients", "register_plan", "run_block", "synthetic_inputs", "unregister_plan"]

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mishops.ops import mish2
-from mishops.plans import ConvSpec, Plan, conv2d, register_plan
+from mishops.plans import ConvSpec, Plan, activation, conv2d, register_plan
 
 
 @register_plan
@@ -22,4 +21,4 @@ class TorchConvPlan(Plan):
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec,
                 backend: str = "auto") -> torch.Tensor:
-        return mish2(conv2d(x, weight, bias, spec), backend)
+        return activation(conv2d(x, weight, bias, spec), spec, backend)
