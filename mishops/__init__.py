@@ -4,12 +4,19 @@
 input (inline CUDA C++, Triton, CuPy or eager PyTorch); ``ModelNew`` is the whole block.
 """
 
-from mishops.dispatch import NoBackendError, last_choices
+from mishops.dispatch import NoBackendError
 from mishops.model import ModelNew
 from mishops.ops import mish2
 from mishops.registry import Availability, Backend, register
+from mishops.tuning import TUNER, tune
 
 __version__ = "0.1.0"
+
+
+def last_choices():
+    """The choices made in this process, oldest first (tuned, cached, named alike), each with what
+    every candidate measured."""
+    return TUNER.last_choices()
 
 
 def registered_backends():
@@ -23,4 +30,4 @@ def registered_backends():
 
 
 __all__ = ["Availability", "Backend", "ModelNew", "NoBackendError", "last_choices", "mish2", "register",
-           "registered_backends", "__version__"]
+           "registered_backends", "tune", "__version__"]

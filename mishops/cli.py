@@ -14,6 +14,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from mishops import cache, dispatch, layout, plans, registry
+from mishops.tuning import tune as mishops_tune
 
 console = Console(width=None if sys.stdout.isatty() else 160)  # tables stay whole in logs
 
@@ -124,27 +125,79 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _choice_rows(table: Table, label: str, choice) -> None:
+    """One row per candidate of ``choice`` (fastest first), the winner marked; then the ruled-out ones."""
+    first = True
+    for name, m in choice.ranked():
+        mark = "[bold green]<- chosen[/bold green]" if name == choice.winner else ""
+        result = f"{m.median_ms:.3f}" if m.ok else f"[red]out: {escape(m.reason)}[/red]"
+        table.add_row(label if first else "", choice.how if first else "", name, result, mark)
+        first = False
+    if not choice.measurements:
+        table.add_row(label, choice.how, choice.winner, "-", "[bold green]<- chosen[/bold green]")
+    for name, why in choice.rejected.items():
+        table.add_row("", "", name, "-", f"[dim]cannot take it: {escape(why)}[/dim]")
+
+
+def _tune_block(args, device: torch.device, dname: str) -> list:
+    from mishops.model import ModelNew
+
+    n, c, h, w = args.block
+    model = ModelNew(c, args.out_channels, args.kernel).to(device)
+    x = torch.randn(n, c, h, w, device=device)
+    if args.channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    dtype = DTYPES[dname]
+    if dtype in (torch.float32, torch.float64):
+        model, x = model.to(dtype), x.to(dtype)
+        return mishops_tune(model, x, train=args.train)
+    with torch.autocast(device.type, dtype=dtype):  # 16-bit blocks run under autocast, as users run them
+        return mishops_tune(model, x, train=args.train)
+
+
 def cmd_tune(args) -> int:
+    from mishops import dispatch, tuning
+
     device = _device(args.device)
-    shapes = args.shape or [REFERENCE_SHAPE if device.type == "cuda" else CPU_SHAPE]
-    ops = ["forward", "backward"] if args.backward else ["forward"]
-    jobs = [(s, d, op) for s in shapes for d in args.dtype for op in ops]
-    table = Table("op", "dtype", "shape", "chosen", "how", "tuning s", "candidates (median ms)")
-    with Progress(console=console) as progress:
-        task = progress.add_task("tuning", total=len(jobs))
-        for shape, dname, op in jobs:
-            progress.update(task, description=f"tuning {op} {dname} {'x'.join(map(str, shape))}")
-            x = torch.randn(shape, device=device, dtype=DTYPES[dname])
-            if args.channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            dispatch.choose(op, x)
-            choice = dispatch.last_choices()[-1]
-            times = ", ".join(f"{n} {m.median_ms:.3f}" if m.ok else f"{n} rejected"
-                              for n, m in sorted(choice.measurements.items(), key=lambda kv: kv[1].median_ms))
-            table.add_row(op, dname, "x".join(map(str, shape)), choice.backend, choice.how, f"{choice.tuning_s:.2f}", times)
-            progress.advance(task)
+    written = tuning.stats["cache_writes"]
+    table = Table("what", "how", "candidate", "median ms", "")
+    with Progress(console=console, transient=True) as progress:
+        if args.block:
+            task = progress.add_task("tuning", total=len(args.dtype))
+            for dname in args.dtype:
+                label = f"block {'x'.join(map(str, args.block))}->{args.out_channels} k{args.kernel} {dname}" \
+                        + (" channels_last" if args.channels_last else "") + (" train" if args.train else "")
+                progress.update(task, description=f"tuning {label}")
+                choices = _tune_block(args, device, dname)
+                for choice in choices:
+                    _choice_rows(table, f"{label}\n{choice.op}", choice)
+                if not choices:
+                    table.add_row(label, "-", "-", "-", "already chosen in this process, or named by MISHOPS_PLAN")
+                progress.advance(task)
+        else:
+            shapes = args.shape or [REFERENCE_SHAPE if device.type == "cuda" else CPU_SHAPE]
+            ops = ["forward", "backward"] if args.backward else ["forward"]
+            jobs = [(s, d, op) for s in shapes for d in args.dtype for op in ops]
+            task = progress.add_task("tuning", total=len(jobs))
+            for shape, dname, op in jobs:
+                label = f"mish2 {op} {dname} {'x'.join(map(str, shape))}"
+                progress.update(task, description=f"tuning {label}")
+                x = torch.randn(shape, device=device, dtype=DTYPES[dname])
+                if args.channels_last and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                choice = dispatch.decide(op, x)
+                if choice is None:
+                    table.add_row(label, "named", dispatch.choose(op, x).name, "-",
+                                  "MISHOPS_BACKEND names the backend: nothing to tune")
+                else:
+                    _choice_rows(table, label, choice)
+                progress.advance(task)
     console.print(table)
-    console.print(f"stored in {cache.cache_dir()}")
+    stored = tuning.stats["cache_writes"] - written
+    if stored:
+        console.print(f"stored {stored} new measurement set(s) in {cache.cache_dir()}")
+    else:
+        console.print(f"nothing new stored: every choice was already in {cache.cache_dir()} or needed no timing")
     return 0
 
 
@@ -192,12 +245,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--in-channels", type=int, default=64, help="ModelNew input channels for the final run")
     bench.add_argument("--budget-ms", type=float, default=1000.0, help="timing budget per backend")
 
-    tune = sub.add_parser("tune", help="profile shapes ahead of time and store the choices")
-    tune.add_argument("--shape", type=_shape, action="append", help="repeatable; e.g. 64x128x254x254")
-    tune.add_argument("--dtype", choices=list(DTYPES), action="append")
+    tune = sub.add_parser("tune", help="make and store choices ahead of time: mish2 shapes, or a whole block")
+    tune.add_argument("--shape", type=_shape, action="append", help="a mish2 input shape, repeatable; e.g. 64x128x254x254")
+    tune.add_argument("--block", type=_shape, help="a block's input NxCxHxW, e.g. 64x64x256x256 (with --out-channels, --kernel)")
+    tune.add_argument("--out-channels", type=int, default=128, help="the block's output channels (default 128)")
+    tune.add_argument("--kernel", type=int, default=3, help="the block's kernel size (default 3)")
+    tune.add_argument("--train", action="store_true", help="also the block's training choices (forward + backward)")
+    tune.add_argument("--dtype", choices=list(DTYPES), action="append", help="repeatable; 16-bit blocks run under autocast")
     tune.add_argument("--device")
     tune.add_argument("--channels-last", action="store_true")
-    tune.add_argument("--backward", action="store_true", help="tune the backward pass too")
+    tune.add_argument("--backward", action="store_true", help="tune mish2's backward too")
 
     cache_cmd = sub.add_parser("cache", help="show or clear the tuning cache")
     cache_cmd.add_argument("action", choices=["show", "clear"])

@@ -11,6 +11,7 @@ point names a ``Backend`` subclass (or instance).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import inspect
@@ -71,7 +72,13 @@ class Backend:
     source_files: ClassVar[tuple[Path, ...]] = ()
 
     def is_available(self) -> Availability:
+        """Whether it can run in this process at all (its package, toolchain, a GPU); asked once."""
         return Availability.yes()
+
+    def device_reasons(self, device: torch.device) -> list[str]:
+        """Why it cannot run on this device (its compute capability, say); asked once per device,
+        so each GPU of a host with different models gets its own answer."""
+        return []
 
     def not_supported_reasons(self, x: torch.Tensor) -> list[str]:
         """Why this backend cannot take ``x`` (empty when it can), availability aside."""
@@ -86,7 +93,7 @@ class Backend:
 
     def source_hash(self) -> str:
         """Changes whenever the code that computes this backend's result changes."""
-        return _source_hash(type(self))
+        return source_hash_of(type(self))
 
     def __repr__(self) -> str:
         return f"<mishops backend {self.name!r}>"
@@ -112,27 +119,25 @@ def csrc_path(name: str) -> Path:
     return packaged if packaged.exists() else _CSRC / name
 
 
-_hash_cache: dict[type, str] = {}
-
-
-def _source_hash(cls: type) -> str:
-    if cls not in _hash_cache:
-        h = hashlib.sha256()
-        try:
-            h.update(inspect.getsource(inspect.getmodule(cls)).encode())
-        except (OSError, TypeError):
-            h.update(cls.__qualname__.encode())
-        for path in cls.source_files:
-            h.update(Path(path).read_bytes())
-        _hash_cache[cls] = h.hexdigest()[:16]
-    return _hash_cache[cls]
+@functools.cache
+def source_hash_of(cls: type) -> str:
+    """A hash of the module that defines ``cls`` and of its ``source_files``."""
+    h = hashlib.sha256()
+    try:
+        h.update(inspect.getsource(inspect.getmodule(cls)).encode())
+    except (OSError, TypeError):
+        h.update(cls.__qualname__.encode())
+    for path in cls.source_files:
+        h.update(Path(path).read_bytes())
+    return h.hexdigest()[:16]
 
 
 class Registry:
     """Named implementations of one kind (double-Mish backends, whole-block plans), in preference order.
 
-    Availability is asked once per process; an implementation that broke at build or launch is
-    marked failed with its reason and stays out of automatic choices. ``load_builtins`` imports the
+    Availability is asked once per process, ``device_reasons`` once per device; an implementation
+    that broke at build or launch is marked failed with its reason and stays out of automatic
+    choices. Names are case-insensitive (registered lower-case). ``load_builtins`` imports the
     modules that register the built-ins on first listing; ``entry_point_group`` lets other packages
     add theirs; ``on_change`` runs whenever the set or a failure changes (to drop cached choices).
     """
@@ -140,11 +145,14 @@ class Registry:
     def __init__(self, kind: str, base: type, load_builtins, entry_point_group: str | None = None,
                  on_change=None):
         self.kind, self.base, self.entry_point_group = kind, base, entry_point_group
-        self._load_builtins, self._on_change = load_builtins, on_change or (lambda: None)
+        self._load_builtins = load_builtins
+        #: called whenever the set or a failure changes (the ops drop their remembered choices).
+        self.on_change = on_change or (lambda: None)
         self.lock = threading.RLock()
         self.items: dict = {}
         self.failed: dict[str, str] = {}
         self.cached: dict[str, Availability] = {}
+        self.per_device: dict[tuple, list[str]] = {}
         self._entry_points_loaded = entry_point_group is None
 
     def register(self, cls_or_obj=None, *, replace: bool = False):
@@ -154,13 +162,13 @@ class Registry:
             obj = item() if isinstance(item, type) else item
             if not isinstance(obj, self.base):
                 raise TypeError(f"{item!r} is not a {self.base.__module__}.{self.base.__qualname__}")
+            if obj.name != obj.name.lower():
+                raise ValueError(f"{self.kind} names are lower-case: {obj.name!r}")
             with self.lock:
                 if obj.name in self.items and not replace:
                     raise ValueError(f"a {self.kind} named {obj.name!r} is already registered")
                 self.items[obj.name] = obj
-                self.cached.pop(obj.name, None)
-                self.failed.pop(obj.name, None)
-                self._on_change()
+                self._forget(obj.name)
             return item
 
         return add if cls_or_obj is None else add(cls_or_obj)
@@ -168,9 +176,14 @@ class Registry:
     def unregister(self, name: str) -> None:
         with self.lock:
             self.items.pop(name, None)
-            self.cached.pop(name, None)
-            self.failed.pop(name, None)
-            self._on_change()
+            self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        self.cached.pop(name, None)
+        self.failed.pop(name, None)
+        for k in [k for k in self.per_device if k[0] == name]:
+            del self.per_device[k]
+        self.on_change()
 
     def _load_entry_points(self) -> None:
         if self._entry_points_loaded:
@@ -181,7 +194,7 @@ class Registry:
                 self.register(ep.load())
             except Exception as exc:  # a broken plugin must not break import mishops
                 self.failed[ep.name] = f"entry point {ep.value!r} failed to load: {type(exc).__name__}: {exc}"
-                log.warning("mishops: %s entry point %s: %s", self.kind, ep.name, self.failed[ep.name])
+                log.warning("%s entry point %s: %s", self.kind, ep.name, self.failed[ep.name])
 
     def all(self) -> dict:
         """Every registered one, in preference order."""
@@ -194,9 +207,26 @@ class Registry:
         if name in self.items:  # the hot path of a named one: no import, no sort
             return self.items[name]
         found = self.all()
-        if name not in found:
-            raise ValueError(f"unknown mishops {self.kind} {name!r}; valid names: {', '.join(found)}")
-        return found[name]
+        if not isinstance(name, str) or name.strip().lower() not in found:
+            raise ValueError(f"mishops: unknown {self.kind} {name!r}; valid names: {', '.join(found)}")
+        return found[name.strip().lower()]
+
+    def reasons(self, name: str, device: torch.device) -> list[str]:
+        """Why ``name`` cannot run on ``device`` at all (empty when it can): unavailable in this
+        process, or not on this device. Cached per process and per device."""
+        available = self.availability(name)
+        if not available:
+            return [f"unavailable: {available.reason}"]
+        key = (name, device.type, device.index)
+        found = self.per_device.get(key)
+        if found is None:
+            with self.lock:
+                try:
+                    found = list(self.get(name).device_reasons(device))
+                except Exception as exc:
+                    found = [f"device_reasons() raised {type(exc).__name__}: {exc}"]
+                self.per_device[key] = found
+        return found
 
     def availability(self, name: str) -> Availability:
         """Cached per process; one marked failed stays unavailable with the failure's reason."""
@@ -215,8 +245,8 @@ class Registry:
         """One that broke at build or launch stays out of automatic choices for this process."""
         with self.lock:
             self.failed[name] = reason
-            self._on_change()
-        log.warning("mishops: %s %r marked failed: %s", self.kind, name, reason)
+            self.on_change()
+        log.warning("%s %r marked failed: %s", self.kind, name, reason)
 
 
 def _import_builtin_backends() -> None:
@@ -224,12 +254,10 @@ def _import_builtin_backends() -> None:
 
 
 BACKENDS = Registry("backend", Backend, _import_builtin_backends, ENTRY_POINT_GROUP)
-# The module-level API and the dispatcher's hot path use these directly (dicts mutated in place).
-_backends, _failed, _availability = BACKENDS.items, BACKENDS.failed, BACKENDS.cached
 register, unregister, backends, get = BACKENDS.register, BACKENDS.unregister, BACKENDS.all, BACKENDS.get
 availability, mark_failed = BACKENDS.availability, BACKENDS.mark_failed
 
 
 def failures() -> dict[str, str]:
     with BACKENDS.lock:
-        return dict(_failed)
+        return dict(BACKENDS.failed)

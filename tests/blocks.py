@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mishops import dispatch, plans
+from mishops import dispatch, plans, tuning
 from mishops.plans import run_block
 
 CL = torch.channels_last
@@ -36,24 +36,24 @@ def isolated_plans(monkeypatch):
     monkeypatch.setenv("MISHOPS_TUNE_BUDGET_MS", "40")
     # GPU tests: search the heuristics' first 6 cuDNN configs (a full search takes 5-15 s per graph)
     monkeypatch.setenv("MISHOPS_CUDNN_CONFIGS", os.environ.get("MISHOPS_CUDNN_CONFIGS", "6"))
-    plans.clear_memory()
+    tuning.TUNER.clear()
     before = plans.plans()  # the built-ins, registered
     yield
-    with plans._lock:
-        plans._plans.clear()
-        plans._plans.update(before)
-    plans.clear_memory()
+    with plans.PLANS.lock:
+        plans.PLANS.items.clear()
+        plans.PLANS.items.update(before)
+    tuning.TUNER.clear()
 
 
 def block_choices():
-    return [c for c in dispatch.last_choices() if c.op == "block"]
+    return [c for c in tuning.TUNER.last_choices() if c.op == "block"]
 
 
 def register(plan_cls):
     """Register a test plan (replacing one of the same name), its call count reset."""
     plan_cls.calls = 0
     plans.register_plan(plan_cls, replace=True)
-    return plans._plans[plan_cls.name]
+    return plans.PLANS.items[plan_cls.name]
 
 
 def tf32_round(t: torch.Tensor) -> torch.Tensor:

@@ -1,16 +1,17 @@
-"""Shared fixtures: every test gets its own tuning-cache directory and a clean dispatcher."""
+"""Shared fixtures: every test gets its own tuning-cache directory and a tuner that remembers nothing."""
 
 
 import pytest
 import torch
 
-from mishops import dispatch, plans, registry
+from mishops import plans, registry, tuning
+from mishops.backends import cuda
 
 HAS_GPU = torch.cuda.is_available()
 
 
 def pytest_collection_modifyitems(config, items):
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the device machine: see README 'GPU tests')")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords and not HAS_GPU:
             item.add_marker(skip)
@@ -23,12 +24,15 @@ def isolated_mishops(tmp_path, monkeypatch):
                 "MISHOPS_PLAN"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("MISHOPS_CACHE_DIR", str(tmp_path / "mishops-cache"))
-    dispatch.clear_memory()
-    plans.clear_memory()
-    for counter in dispatch.stats:
-        dispatch.stats[counter] = 0
-    saved_failed = dict(registry._failed)
+    tuning.TUNER.clear()
+    for counters in (tuning.stats, cuda.stats):
+        for counter in counters:
+            counters[counter] = 0
+    saved = {r: dict(r.failed) for r in (registry.BACKENDS, plans.PLANS)}
+    plans.PLANS.failed.clear()
     yield
-    dispatch.clear_memory()
-    registry._failed.clear()
-    registry._failed.update(saved_failed)
+    tuning.TUNER.clear()
+    for r, failed in saved.items():
+        r.failed.clear()
+        r.failed.update(failed)
+        r.per_device.clear()

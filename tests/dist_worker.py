@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import mishops
-from mishops import dispatch, registry
+from mishops import dispatch, registry, tuning
 from tests.fake_backends import EagerLike
 from tests.reference import Model
 
@@ -51,7 +51,7 @@ def choose_worker(rank, world, port, cache_dir, out_dir, device="cpu", sync="1")
     torch.manual_seed(rank)
     for shape in [(32, 8), (5, 5, 5)]:
         mishops.mish2(torch.randn(shape, device=dev))
-    result = {"choices": [c.backend for c in mishops.last_choices()], "stats": dict(dispatch.stats)}
+    result = {"choices": [c.winner for c in mishops.last_choices()], "stats": dict(tuning.stats)}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     dist.destroy_process_group()

@@ -73,3 +73,48 @@ class Unavailable(EagerLike):
 class Float16Only(EagerLike):
     name = "test_fp16only"
     dtypes = frozenset({torch.float16})
+
+
+class Zeros(EagerLike):
+    """Preferred and instant, but returns zeros: right only where the input is all zeros."""
+
+    name = "test_zeros"
+    priority = 0
+
+    def forward(self, x):
+        return torch.zeros_like(x)
+
+
+class SlowNoisy(EagerLike):
+    """Correct, best priority, but sleeps 0.5-8 ms per call: a spread wide enough to cover any gap."""
+
+    name = "test_slow_noisy"
+    priority = 0
+    calls = 0
+
+    def forward(self, x):
+        type(self).calls += 1
+        time.sleep((0.5, 8.0, 2.0, 4.0, 6.0)[type(self).calls % 5] / 1e3)
+        return F.mish(F.mish(x))
+
+
+class OomOnWide(EagerLike):
+    """Fastest and preferred, but runs out of memory on inputs wider than 16 columns."""
+
+    name = "test_oom_on_wide"
+    priority = 0
+
+    def forward(self, x):
+        if x.shape[-1] > 16:
+            raise torch.OutOfMemoryError("simulated: tried to allocate 80 GiB")
+        return F.mish(F.mish(x))
+
+
+class WrongOnNaN(EagerLike):
+    """Right on finite inputs, but turns NaN into zero."""
+
+    name = "test_wrong_on_nan"
+    priority = 0
+
+    def forward(self, x):
+        return F.mish(F.mish(x)).nan_to_num(nan=0.0)

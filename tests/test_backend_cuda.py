@@ -38,6 +38,7 @@ import torch
 import mishops
 from mishops import dispatch, registry
 from mishops.backends import cuda
+from mishops.backends import cuda
 from mishops.backends.cuda import CudaBackend, CudaBuildError
 from mishops.layout import flat
 from mishops.registry import KERNEL_DTYPES
@@ -92,8 +93,9 @@ def test_import_and_availability_never_raise_without_a_toolchain(tmp_path):
         import json
         import mishops
         from mishops import dispatch, registry
+        from mishops.backends import cuda
         available = registry.availability("cuda")
-        print(json.dumps([available.ok, available.reason, dispatch.stats.get("builds", 0)]))
+        print(json.dumps([available.ok, available.reason, cuda.stats.get("builds", 0)]))
     """)
     env = {"PATH": str(tmp_path), "PYTHONPATH": str(REPO), "CUDA_HOME": str(tmp_path / "no-cuda"),
            "MISHOPS_CACHE_DIR": str(tmp_path / "cache")}
@@ -262,7 +264,7 @@ def test_failed_build_raises_the_compilers_first_error(monkeypatch, tmp_path):
     message = str(caught.value)
     assert message.splitlines()[0] == "fake.cu(1): error: bad flag"
     assert "fake.cu(2): error: a later error" in message  # the log follows the first line
-    assert dispatch.stats["builds"] == 1
+    assert cuda.stats["builds"] == 1
     build_dir = cuda.build_directory(cuda.build_facts("90"))
     assert not (build_dir / cuda.DONE_MARKER).exists()
     monkeypatch.setenv("MISHOPS_BUILD_LOCK_TIMEOUT_S", "1")
@@ -303,7 +305,7 @@ def test_finished_build_is_imported_without_compiling_or_locking(monkeypatch, tm
         holder.kill()
         holder.wait()
     assert module.origin == "stand-in" and module.__name__ == module_name
-    assert dispatch.stats.get("builds", 0) == 0
+    assert cuda.stats.get("builds", 0) == 0
 
 
 def test_a_damaged_finished_build_says_how_to_recover(monkeypatch, tmp_path):
@@ -724,13 +726,14 @@ def test_a_second_process_loads_the_build_without_compiling(backend):
         import json, torch
         import torch.nn.functional as F
         from mishops import dispatch, registry
+        from mishops.backends import cuda
         backend = registry.get("cuda")
         x = torch.randn(4099, device="cuda") * 4
         y = backend.forward(x)
         g = backend.backward(x, torch.ones_like(x))
         xd = x.double().requires_grad_()
         F.mish(F.mish(xd)).sum().backward()
-        print(json.dumps({"builds": dispatch.stats.get("builds", 0),
+        print(json.dumps({"builds": cuda.stats.get("builds", 0),
                           "forward_err": float((y.double() - F.mish(F.mish(x.double()))).abs().max()),
                           "backward_err": float((g.double() - xd.grad).abs().max())}))
     """)
@@ -752,7 +755,7 @@ x = torch.randn(1000, device="cuda")
 y = torch.empty_like(x)
 cuda.checked(cuda.extension_for(x.device).mish2_forward(x, y))
 torch.cuda.synchronize()
-print(json.dumps({"builds": dispatch.stats.get("builds", 0), "finite": bool(y.isfinite().all())}))
+print(json.dumps({"builds": cuda.stats.get("builds", 0), "finite": bool(y.isfinite().all())}))
 """
 
 

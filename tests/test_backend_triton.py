@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import mishops
-from mishops import dispatch, registry
+from mishops import dispatch, registry, tuning
 from mishops.backends import triton as triton_backend
 from tests.reference import SPECIAL_VALUES, mish2_f64, mish2_grad_f64
 
@@ -160,7 +160,7 @@ def spy_on(monkeypatch, backend) -> list[str]:
 def interpreter(monkeypatch):
     """The backend with Triton's interpreter on; availability cached by earlier tests is set aside."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delitem(registry._availability, "triton", raising=False)
+    monkeypatch.delitem(registry.BACKENDS.cached, "triton", raising=False)
     backend = registry.get("triton")
     assert registry.availability("triton"), registry.availability("triton").reason
     return backend
@@ -170,7 +170,7 @@ def interpreter(monkeypatch):
 def compiled(monkeypatch):
     """The backend with compiled kernels, even if the whole run has TRITON_INTERPRET=1."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.delitem(registry._availability, "triton", raising=False)
+    monkeypatch.delitem(registry.BACKENDS.cached, "triton", raising=False)
     backend = registry.get("triton")
     assert registry.availability("triton"), registry.availability("triton").reason
     return backend
@@ -283,7 +283,7 @@ def test_dispatcher_profiles_triton_on_cpu(interpreter, monkeypatch):
     monkeypatch.setenv("MISHOPS_TUNE_BUDGET_MS", "20")
     x = make_input((3, 7, 131), torch.float32)
     y = mishops.mish2(x)
-    choice = dispatch.last_choices()[-1]
+    choice = tuning.TUNER.last_choices()[-1]
     assert choice.how == "profiled"
     assert choice.measurements["triton"].ok, choice.measurements["triton"].reason
     torch.testing.assert_close(y, F.mish(F.mish(x)), rtol=1e-5, atol=1e-6)

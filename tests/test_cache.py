@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mishops
-from mishops import cache, dispatch, registry
+from mishops import cache, dispatch, registry, tuning
 from tests.fake_backends import Fast, Slow
 
 
@@ -50,27 +50,27 @@ def test_cache_file_is_keyed_by_environment():
 def test_version_change_invalidates(fakes, monkeypatch):
     x = torch.randn(9)
     mishops.mish2(x)
-    assert dispatch.stats["profiled_keys"] == 1
-    dispatch.clear_memory()
+    assert tuning.stats["profiled_keys"] == 1
+    tuning.TUNER.clear()
     real = cache.environment
     monkeypatch.setattr(cache, "environment", lambda device: dict(real(device), torch="9.9.9"))
     mishops.mish2(x)
-    assert dispatch.stats["profiled_keys"] == 2
+    assert tuning.stats["profiled_keys"] == 2
     assert len(cache.all_cache_files()) == 2
 
 
 def test_source_change_retimes_only_that_backend(fakes, monkeypatch):
     x = torch.randn(10)
     mishops.mish2(x)
-    dispatch.clear_memory()
+    tuning.TUNER.clear()
     monkeypatch.setattr(Slow, "source_hash", lambda self: "changed")
     mishops.mish2(x)
-    choice = dispatch.last_choices()[-1]
+    choice = tuning.TUNER.last_choices()[-1]
     assert choice.how == "profiled"
-    entry = cache.DiskCache(cache.environment(dispatch.device_label(x.device))).read()[choice.key]
+    entry = cache.DiskCache(cache.environment(tuning.device_label(x.device))).read()[choice.key]
     assert entry["test_slow"]["hash"] == "changed"
     assert entry["test_fast"]["hash"] == Fast().source_hash()
-    assert dispatch.stats["profiled_keys"] == 2
+    assert tuning.stats["profiled_keys"] == 2
 
 
 def test_sixteen_cold_processes_lose_no_entries():
@@ -95,7 +95,7 @@ def test_sixteen_cold_processes_lose_no_entries():
                          ids=["empty", "truncated", "random-bytes", "not-a-table", "future-format", "other-gpu"])
 def test_damaged_cache_warns_once_and_is_rebuilt(fakes, content):
     x = torch.randn(11)
-    path = cache.cache_file(cache.environment(dispatch.device_label(x.device)))
+    path = cache.cache_file(cache.environment(tuning.device_label(x.device)))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(content)
     with pytest.warns(RuntimeWarning, match="damaged tuning cache") as record:
@@ -126,7 +126,7 @@ def test_unwritable_cache_dir_works_in_memory(fakes, tmp_path, monkeypatch):
         mishops.mish2(torch.randn(15))
     assert len(record) == 1
     mishops.mish2(x)
-    assert dispatch.stats["profiled_keys"] == 2  # remembered in memory
+    assert tuning.stats["profiled_keys"] == 2  # remembered in memory
 
 
 def test_cli_cache_show_and_clear(fakes, capsys):

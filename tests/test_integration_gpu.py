@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import mishops
-from mishops import dispatch, registry
+from mishops import dispatch, registry, tuning
 from tests.reference import Model
 
 pytestmark = pytest.mark.gpu
@@ -30,7 +30,7 @@ def test_auto_profiles_all_four_and_timings_are_visible():
     choice = mishops.last_choices()[-1]
     assert set(choice.measurements) == {*KERNELS, "eager"}
     assert all(m.ok for m in choice.measurements.values()), choice.measurements
-    assert choice.backend in KERNELS  # one pass beats eager's two
+    assert choice.winner in KERNELS  # one pass beats eager's two
     assert torch.equal(x, before)
     torch.testing.assert_close(y, F.mish(F.mish(x)), rtol=1e-5, atol=1e-6)
 
@@ -39,9 +39,9 @@ def test_recorded_timing_matches_a_fresh_measurement():
     x = torch.randn(64, 128, 128, 128, device="cuda")
     mishops.mish2(x)
     choice = mishops.last_choices()[-1]
-    chosen = registry.get(choice.backend)
+    chosen = registry.get(choice.winner)
     fresh, _, _ = dispatch._time(lambda: chosen.forward(x), x, 0.5)
-    assert abs(fresh - choice.measurements[choice.backend].median_ms) <= 0.2 * fresh + 0.01
+    assert abs(fresh - choice.measurements[choice.winner].median_ms) <= 0.2 * fresh + 0.01
 
 
 SECOND_PROCESS = textwrap.dedent("""
@@ -51,7 +51,7 @@ SECOND_PROCESS = textwrap.dedent("""
     mishops.mish2(x)
     x.requires_grad_(True)
     mishops.mish2(x).sum().backward()
-    print(json.dumps({"stats": dispatch.stats, "choices": [[c.op, c.backend, c.how] for c in mishops.last_choices()]}))
+    print(json.dumps({"stats": tuning.stats, "choices": [[c.op, c.winner, c.how] for c in mishops.last_choices()]}))
 """)
 
 
@@ -126,12 +126,12 @@ def test_capture_on_a_cold_key_never_profiles(caplog):
     graph = torch.cuda.CUDAGraph()
     y = torch.empty_like(x)
     mishops.mish2(torch.randn(5, device="cuda"))  # builds/loads outside capture
-    before = dispatch.stats["profiled_keys"]
+    before = tuning.stats["profiled_keys"]
     with torch.cuda.graph(graph):
         y.copy_(mishops.mish2(x))
     graph.replay()
     torch.cuda.synchronize()
-    assert dispatch.stats["profiled_keys"] == before
+    assert tuning.stats["profiled_keys"] == before
     assert mishops.last_choices()[-1].how == "capture"
     torch.testing.assert_close(y, F.mish(F.mish(x)), rtol=1e-5, atol=1e-6)
 
@@ -150,6 +150,6 @@ def test_profiling_hands_its_scratch_memory_back():
     big allocations then ran 12% slower at the reference shape: profiling empties the cache."""
     x = torch.randn(64, 128, 64, 64, device="cuda")  # 128 MiB
     y = mishops.mish2(x)
-    assert dispatch.last_choices()[-1].how == "profiled"
+    assert tuning.TUNER.last_choices()[-1].how == "profiled"
     idle = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
     assert idle < y.nbytes, f"{idle / 2**20:.0f} MiB cached after profiling"

@@ -69,7 +69,7 @@ def test_cpu_tensor_by_name_is_clear_and_auto_fits_on_gpu_machine():
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool, torch.complex64])
 def test_integer_and_complex_inputs_are_a_clear_error(dtype):
-    with pytest.raises(mishops.NoBackendError, match="no backend supports its dtype"):
+    with pytest.raises(mishops.NoBackendError, match="^mishops: (int32|int64|bool|complex64) input: mish2 needs a floating-point tensor$"):
         mishops.mish2(torch.zeros(3, dtype=dtype))
 
 

@@ -36,5 +36,5 @@ def test_kernel_size_tuple_and_repr():
 
 def test_unknown_backend_is_a_clear_error():
     model = mishops.ModelNew(2, 3, 3, backend="nope")
-    with pytest.raises(ValueError, match="unknown mishops backend 'nope'"):
+    with pytest.raises(ValueError, match="backend='nope' names no backend; valid names: auto"):
         model(torch.randn(1, 2, 5, 5))

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mishops import plans
+from mishops import plans, tuning
 from mishops.model import ModelNew
 from mishops.plans import Plan, conv2d, run_block
 from tests.blocks import block_choices, isolated_plans, register  # noqa: F401
@@ -60,16 +60,20 @@ class _Recompute(Plan):
             return F.mish(F.mish(conv2d(x, weight, bias, spec)))
 
 
+#: the plans that store the pre-activation for their backward (autograd through the conv).
+STORING = ("torch_conv", "eager")
+
+
 def _slow_torch_conv_forward(monkeypatch, delay_s=0.01):
-    """torch_conv's forward made 10 ms slower; its backward (the stored pre-activation) untouched."""
-    plan = plans.get_plan("torch_conv")
-    forward = plan.forward
+    """The storing plans' forwards made 10 ms slower; their backward (the stored pre-activation) untouched."""
+    for name in STORING:
+        plan = plans.get_plan(name)
 
-    def slowed(*args, **kwargs):
-        time.sleep(delay_s)
-        return forward(*args, **kwargs)
+        def slowed(*args, forward=plan.forward, **kwargs):
+            time.sleep(delay_s)
+            return forward(*args, **kwargs)
 
-    monkeypatch.setattr(plan, "forward", slowed)
+        monkeypatch.setattr(plan, "forward", slowed)
 
 
 def _conv_and_input(x_requires_grad=False):
@@ -87,12 +91,12 @@ def test_fast_forward_slow_backward_wins_inference_and_loses_training(monkeypatc
     inference = block_choices()[-1]
     run_block(x, conv).sum().backward()
     training = block_choices()[-1]
-    assert inference.backend == "test_slow_backward", inference.summary()
-    assert training.backend == "torch_conv", training.summary()
+    assert inference.winner == "test_slow_backward", inference.summary()
+    assert training.winner in STORING, training.summary()
     assert training.key.endswith("|train=w,b") and "train" not in inference.key
     fast, slowed = inference.measurements["test_slow_backward"], inference.measurements["torch_conv"]
     assert fast.ok and slowed.ok and fast.median_ms < slowed.median_ms
-    slow, store = training.measurements["test_slow_backward"], training.measurements["torch_conv"]
+    slow, store = training.measurements["test_slow_backward"], training.measurements[training.winner]
     assert slow.ok and store.ok and slow.median_ms > 100 and store.median_ms < slow.median_ms
 
 
@@ -105,12 +109,12 @@ def test_a_plan_with_a_wrong_backward_is_never_chosen_for_training(monkeypatch, 
     with torch.no_grad():
         run_block(x, conv)
     inference = block_choices()[-1]
-    assert inference.backend == "test_wrong_backward" and inference.measurements["test_wrong_backward"].ok
+    assert inference.winner == "test_wrong_backward" and inference.measurements["test_wrong_backward"].ok
 
     grad = torch.randn(2, 5, 7, 9)
     ours = torch.autograd.grad(run_block(x, conv), [x, conv.weight, conv.bias], grad)
     training = block_choices()[-1]
-    assert training.backend == "torch_conv", training.summary()
+    assert training.winner in STORING, training.summary()
     rejected = training.measurements["test_wrong_backward"]
     assert not rejected.ok and rejected.reason.startswith("dx: wrong answer"), rejected.reason
     expected = torch.autograd.grad(F.mish(F.mish(conv(x))), [x, conv.weight, conv.bias], grad)
@@ -132,7 +136,7 @@ def test_a_forced_plan_trains_as_it_is(monkeypatch):
 def test_training_and_inference_keys_are_cached_separately():
     register(_Recompute)
     conv, x = _conv_and_input()
-    profiled = plans.stats["profiled_keys"]
+    profiled = tuning.stats["profiled_keys"]
     with torch.no_grad():
         run_block(x, conv)
     run_block(x, conv)  # trains the weight and the bias
@@ -141,7 +145,7 @@ def test_training_and_inference_keys_are_cached_separately():
     assert keys == [keys[0], keys[0] + "|train=w,b", keys[0] + "|train=x,w,b"], keys
     assert [c.how for c in block_choices()] == ["profiled"] * 3
     assert all(c.measurements["test_recompute"].ok and c.measurements["torch_conv"].ok for c in block_choices())
-    before = dict(plans.stats)
+    before = dict(tuning.stats)
     assert before["profiled_keys"] == profiled + 3
 
     def all_three():
@@ -151,12 +155,12 @@ def test_training_and_inference_keys_are_cached_separately():
         run_block(x.detach().requires_grad_(True), conv)
 
     all_three()
-    assert plans.stats == before and len(block_choices()) == 3
-    plans.clear_memory()  # a new process: the disk cache answers each key
+    assert tuning.stats == before and len(block_choices()) == 3
+    tuning.TUNER.clear()  # a new process: the disk cache answers each key
     all_three()
-    assert plans.stats == before
-    assert [c.how for c in block_choices()[3:]] == ["cached"] * 3
-    assert [c.key for c in block_choices()[3:]] == keys
+    assert tuning.stats == before
+    assert [c.how for c in block_choices()] == ["cached"] * 3
+    assert [c.key for c in block_choices()] == keys
 
 
 @pytest.mark.parametrize("extra_plan", [None, _Recompute], ids=["builtin-plans", "with-a-recompute-plan"])

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mishops import plans
+from mishops.plans import autocast
+from mishops import plans, tuning
 from mishops.plans import ConvSpec, run_block
 from mishops.plans import triton_conv as tc
 from tests.reference import SPECIAL_VALUES
@@ -21,10 +22,10 @@ CL = torch.channels_last
 def isolated(monkeypatch):
     monkeypatch.delenv("MISHOPS_PLAN", raising=False)
     monkeypatch.setenv("MISHOPS_TUNE_BUDGET_MS", "40")
-    plans.clear_memory()
+    tuning.TUNER.clear()
     plans.PLANS.cached.pop("triton_conv", None)  # availability depends on TRITON_INTERPRET, set per test
     yield
-    plans.clear_memory()
+    tuning.TUNER.clear()
     plans.PLANS.cached.pop("triton_conv", None)
 
 
@@ -232,8 +233,8 @@ def test_under_autocast_run_block_never_casts_the_input_separately(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("MISHOPS_PLAN", "triton_conv")
     casts = []
-    real_cast = plans._PendingCast.cast
-    monkeypatch.setattr(plans._PendingCast, "cast", lambda self: casts.append(1) or real_cast(self))
+    real_cast = autocast.PendingCast.cast
+    monkeypatch.setattr(autocast.PendingCast, "cast", lambda self: casts.append(1) or real_cast(self))
     torch.manual_seed(0)
     conv = nn.Conv2d(6, 10, 3, padding=1)
     x = torch.randn(2, 6, 7, 12, requires_grad=True)

@@ -57,7 +57,7 @@ def test_not_supported_reasons_name_device_and_dtype(fresh_names):
 
 
 def test_unknown_name_lists_valid_names():
-    with pytest.raises(ValueError, match="unknown mishops backend 'nope'; valid names: .*eager"):
+    with pytest.raises(ValueError, match="unknown backend 'nope'; valid names: .*eager"):
         registry.get("nope")
 
 
@@ -70,7 +70,7 @@ def test_source_hash_changes_with_kernel_source(tmp_path):
         source_files = (src,)
 
     first = WithSource().source_hash()
-    registry._hash_cache.clear()
+    registry.source_hash_of.cache_clear()
     src.write_text("two")
     assert WithSource().source_hash() != first
 

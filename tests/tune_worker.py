@@ -6,7 +6,7 @@ import sys
 import torch
 
 import mishops
-from mishops import dispatch, registry
+from mishops import dispatch, registry, tuning
 from tests.fake_backends import Fast, Slow
 
 registry.register(Fast)
@@ -14,4 +14,4 @@ registry.register(Slow)
 for spec in sys.argv[1:]:
     shape = tuple(int(s) for s in spec.split("x"))
     mishops.mish2(torch.randn(shape))
-print(json.dumps({"stats": dispatch.stats, "choices": {c.key: [c.backend, c.how] for c in mishops.last_choices()}}))
+print(json.dumps({"stats": tuning.stats, "choices": {c.key: [c.winner, c.how] for c in mishops.last_choices()}}))

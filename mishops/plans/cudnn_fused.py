@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
-from mishops import dispatch
-from mishops.dispatch import Measurement
+from mishops import tuning
+from mishops.tuning import TUNER, Measurement
 from mishops.plans import (ConvSpec, NoPlanError, Plan, availability, conv2d, get_plan, mismatch, operand_reasons,
                            reference, register_plan, synthetic_inputs)
 from mishops.registry import Availability
@@ -262,7 +262,7 @@ class CudnnFusedPlan(Plan):
         """The config the tuning cache names, rebuilt alone; else a full search, then remembered."""
         cudnn = _cudnn()
         handle = self._handle(x.device)
-        store = dispatch._disk_cache(dispatch.device_label(x.device))
+        store = TUNER.disk(x.device)
         key = self._disk_key(x, weight, bias, spec, epilogue)
         what = "cuDNN fusion" if epilogue else "cuDNN conv"
         saved = store.read().get(key, {}).get("config")
@@ -275,7 +275,7 @@ class CudnnFusedPlan(Plan):
                 log.warning("mishops: cuDNN config %s could not be rebuilt (%s: %s); searching again",
                             saved["name"], type(exc).__name__, exc)
         engine, identity = self._search(cudnn, handle, x, weight, bias, spec, epilogue)
-        dispatch.release_scratch(x.device)  # the search's scratch tensors and workspaces
+        tuning.release_scratch(x.device)  # the search's scratch tensors and workspaces
         store.update(key, {"config": identity})
         if engine is None:
             raise NoPlanError(f"{what}: {identity['reason']}")
@@ -316,7 +316,7 @@ class CudnnFusedPlan(Plan):
             with torch.no_grad():
                 expected = conv2d(x, weight, None, spec)
         expected = expected.contiguous(memory_format=torch.channels_last)
-        budget_s = float(os.environ.get("MISHOPS_TUNE_BUDGET_MS", dispatch.DEFAULT_BUDGET_MS)) / 1e3
+        budget_s = tuning.budget_s()
         measured: dict[str, Measurement] = {}
         found: dict[str, _Engine] = {}
         for index in range(count):
@@ -334,15 +334,15 @@ class CudnnFusedPlan(Plan):
                     measured[name] = Measurement(False, "", reason=wrong)
                     log.warning("mishops: cuDNN config %s rejected: %s", name, wrong)
                     continue
-                median, spread, _ = dispatch._time(lambda: self._execute(engine, x, weight, bias, out), out,
-                                                   budget_s / count)
-                measured[name] = Measurement(True, "", median, spread)
+                timing = tuning.time_ms(lambda: self._execute(engine, x, weight, bias, out), out.device,
+                                        budget_s / count)
+                measured[name] = Measurement(True, "", timing.median_ms, timing.spread_ms)
                 found[name] = engine
             except Exception as exc:  # a config that does not build or run is skipped
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 measured[name] = Measurement(False, "", reason=f"{type(exc).__name__}: {first}")
         order = {name: i for i, name in enumerate(measured)}
-        best = dispatch.pick(measured, order)
+        best = tuning.pick(measured, order)
         log.info("mishops: cuDNN configs for %s: %s -> %s", self._disk_key(x, weight, bias, spec, epilogue),
                  ", ".join(f"{n} {m.median_ms:.3f} ms" if m.ok else f"{n} ({m.reason})" for n, m in measured.items()),
                  best)

@@ -1,7 +1,7 @@
 """PyTorch's own conv, then ``mish2``: runs on every device, dtype, layout and conv setting.
 
-It is the plan the others are checked against (with the eager double Mish) and the fallback
-when none of them applies. Its output has whatever memory format PyTorch's conv gives, which
+Where a double-Mish kernel runs it saves the ``eager`` plan's second pass over the conv output; in
+training it stores the pre-activation for the backward. Its output has whatever memory format PyTorch's conv gives, which
 is by definition the expected one; autograd, ``torch.compile`` and CUDA graphs go through the
 ``mishops::mish2`` custom op.
 """

@@ -268,12 +268,14 @@ class TritonConvPlan(Plan):
             from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
         except Exception as exc:
             return Availability.no(f"this triton has no host tensor descriptors (needs 3.4+): {exc}")
-        if not _interpreting():
-            if not torch.cuda.is_available():
-                return Availability.no("no CUDA GPU (set TRITON_INTERPRET=1 to run Triton's interpreter on CPU tensors)")
-            if torch.cuda.get_device_capability() < (9, 0):
-                return Availability.no("needs a GPU with TMA (compute capability 9.0+)")
+        if not _interpreting() and not torch.cuda.is_available():
+            return Availability.no("no CUDA GPU (set TRITON_INTERPRET=1 to run Triton's interpreter on CPU tensors)")
         return Availability.yes()
+
+    def device_reasons(self, device: torch.device) -> list[str]:
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
+            return ["needs a GPU with TMA (compute capability 9.0+)"]
+        return []
 
     def not_supported_reasons(self, x, weight, bias, spec: ConvSpec) -> list[str]:
         reasons = super().not_supported_reasons(x, weight, bias, spec) + operand_reasons(x, weight, bias, spec)

@@ -1,0 +1,146 @@
+"""What a plan is: the block's spec, the interface every plan implements, and what they share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from mishops import dispatch, registry
+from mishops.ops import mish2
+from mishops.plans.memory_format import expected_memory_format, format_name
+from mishops.registry import FLOAT_DTYPES, Availability
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """The conv's hyper-parameters, as ``nn.Conv2d`` keeps them (padding may be a string)."""
+
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] | str
+    dilation: tuple[int, ...]
+    groups: int
+    padding_mode: str
+    #: ``F.pad`` amounts for a non-zeros ``padding_mode`` (``nn.Conv2d._reversed_padding_repeated_twice``).
+    reversed_padding: tuple[int, ...]
+    #: how many Mish follow the conv: 2 is the reference block, 1 the Conv -> Mish of CSPDarknet-style models.
+    mish_count: int = 2
+
+    @classmethod
+    def of(cls, conv: torch.nn.Conv2d, mish_count: int = 2) -> ConvSpec:
+        if mish_count not in (1, 2):
+            raise ValueError(f"mishops: mish_count must be 1 or 2, not {mish_count!r}")
+        return cls(tuple(conv.stride), conv.padding if isinstance(conv.padding, str) else tuple(conv.padding),
+                   tuple(conv.dilation), conv.groups, conv.padding_mode,
+                   tuple(getattr(conv, "_reversed_padding_repeated_twice", ())), mish_count)
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec) -> torch.Tensor:
+    """What ``nn.Conv2d`` computes, from its parameters."""
+    if spec.padding_mode != "zeros":
+        x = F.pad(x, spec.reversed_padding, mode=spec.padding_mode)
+        return F.conv2d(x, weight, bias, spec.stride, 0, spec.dilation, spec.groups)
+    return F.conv2d(x, weight, bias, spec.stride, spec.padding, spec.dilation, spec.groups)
+
+
+def activation(z: torch.Tensor, spec: ConvSpec, backend: str = "auto") -> torch.Tensor:
+    """The block's activation of the conv output ``z``: ``mish2`` (by ``backend``) or one ``F.mish``."""
+    return mish2(z, backend) if spec.mish_count == 2 else F.mish(z)
+
+
+def activation_backward(z: torch.Tensor, grad: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    """d(activation)/dz * grad, from the conv output ``z`` alone: the dispatcher's fused double-Mish
+    backward, or autograd through one ``F.mish``."""
+    if spec.mish_count == 2:
+        return dispatch.run("backward", z, grad)  # copies grad to z's strides when they differ
+    with torch.enable_grad():
+        leaf = z.detach().requires_grad_()
+        return torch.autograd.grad(F.mish(leaf), leaf, grad)[0]
+
+
+class Plan:
+    """One way to compute the whole block.
+
+    Subclasses set the class attributes and implement ``forward``; inputs reach ``forward`` on a
+    supported device and dtype, with ``not_supported_reasons`` empty, and with the dtypes
+    autocast would give the conv (the dispatcher casts first, unless ``casts_input``).
+    """
+
+    name: ClassVar[str]
+    #: preference when autotuning is off or timings tie: lower wins.
+    priority: ClassVar[int] = 100
+    #: device types it runs on (``torch.device.type``); ``None`` means any.
+    devices: ClassVar[frozenset[str] | None] = None
+    dtypes: ClassVar[frozenset[torch.dtype]] = FLOAT_DTYPES
+    #: memory formats its output can have; it is a candidate only where PyTorch's is among them.
+    output_formats: ClassVar[frozenset[torch.memory_format]] = frozenset(
+        {torch.contiguous_format, torch.channels_last})
+    #: False: its forward is not tracked by autograd; the dispatcher supplies the backward.
+    differentiable: ClassVar[bool] = False
+    #: True: under autocast its forward takes the input as the caller gave it (e.g. fp32 with bf16
+    #: weights) and casts it while reading it, which saves autocast's own pass over the input.
+    casts_input: ClassVar[bool] = False
+    #: kernel sources hashed into the tuning-cache key beside the class's module (as for backends).
+    source_files: ClassVar[tuple[Path, ...]] = ()
+
+    def is_available(self) -> Availability:
+        """Whether it can run in this process at all (its package, toolchain, a GPU); asked once."""
+        return Availability.yes()
+
+    def device_reasons(self, device: torch.device) -> list[str]:
+        """Why it cannot run on this device (its compute capability, say); asked once per device."""
+        return []
+
+    def not_supported_reasons(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                              spec: ConvSpec) -> list[str]:
+        """Why this plan cannot take the input (empty when it can), availability aside."""
+        reasons = registry.device_and_dtype_reasons(self, x)
+        wanted = expected_memory_format(x, weight)
+        if wanted not in self.output_formats:
+            reasons.append(f"PyTorch's conv output would be {format_name(wanted)}; this plan writes "
+                           + " or ".join(sorted(format_name(f) for f in self.output_formats)) + " only")
+        return reasons
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                spec: ConvSpec) -> torch.Tensor:
+        raise NotImplementedError
+
+    def configs(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec) -> list:
+        """The configs worth trying for this input (tile shapes, engine configs...), each with a
+        ``name``, best guess first; empty for a plan without any. A plan that has them takes
+        ``config=None`` in ``forward`` and runs ``config_for``'s."""
+        return []
+
+    def config_for(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec) -> Any:
+        """The fastest correct of ``configs`` for this input, tuned once per key by the project's
+        tuner like any other choice (checked against the reference on inputs of its own, then timed)."""
+        from mishops.plans import block
+
+        return block.tuned_config(self, x, weight, bias, spec)
+
+    def source_hash(self) -> str:
+        """Changes whenever the code that computes this plan's result changes."""
+        return registry.source_hash_of(type(self))
+
+    def __repr__(self) -> str:
+        return f"<mishops plan {self.name!r}>"
+
+
+def operand_reasons(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec) -> list[str]:
+    """Why a fused kernel cannot take these operands, whatever it computes: what every plan of
+    ours with its own kernel (cuDNN's graphs, ``triton_conv``) needs of them."""
+    if x.dim() != 4:
+        return ["input is not a batch of images (4-D)"]
+    reasons = []
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        reasons.append("input, weight and bias dtypes differ")
+    if weight.device != x.device or (bias is not None and bias.device != x.device):
+        reasons.append("input, weight and bias are on different devices")
+    if spec.groups != 1:
+        reasons.append(f"grouped conv (groups={spec.groups})")
+    if spec.mish_count != 2:
+        reasons.append(f"its epilogue applies Mish twice (mish_count={spec.mish_count} asked)")
+    return reasons
