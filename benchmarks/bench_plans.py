@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a script: the checkout's mishops and tests
-from mishops import dispatch, plans  # noqa: E402
+from mishops import dispatch, plans, tuning  # noqa: E402
 from tests.reference import Model  # noqa: E402
 
 CL = torch.channels_last
@@ -170,8 +170,8 @@ def why_not(exc: Exception) -> str:
 
 
 def last_block_choice() -> str:
-    chosen = [c for c in dispatch.last_choices() if c.op == "block"]
-    return f"{chosen[-1].backend} ({chosen[-1].how})" if chosen else "no choice recorded"
+    chosen = [c for c in tuning.TUNER.last_choices() if c.op == "block"]
+    return f"{chosen[-1].winner} ({chosen[-1].how})" if chosen else "no choice recorded"
 
 
 def label(name) -> str:
@@ -247,7 +247,7 @@ class CaseRun:
         for name in plans.plans():
             with forced_plan(name):
                 measure(f"plan {name}", lambda: plans.run_block(self.x, self.model.conv))
-        plans.clear_memory()
+        tuning.TUNER.clear()
         measure(lambda: f"run_block auto: {last_block_choice()}", lambda: plans.run_block(self.x, self.model.conv))
         return rows
 
@@ -289,7 +289,7 @@ class CaseRun:
         for name in plans.plans():
             with forced_plan(name):
                 measure(f"plan {name} ({plan_kind(name)})", lambda: plans.run_block(self.x, self.model.conv))
-        plans.clear_memory()
+        tuning.TUNER.clear()
         measure(lambda: f"run_block auto: {last_block_choice()}", lambda: plans.run_block(self.x, self.model.conv))
         return rows
 

@@ -50,7 +50,7 @@ def test_model(benchmark, bench, model_case):
     del y
     if case.impl == "auto":  # the plan the block dispatcher chose (its choices are logged with op "block")
         blocks = [c for c in mishops.last_choices() if c.op == "block"]
-        info["chosen"] = blocks[-1].backend if blocks else "?"
+        info["chosen"] = blocks[-1].winner if blocks else "?"
 
     benchmark.group = f"model {case.mode}"
     timing = bench.time(benchmark, fn, touched)

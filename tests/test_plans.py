@@ -313,16 +313,18 @@ def test_choice_is_cached_in_memory_and_on_disk():
     assert tuning.stats["profiled_keys"] == profiled and block_choices()[-1].how == "cached"
 
 
-def test_key_includes_tf32_and_autocast(monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_key_includes_autocast_and_on_cuda_tf32(monkeypatch, device):
+    """cuDNN's switches (TF32, deterministic) change what a CUDA block computes, nothing elsewhere."""
     register(_TestPlan)
-    model, x = Model(3, 5, 3), torch.randn(2, 3, 9, 11)
+    model, x = Model(3, 5, 3).to(device), torch.randn(2, 3, 9, 11, device=device)
     run_block(x, model.conv)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", not torch.backends.cudnn.allow_tf32)
     run_block(x, model.conv)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         run_block(x, model.conv)
     keys = [c.key for c in block_choices()]
-    assert len(set(keys)) == 3, keys
+    assert len(set(keys)) == (3 if device == "cuda" else 2), keys
 
 
 class _CastingPlan(_TestPlan):

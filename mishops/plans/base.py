@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -31,11 +32,23 @@ class ConvSpec:
 
     @classmethod
     def of(cls, conv: torch.nn.Conv2d, mish_count: int = 2) -> ConvSpec:
+        """The spec of ``conv``'s block; one object per distinct spec, so building it per call is a
+        dictionary lookup (the reversed padding follows from the padding)."""
+        try:
+            return _SPECS[(conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode, mish_count)]
+        except (KeyError, TypeError):  # new, or lists where nn.Conv2d keeps tuples
+            pass
         if mish_count not in (1, 2):
             raise ValueError(f"mishops: mish_count must be 1 or 2, not {mish_count!r}")
-        return cls(tuple(conv.stride), conv.padding if isinstance(conv.padding, str) else tuple(conv.padding),
+        spec = cls(tuple(conv.stride), conv.padding if isinstance(conv.padding, str) else tuple(conv.padding),
                    tuple(conv.dilation), conv.groups, conv.padding_mode,
                    tuple(getattr(conv, "_reversed_padding_repeated_twice", ())), mish_count)
+        with contextlib.suppress(TypeError):
+            _SPECS[(conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode, mish_count)] = spec
+        return spec
+
+
+_SPECS: dict[tuple, ConvSpec] = {}
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec) -> torch.Tensor:

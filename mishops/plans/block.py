@@ -24,7 +24,6 @@ tracing or CUDA graph capture the block is the conv, then the ``mishops::mish2``
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -226,15 +225,17 @@ def choose(x, weight, bias, spec: ConvSpec, amp: torch.dtype | None = None,
     with correct gradients. ``source``: the input before autocast's cast, where the cast is not done
     yet (``x`` then only describes it)."""
     named = requested_plan()
-    if named is not None:
-        return _named(named, x, weight, bias, spec)
-    switches = flags()
+    return _named(named, x, weight, bias, spec) if named else _tuned(x, weight, bias, spec, amp, grads_of, source)
+
+
+def _tuned(x, weight, bias, spec: ConvSpec, amp, grads_of, source) -> Plan:
+    switches = flags() if x.is_cuda else ()  # the cuDNN switches change nothing on other devices
     mkey = ("block", x.device, x.dtype, x.shape, x.stride(), weight.dtype, weight.shape, weight.stride(),
             None if bias is None else (bias.dtype, bias.stride()), spec, amp, switches, grads_of,
             None if source is None else (source.dtype, source.stride()))
     choice = TUNER.memory.get(mkey)
     if choice is None:
-        key = key_string(x, weight, bias, spec, amp, switches, grads_of, source)
+        key = key_string(x, weight, bias, spec, amp, switches or flags(), grads_of, source)
         choice = TUNER.choose(mkey, lambda: problem(key, x, weight, bias, spec, grads_of, source))
     return PLANS.items[choice.winner]
 
@@ -294,44 +295,52 @@ def _config_problem(plan: Plan, x, weight, bias, spec: ConvSpec) -> Problem:
 # --- running -------------------------------------------------------------------------------------
 
 
-def _capturing(x: torch.Tensor) -> bool:
-    return x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
 def run_block(x: torch.Tensor, conv: torch.nn.Conv2d, backend: str = "auto", mish_count: int = 2) -> torch.Tensor:
     """``mish(mish(conv(x)))`` (``mish(conv(x))`` for ``mish_count=1``) by the fastest correct plan.
 
     ``backend`` (or ``MISHOPS_BACKEND``) other than ``"auto"`` names the double-Mish backend and
     so means the ``torch_conv`` plan; ``MISHOPS_PLAN`` names a plan and wins over both. Same
     output dtype, values and memory format as the reference block, under autocast too;
-    differentiable.
+    differentiable. A cached call reads the environment twice and looks its key up once.
     """
     spec = ConvSpec.of(conv, mish_count)
-    if torch.compiler.is_compiling() or _capturing(x):
+    if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
         return activation(conv(x), spec, backend)
     if not x.is_floating_point():
         raise NoPlanError(f"mishops: {str(x.dtype).removeprefix('torch.')} input: the block needs a floating-point tensor")
-    weight, bias = conv.weight, conv.bias
+    named = requested_plan()
+    if named is None and dispatch.requested_backend(backend)[0] is not None:
+        amp = autocast.autocast_dtype(x.device.type)
+        if amp is None:
+            return activation(conv2d(x, conv.weight, conv.bias, spec), spec, backend)
+        with torch.autocast(x.device.type, enabled=False):
+            weight, bias = autocast.cast(conv.weight, amp), autocast.cast(conv.bias, amp)
+            x = autocast.cast(x, amp, expected_memory_format(x, weight))
+            return activation(conv2d(x, weight, bias, spec), spec, backend)
     amp = autocast.autocast_dtype(x.device.type)
-    uncast = x
-    if amp is not None:  # cast here, as autocast would for the conv, so plans see one dtype
-        x = autocast.cast_later(x, amp, expected_memory_format(x, weight))
-        weight, bias = autocast.cast(weight, amp), autocast.cast(bias, amp)
-    with torch.autocast(uncast.device.type, enabled=False) if amp is not None else contextlib.nullcontext():
-        named_plan = requested_plan()
-        if named_plan is None and dispatch.requested_backend(backend)[0] is not None:
-            return activation(conv2d(autocast.cast_now(x), weight, bias, spec), spec, backend)
-        grads_of = training.grads_wanted(uncast, weight, bias)
-        while True:
-            # choosing reads only the input's shape, strides, dtype and device: a cast not done yet will do
-            pending = isinstance(x, autocast.PendingCast)
-            plan = choose(x.like() if pending else x, weight, bias, spec, amp, grads_of, uncast if pending else None)
-            try:
-                return training.forward(plan, uncast if plan.casts_input else autocast.cast_now(x), weight, bias,
-                                        spec, grads_of is not None)
-            except torch.OutOfMemoryError:
+    if amp is None:
+        return _run(named, x, x, conv.weight, conv.bias, spec, None)
+    with torch.autocast(x.device.type, enabled=False):  # cast here, as autocast would for the conv
+        weight, bias = autocast.cast(conv.weight, amp), autocast.cast(conv.bias, amp)
+        return _run(named, autocast.cast_later(x, amp, expected_memory_format(x, weight)), x, weight, bias, spec, amp)
+
+
+def _run(named: str | None, x, uncast: torch.Tensor, weight, bias, spec: ConvSpec, amp) -> torch.Tensor:
+    """The chosen (or named) plan's output for ``x`` (a ``PendingCast`` under autocast); an
+    automatically chosen plan that breaks is out for the process and the next one runs."""
+    grads_of = training.grads_wanted(uncast, weight, bias)
+    while True:
+        # choosing reads only the input's shape, strides, dtype and device: a cast not done yet will do
+        pending = isinstance(x, autocast.PendingCast)
+        like, source = (x.like(), uncast) if pending else (x, None)
+        plan = _named(named, like, weight, bias, spec) if named else _tuned(like, weight, bias, spec, amp, grads_of, source)
+        del like
+        try:
+            return training.forward(plan, uncast if plan.casts_input else autocast.cast_now(x), weight, bias,
+                                    spec, grads_of is not None)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:
+            if named is not None or plan.name == "eager":
                 raise
-            except Exception as exc:
-                if named_plan is not None or plan.name == "eager":
-                    raise
-                PLANS.mark_failed(plan.name, f"forward raised {type(exc).__name__}: {exc}")
+            PLANS.mark_failed(plan.name, f"forward raised {type(exc).__name__}: {exc}")
