@@ -7,7 +7,11 @@ else), in one fused pass on the kernel backends.
 
 Calls that need neither autograd nor tracing skip the custom-op machinery: its Python overhead is
 several times the dispatcher's, and a cached call must stay within a few microseconds of calling
-the chosen backend directly.
+the chosen backend directly. Eager calls that need autograd go through a plain
+``torch.autograd.Function`` with the same forward and backward: the first call of any
+``torch.library.custom_op`` imports ``torch._dynamo`` (about a second on a CPU), which only
+tracing needs. Under ``torch.compile``, FX tracing or a dispatch mode (fake tensors, ``make_fx``)
+the custom op is used.
 """
 
 from __future__ import annotations
@@ -51,6 +55,31 @@ def _backward(ctx, grad_out):
 _mish2_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _Mish2Eager(torch.autograd.Function):
+    """``mishops::mish2`` and its registered backward, for eager autograd without the custom op."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, backend: str) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.backend = backend
+        return dispatch.run("forward", x, backend=backend)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        return dispatch.run("backward", x, grad_out, backend=ctx.backend), None
+
+
+def _plain_eager(x: torch.Tensor) -> bool:
+    """True when nothing traces this call: a plain tensor and no dispatch mode (fake tensors, make_fx)."""
+    if type(x) not in (torch.Tensor, torch.nn.Parameter):
+        return False
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode() is None
+
+
 def mish2(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """``F.mish(F.mish(x))`` in one pass, by the fastest correct backend for this input.
 
@@ -60,6 +89,8 @@ def mish2(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"mish2 expects a torch.Tensor, got {type(x).__name__}")
-    if (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not _plain_eager(x):
         return _mish2_op(x, backend)
+    if x.requires_grad and torch.is_grad_enabled():
+        return _Mish2Eager.apply(x, backend)
     return dispatch.run("forward", x, backend=backend)

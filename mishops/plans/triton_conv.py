@@ -264,15 +264,16 @@ class TritonConvPlan(Plan):
     def is_available(self) -> Availability:
         if importlib.util.find_spec("triton") is None:
             return Availability.no("triton is not installed: pip install mishops[triton]")
-        try:
-            from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
-        except Exception as exc:
-            return Availability.no(f"this triton has no host tensor descriptors (needs 3.4+): {exc}")
+        # the GPU first: importing triton takes a third of a second, which a CPU-only first call must not pay
         if not _interpreting():
             if not torch.cuda.is_available():
                 return Availability.no("no CUDA GPU (set TRITON_INTERPRET=1 to run Triton's interpreter on CPU tensors)")
             if torch.cuda.get_device_capability() < (9, 0):
                 return Availability.no("needs a GPU with TMA (compute capability 9.0+)")
+        try:
+            from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+        except Exception as exc:
+            return Availability.no(f"this triton has no host tensor descriptors (needs 3.4+): {exc}")
         return Availability.yes()
 
     def not_supported_reasons(self, x, weight, bias, spec: ConvSpec) -> list[str]:
