@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from mishops.nn import ConvMish2d, check_backend
+from mishops.nn import ConvMish2d, ConvMishMish2d, check_backend
 
 log = logging.getLogger("mishops")
 
@@ -309,7 +309,7 @@ def _fuse_graph(module: nn.Module, graph: fx.Graph, path: str, backend: str, rep
             source = folded
         else:
             source = conv
-        block = ConvMish2d.from_conv(source, backend=backend, mish_count=found.mish_count)
+        block = (ConvMishMish2d if found.mish_count == 2 else ConvMish2d).from_conv(source, backend=backend)
         module.set_submodule(node.target, block)
         found.last.replace_all_uses_with(node)
         removable = all(n.op == "call_module" and calls[n.target] == 1 for n in found.nodes)
