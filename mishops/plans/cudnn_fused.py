@@ -275,7 +275,7 @@ class CudnnFusedPlan(Plan):
             try:
                 return self._rebuild(cudnn, handle, x, weight, bias, spec, epilogue, saved)
             except Exception as exc:
-                log.warning("mishops: cuDNN config %s could not be rebuilt (%s: %s); searching again",
+                log.warning("cuDNN config %s could not be rebuilt (%s: %s); searching again",
                             saved["name"], type(exc).__name__, exc)
         engine, identity = self._search(cudnn, handle, x, weight, bias, spec, epilogue)
         dispatch.release_scratch(x.device)  # the search's scratch tensors and workspaces
@@ -335,7 +335,7 @@ class CudnnFusedPlan(Plan):
                 wrong = mismatch(out, expected)
                 if wrong:
                     measured[name] = Measurement(False, "", reason=wrong)
-                    log.warning("mishops: cuDNN config %s rejected: %s", name, wrong)
+                    log.warning("cuDNN config %s rejected: %s", name, wrong)
                     continue
                 median, spread, _ = dispatch._time(lambda: self._execute(engine, x, weight, bias, out), out,
                                                    budget_s / count)
@@ -346,7 +346,7 @@ class CudnnFusedPlan(Plan):
                 measured[name] = Measurement(False, "", reason=f"{type(exc).__name__}: {first}")
         order = {name: i for i, name in enumerate(measured)}
         best = dispatch.pick(measured, order)
-        log.info("mishops: cuDNN configs for %s: %s -> %s", self._disk_key(x, weight, bias, spec, epilogue),
+        log.info("cuDNN configs for %s: %s -> %s", self._disk_key(x, weight, bias, spec, epilogue),
                  ", ".join(f"{n} {m.median_ms:.3f} ms" if m.ok else f"{n} ({m.reason})" for n, m in measured.items()),
                  best)
         if best is None:
@@ -361,14 +361,14 @@ class CudnnFusedPlan(Plan):
             identity["engine_id"] = int(engine_id)
             identity["knobs"] = {k.name: int(v) for k, v in dict(knobs).items()}
         except Exception as exc:  # then a new process finds it by name
-            log.info("mishops: cuDNN config %s has no replayable (engine, knobs): %s", best, exc)
+            log.info("cuDNN config %s has no replayable (engine, knobs): %s", best, exc)
             identity["engine_id"] = identity["knobs"] = None
         # The search graph holds every config it built (and their device resources): keep only the
         # winner, rebuilt alone in a fresh graph exactly as a new process would.
         try:
             return self._rebuild(cudnn, handle, x, weight, bias, spec, epilogue, identity), identity
         except Exception as exc:
-            log.warning("mishops: cuDNN config %s could not be rebuilt alone (%s: %s); keeping the search graph",
+            log.warning("cuDNN config %s could not be rebuilt alone (%s: %s); keeping the search graph",
                         best, type(exc).__name__, exc)
             return engine, identity
 
