@@ -178,8 +178,12 @@ def _mish_after(root: nn.Module, x: fx.Node) -> tuple[fx.Node, list[fx.Node], st
     if len(x.users) != 1:
         return None
     (user,) = x.users
-    if user.op == "call_module" and isinstance(_module(root, user), nn.Mish) and _single_input(user) is x:
-        return user, [user], "Mish"
+    if user.op == "call_module" and _single_input(user) is x:
+        m = _module(root, user)
+        if isinstance(m, nn.Mish):
+            return user, [user], "Mish"
+        if _is_mish_module(m):
+            return user, [user], type(m).__name__
     if user.op == "call_function" and user.target is F.mish and _single_input(user) is x:
         return user, [user], "F.mish"
     if user.op == "call_method" and user.target == "mish" and _single_input(user) is x:
@@ -187,11 +191,37 @@ def _mish_after(root: nn.Module, x: fx.Node) -> tuple[fx.Node, list[fx.Node], st
     return None
 
 
+_MISH_TYPES: dict[type, bool] = {}
+
+
+def _is_mish_module(m: nn.Module | None) -> bool:
+    """A module of the model's own that computes Mish: no parameters, buffers or children, and a
+    forward that traces to ``F.mish(x)`` or the written-out form (the ``class Mish(nn.Module)`` of
+    many CSPDarknet/YOLOv4 codebases)."""
+    if m is None or isinstance(m, nn.Mish):
+        return isinstance(m, nn.Mish)
+    if next(m.children(), None) is not None or next(m.parameters(), None) is not None or \
+            next(m.buffers(), None) is not None:
+        return False
+    kind = type(m)
+    if kind not in _MISH_TYPES:
+        try:
+            graph = _Tracer().trace(m)
+            inputs = [n for n in graph.nodes if n.op == "placeholder"]
+            (output,) = [n for n in graph.nodes if n.op == "output"]
+            found = _mish_after(m, inputs[0]) if len(inputs) == 1 else None
+            body = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
+            _MISH_TYPES[kind] = bool(found) and output.args == (found[0],) and set(body) == set(found[1])
+        except Exception:
+            _MISH_TYPES[kind] = False
+    return _MISH_TYPES[kind]
+
+
 def _starts_a_mish(root: nn.Module, x: fx.Node) -> str | None:
     """The name of a Mish among x's users, when x also has other users (a conv output used elsewhere)."""
     for user in x.users:
         m = _module(root, user)
-        if isinstance(m, nn.Mish) or (user.op == "call_function" and user.target is F.mish) or \
+        if _is_mish_module(m) or (user.op == "call_function" and user.target is F.mish) or \
                 _is_softplus(user, x) or _softplus_module(root, user, x):
             return "Mish"
         if _bn_kind(m) is not None:

@@ -281,3 +281,24 @@ def test_fuse_rejects_what_it_cannot_take():
         mishops.fuse(nn.Sequential(), backend="nope")
     model, report = mishops.fuse(nn.Conv2d(3, 3, 3), report=True)
     assert "bare Conv2d" in report.left_alone[0].reason
+
+
+class MyMish(nn.Module):
+    """The hand-written Mish module of many YOLOv4 codebases."""
+
+    def forward(self, x):
+        return x * torch.tanh(F.softplus(x))
+
+
+class NotMish(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(x)
+
+
+def test_a_hand_written_mish_module_is_recognised_and_others_are_not():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), MyMish(), nn.Conv2d(4, 4, 3), NotMish())
+    ref, fused, report = _fused(model)
+    assert [(f.path, f.absorbed) for f in report.fused] == [("0", ("MyMish",))]
+    assert isinstance(fused[1], nn.Identity) and isinstance(fused[3], NotMish) and not isinstance(fused[2], ConvMish2d)
+    x = torch.randn(1, 3, 9, 9)
+    torch.testing.assert_close(fused(x), ref(x), **TOL)
