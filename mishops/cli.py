@@ -197,9 +197,12 @@ def _time_ms(fn, like: torch.Tensor, budget_s: float) -> float:
     try:
         from mishops import tuning
 
-        return float(tuning.time_ms(fn, like, budget_s))
-    except (ImportError, AttributeError, TypeError):
-        pass
+        timer = tuning.time_ms  # time_ms(fn, device, budget_s) -> Timing(median_ms, ...)
+    except (ImportError, AttributeError):
+        timer = None
+    if timer is not None:
+        timing = timer(fn, like.device, budget_s)
+        return float(getattr(timing, "median_ms", timing))
     try:
         return dispatch._time(fn, like, budget_s)[0]
     except AttributeError:  # pragma: no cover - the dispatcher's private timer moved
