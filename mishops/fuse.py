@@ -109,7 +109,22 @@ def _module(gm_root: nn.Module, node: fx.Node) -> nn.Module | None:
 
 
 def _is_plain_conv(m: nn.Module | None) -> bool:
-    return isinstance(m, nn.Conv2d) and not isinstance(m, ConvMish2d) and type(m).forward is nn.Conv2d.forward
+    return isinstance(m, nn.Conv2d) and not isinstance(m, ConvMish2d) and _conv_problem(m) is None
+
+
+def _conv_problem(m: nn.Conv2d) -> str | None:
+    """Why this Conv2d cannot be replaced by a block with its Parameters (None when it can)."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(m):
+        return "its weight is parametrized (torch.nn.utils.parametrize): the block needs the Parameters themselves"
+    if type(m).forward is not nn.Conv2d.forward:
+        return f"{type(m).__name__} has a forward of its own (not a plain Conv2d)"
+    if m._forward_hooks or m._forward_pre_hooks or getattr(m, "_forward_hooks_with_kwargs", None):
+        return "it has forward hooks (weight_norm, spectral_norm, quantization observers...), which the block would drop"
+    if isinstance(m, nn.LazyConv2d) or isinstance(m.weight, nn.parameter.UninitializedParameter):
+        return "its weight is not initialized yet (a lazy conv): run the model once first"
+    return None
 
 
 def _bn_kind(m: nn.Module | None) -> str | None:
@@ -319,10 +334,10 @@ def _fuse_graph(module: nn.Module, graph: fx.Graph, path: str, backend: str, rep
         conv = _module(module, node)
         if not isinstance(conv, nn.Conv2d) or isinstance(conv, ConvMish2d):
             continue
-        if not _is_plain_conv(conv):
+        problem = _conv_problem(conv)
+        if problem is not None:
             if _mish_after(module, node) or (len(node.users) == 1 and _bn_kind(_module(module, next(iter(node.users))))):
-                report.left_alone.append(LeftAlone(_join(path, node.target), f"{type(conv).__name__} has a forward "
-                                                                             "of its own (not a plain Conv2d)"))
+                report.left_alone.append(LeftAlone(_join(path, node.target), problem))
             continue
         found = _match(module, node, calls, path, report)
         if found is None:

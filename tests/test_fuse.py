@@ -302,3 +302,14 @@ def test_a_hand_written_mish_module_is_recognised_and_others_are_not():
     assert isinstance(fused[1], nn.Identity) and isinstance(fused[3], NotMish) and not isinstance(fused[2], ConvMish2d)
     x = torch.randn(1, 3, 9, 9)
     torch.testing.assert_close(fused(x), ref(x), **TOL)
+
+
+def test_convs_with_hooks_or_parametrizations_are_left_alone():
+    hooked = nn.Conv2d(3, 3, 3)
+    hooked.register_forward_hook(lambda m, i, o: o * 2)
+    param = nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 3, 3))
+    ref, fused, report = _fused(nn.Sequential(hooked, nn.Mish(), param, nn.Mish()))
+    assert not report.fused and [a.path for a in report.left_alone] == ["0", "2"]
+    assert "forward hooks" in report.left_alone[0].reason and "parametrized" in report.left_alone[1].reason
+    x = torch.randn(1, 3, 9, 9)
+    torch.testing.assert_close(fused(x), ref(x))
