@@ -135,8 +135,11 @@ def _bn_kind(m: nn.Module | None) -> str | None:
     if type(m).forward is nn.BatchNorm2d.forward:
         return "bn"
     act, drop = getattr(m, "act", None), getattr(m, "drop", nn.Identity())
-    if isinstance(act, nn.Mish) and isinstance(drop, nn.Identity) and len(list(m.children())) <= 2:
-        return "bn+mish"
+    if isinstance(drop, nn.Identity) and len(list(m.children())) <= 2:
+        if isinstance(act, nn.Identity):  # timm's BatchNormAct2d with apply_act=False
+            return "bn"
+        if _is_mish_module(act):
+            return "bn+mish"
     return "other"
 
 
@@ -273,8 +276,9 @@ def _match(root: nn.Module, conv_node: fx.Node, calls: dict[str, int], path: str
         kind = _bn_kind(bn)
         if kind is not None:
             if kind == "other":
-                report.left_alone.append(LeftAlone(where, f"followed by {type(bn).__name__}, a BatchNorm2d subclass "
-                                                          "with a forward of its own"))
+                if _mish_after(root, user) or _is_mish_module(getattr(bn, "act", None)):
+                    report.left_alone.append(LeftAlone(where, f"followed by {type(bn).__name__}, a BatchNorm2d "
+                                                              "subclass with a forward of its own"))
                 return None
             if calls[user.target] > 1 or _single_input(user) is not x:
                 report.left_alone.append(LeftAlone(where, f"its BatchNorm2d {_join(path, user.target)} is called at several places"))

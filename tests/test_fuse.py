@@ -204,19 +204,24 @@ def test_conv_subclass_with_its_own_forward_is_left_alone():
     assert not report.fused and "forward of its own" in report.left_alone[0].reason
 
 
+class BatchNormAct2d(nn.BatchNorm2d):  # the shape of timm's, which applies drop and act after the norm
+    def __init__(self, c, act=True):
+        super().__init__(c)
+        self.drop = nn.Identity()
+        self.act = nn.Mish() if act else nn.Identity()
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
 def test_batchnorm_subclass_applying_its_own_mish_is_folded():
-    class BatchNormAct2d(nn.BatchNorm2d):  # the shape of timm's, which applies drop and act after the norm
-        def __init__(self, c):
-            super().__init__(c)
-            self.drop = nn.Identity()
-            self.act = nn.Mish()
-
-        def forward(self, x):
-            return self.act(self.drop(super().forward(x)))
-
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), BatchNormAct2d(4), nn.Mish())
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), BatchNormAct2d(4), nn.Mish(),
+                          nn.Conv2d(4, 4, 1), BatchNormAct2d(4, act=False), nn.Mish(),
+                          nn.Conv2d(4, 4, 1), BatchNormAct2d(4, act=False))
     ref, fused, report = _fused(_randomize_bn(model).eval())
-    assert report.fused[0].absorbed == ("bn", "Mish (in the BatchNorm)", "Mish") and report.fused[0].mish_count == 2
+    assert [(f.path, f.absorbed) for f in report.fused] == [("0", ("bn", "Mish (in the BatchNorm)", "Mish")),
+                                                            ("3", ("bn", "Mish"))]
+    assert report.fused[0].mish_count == 2 and not report.left_alone  # the last conv has no Mish: not reported
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), ref(x), **TOL)
