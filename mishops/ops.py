@@ -10,8 +10,8 @@ several times the dispatcher's, and a cached call must stay within a few microse
 the chosen backend directly. Eager calls that need autograd go through a plain
 ``torch.autograd.Function`` with the same forward and backward: the first call of any
 ``torch.library.custom_op`` imports ``torch._dynamo`` (about a second on a CPU), which only
-tracing needs. Under ``torch.compile``, FX tracing or a dispatch mode (fake tensors, ``make_fx``)
-the custom op is used.
+tracing needs (it also works under ``torch.func.grad``, which the custom op does not). Under
+``torch.compile`` or a dispatch mode (fake tensors, ``make_fx``) the custom op is used.
 """
 
 from __future__ import annotations
@@ -59,10 +59,14 @@ class _Mish2Eager(torch.autograd.Function):
     """``mishops::mish2`` and its registered backward, for eager autograd without the custom op."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, backend: str) -> torch.Tensor:
+    def forward(x: torch.Tensor, backend: str) -> torch.Tensor:
+        return dispatch.run("forward", x, backend=backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # a separate setup_context lets torch.func.grad use it too
+        x, backend = inputs
         ctx.save_for_backward(x)
         ctx.backend = backend
-        return dispatch.run("forward", x, backend=backend)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -71,9 +75,12 @@ class _Mish2Eager(torch.autograd.Function):
         return dispatch.run("backward", x, grad_out, backend=ctx.backend), None
 
 
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
 def _plain_eager(x: torch.Tensor) -> bool:
     """True when nothing traces this call: a plain tensor and no dispatch mode (fake tensors, make_fx)."""
-    if type(x) not in (torch.Tensor, torch.nn.Parameter):
+    if type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter:
         return False
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 
@@ -89,8 +96,8 @@ def mish2(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"mish2 expects a torch.Tensor, got {type(x).__name__}")
-    if torch.compiler.is_compiling() or not _plain_eager(x):
+    if torch.compiler.is_compiling():
         return _mish2_op(x, backend)
-    if x.requires_grad and torch.is_grad_enabled():
-        return _Mish2Eager.apply(x, backend)
+    if (x.requires_grad and torch.is_grad_enabled()) or _functorch_active():
+        return _Mish2Eager.apply(x, backend) if _plain_eager(x) else _mish2_op(x, backend)
     return dispatch.run("forward", x, backend=backend)
