@@ -100,12 +100,14 @@ def _device_name(device: torch.device) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="mishops.fuse on a timm model with Mish: fused vs unfused")
-    parser.add_argument("--model", default="cspdarknet53", help="a timm model that takes act_layer (default cspdarknet53)")
+    parser.add_argument("--model", default="cspdarknet53",
+                        help="a timm model that takes act_layer (default cspdarknet53)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=None, help="default 32 on a GPU, 1 with --small")
     parser.add_argument("--size", type=int, default=None, help="input height and width (default 256, 64 with --small)")
     parser.add_argument("--small", action="store_true",
-                        help="a tiny input, fp32, eager only (add --compile for the compiled rows): a quick check on CPU")
+                        help="a tiny input, fp32, eager only (add --compile for the compiled rows): "
+                             "a quick check on CPU")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="the torch.compile rows (default: on, off with --small)")
     parser.add_argument("--channels-last", action="store_true", help="model and input in channels_last")
@@ -177,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(report.left_alone)} left alone, {len(report.walked)} module(s) walked instead of traced",
         f"- **Timing:** {timer_name}; first call (compile, tuning) listed apart",
         "",
-        "| setting | mode | unfused ms | fused ms | speed-up | max error / max abs output | first call s (unfused / fused) |",
+        "| setting | mode | unfused ms | fused ms | speed-up | max error / max abs output "
+        "| first call s (unfused / fused) |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for setting, mode, u_ms, f_ms, speedup, err, u_first, f_first in rows:

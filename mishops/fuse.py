@@ -54,7 +54,8 @@ class Fused:
     mish_count: int
 
     def __str__(self) -> str:
-        return f"{self.path or '<model>'}: conv -> {' -> '.join(self.absorbed)} => {'ConvMish2d' if self.mish_count == 1 else 'ConvMishMish2d'}"
+        block = "ConvMish2d" if self.mish_count == 1 else "ConvMishMish2d"
+        return f"{self.path or '<model>'}: conv -> {' -> '.join(self.absorbed)} => {block}"
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,8 @@ def _conv_problem(m: nn.Conv2d) -> str | None:
     if type(m).forward is not nn.Conv2d.forward:
         return f"{type(m).__name__} has a forward of its own (not a plain Conv2d)"
     if m._forward_hooks or m._forward_pre_hooks or getattr(m, "_forward_hooks_with_kwargs", None):
-        return "it has forward hooks (weight_norm, spectral_norm, quantization observers...), which the block would drop"
+        return ("it has forward hooks (weight_norm, spectral_norm, quantization observers...), "
+                "which the block would drop")
     if isinstance(m, nn.LazyConv2d) or isinstance(m.weight, nn.parameter.UninitializedParameter):
         return "its weight is not initialized yet (a lazy conv): run the model once first"
     return None
@@ -281,15 +283,16 @@ def _match(root: nn.Module, conv_node: fx.Node, calls: dict[str, int], path: str
                                                               "subclass with a forward of its own"))
                 return None
             if calls[user.target] > 1 or _single_input(user) is not x:
-                report.left_alone.append(LeftAlone(where, f"its BatchNorm2d {_join(path, user.target)} is called at several places"))
+                report.left_alone.append(LeftAlone(where, f"its BatchNorm2d {_join(path, user.target)} is called "
+                                                          "at several places"))
                 return None
             if bn.training:
                 report.left_alone.append(LeftAlone(where, f"BatchNorm2d {_join(path, user.target)} is in training mode "
                                                           "(call model.eval() before fuse to fold it)"))
                 return None
             if bn.running_mean is None or bn.running_var is None:
-                report.left_alone.append(LeftAlone(where, f"BatchNorm2d {_join(path, user.target)} has no running statistics "
-                                                          "(track_running_stats=False)"))
+                report.left_alone.append(LeftAlone(where, f"BatchNorm2d {_join(path, user.target)} has no running "
+                                                          "statistics (track_running_stats=False)"))
                 return None
             bn_node, x = user, user
             nodes.append(user)
@@ -340,7 +343,8 @@ def _fuse_graph(module: nn.Module, graph: fx.Graph, path: str, backend: str, rep
             continue
         problem = _conv_problem(conv)
         if problem is not None:
-            if _mish_after(module, node) or (len(node.users) == 1 and _bn_kind(_module(module, next(iter(node.users))))):
+            followed_by_bn = len(node.users) == 1 and _bn_kind(_module(module, next(iter(node.users))))
+            if _mish_after(module, node) or followed_by_bn:
                 report.left_alone.append(LeftAlone(_join(path, node.target), problem))
             continue
         found = _match(module, node, calls, path, report)
