@@ -8,7 +8,7 @@ from torch import nn
 
 from mishops import plans
 from mishops.plans import ConvSpec, run_block
-from tests.blocks import in_setting, max_err
+from tests.blocks import in_setting, isolated_plans, max_err  # noqa: F401  (isolated_plans: autouse)
 
 HAS_GPU = torch.cuda.is_available()
 
