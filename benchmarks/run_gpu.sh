@@ -1,43 +1,82 @@
 #!/usr/bin/env bash
-# The whole GPU benchmark and its report, in one command (about 3-6 minutes on one H100):
+# The one GPU entry point: the environment, every GPU test file in its own process, the benchmark suite
+# with its report, the whole-block plans and fuse() on a timm model. Logs and results go to $OUT.
 #
-#     bash benchmarks/run_gpu.sh            # OUT=dir to choose where results go
+#     bash benchmarks/run_gpu.sh                       # everything; OUT=dir (default benchmarks/results/latest)
+#     STEPS="tests fuse" bash benchmarks/run_gpu.sh    # some of: env tests bench plans fuse
+#     TESTS="tests/test_plans.py tests/test_fuse.py" bash benchmarks/run_gpu.sh
 #
-# Writes into $OUT (default benchmarks/results): one pytest-benchmark JSON and log per benchmark
-# module, nvidia-smi's view of the GPU, then report.md and benchmark.png built from the JSONs.
-# Each module runs under its own time limit (SIGINT first, so pytest still writes the rows it has),
-# so a slow JIT build or torch.compile in one cannot cost the others their results.
+# Wheels in .whl/ (a machine without internet) are installed into /tmp/site first. Each step runs under
+# its own time limit (SIGINT first, so pytest still writes what it has): one slow JIT build, hang or
+# crash cannot cost the others their results. Needs the test extra (pytest, pytest-benchmark) and,
+# for the fuse step, timm.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-benchmarks/results}"
-PYTHON="${PYTHON:-python}"
+OUT="${OUT:-benchmarks/results/latest}"
+PYTHON="${PYTHON:-python3}"
+STEPS="${STEPS:-env tests bench plans fuse}"
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export MISHOPS_BENCH_QUICK=0
-unset MISHOPS_BACKEND MISHOPS_AUTOTUNE TRITON_INTERPRET
+if ls .whl/*.whl >/dev/null 2>&1; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -n 1
+    export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONUNBUFFERED=1 MISHOPS_BENCH_QUICK=0 MISHOPS_CACHE_DIR="${MISHOPS_CACHE_DIR:-/tmp/mishops-cache}"
+unset MISHOPS_BACKEND MISHOPS_PLAN MISHOPS_AUTOTUNE TRITON_INTERPRET
 
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || echo "nvidia-smi failed (see $OUT/nvidia-smi.txt)"
+step() { [[ " $STEPS " == *" $1 "* ]]; }
 
-run_module() {  # module name, time limit in seconds
-    local name=$1 limit=$2 started=$SECONDS status
-    timeout --signal=INT --kill-after=30 "$limit" \
-        "$PYTHON" -m pytest "benchmarks/test_bench_$name.py" --benchmark-only -q -rs -p no:cacheprovider \
-        --benchmark-columns=min,median,max,rounds --benchmark-json="$OUT/$name.json" > "$OUT/$name.log" 2>&1
+limited() {  # limit in seconds, log file, command...
+    local limit=$1 logfile=$2 started=$SECONDS status
+    shift 2
+    timeout --signal=INT --kill-after=30 "$limit" "$@" > "$logfile" 2>&1
     status=$?
-    echo "$name: exit $status after $((SECONDS - started)) s: $(tail -n 1 "$OUT/$name.log")"
+    echo "$(basename "$logfile"): exit $status after $((SECONDS - started)) s: $(tail -n 1 "$logfile")"
+    return $status
 }
 
-run_module mish2 180
-run_module backward 60
-run_module model 100
-run_module overhead 20
-
-jsons=()
-for name in mish2 backward model overhead; do
-    [ -s "$OUT/$name.json" ] && jsons+=("$OUT/$name.json")
-done
-if [ ${#jsons[@]} -eq 0 ]; then
-    echo "no benchmark JSON was written; see the logs in $OUT" >&2
-    exit 1
+if step env; then
+    {
+        date -u +"%Y-%m-%d %H:%M UTC"
+        git rev-parse --short HEAD 2>/dev/null || echo "commit unknown"
+        nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+        "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
+        "$PYTHON" -m mishops info
+    } > "$OUT/env.txt" 2>&1
+    nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || echo "nvidia-smi failed (see $OUT/nvidia-smi.txt)"
+    head -n 4 "$OUT/env.txt"
 fi
-"$PYTHON" -m mishops.report "${jsons[@]}" --out "$OUT"
+
+if step tests; then
+    mkdir -p "$OUT/tests"
+    for f in ${TESTS:-tests/test_*.py}; do
+        limited "${TEST_TIMEOUT:-300}" "$OUT/tests/$(basename "$f" .py).log" \
+            "$PYTHON" -X faulthandler -m pytest "$f" -m gpu -q -p no:cacheprovider -rfEs --durations=5
+    done | tee "$OUT/gpu-tests.txt"
+fi
+
+if step bench; then
+    mkdir -p "$OUT/bench"
+    jsons=()
+    for spec in mish2:180 backward:60 model:100 overhead:20; do
+        name=${spec%%:*}
+        limited "${spec##*:}" "$OUT/bench/$name.log" "$PYTHON" -m pytest "benchmarks/test_bench_$name.py" \
+            --benchmark-only -q -rs -p no:cacheprovider --benchmark-columns=min,median,max,rounds \
+            --benchmark-json="$OUT/bench/$name.json"
+        [ -s "$OUT/bench/$name.json" ] && jsons+=("$OUT/bench/$name.json")
+    done
+    if [ ${#jsons[@]} -gt 0 ]; then
+        "$PYTHON" -m mishops report "${jsons[@]}" --out "$OUT/bench"
+    else
+        echo "no benchmark JSON was written; see the logs in $OUT/bench" >&2
+    fi
+fi
+
+if step plans; then
+    limited 400 "$OUT/plans.log" "$PYTHON" benchmarks/bench_plans.py --shapes ref --out "$OUT/plans-ref.md"
+fi
+
+if step fuse; then
+    limited 500 "$OUT/fuse-timm.log" "$PYTHON" benchmarks/bench_fuse_timm.py --out "$OUT/fuse-timm.md"
+fi

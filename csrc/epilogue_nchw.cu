@@ -1,5 +1,6 @@
-// out = mish(mish(y + bias)) in NCHW, from y, a conv's NHWC output: the block's epilogue and the
-// layout change in one pass, each element read once and written once.
+// out = mish(mish(y + bias)) in NCHW (or mish(y + bias), for a block with one Mish), from y, a
+// conv's NHWC output: the block's epilogue and the layout change in one pass, each element read
+// once and written once.
 //
 // A pixel's channels are contiguous in y and a channel's pixels in out, so a block moves one tile
 // of kTilePixels x kTileChannels of one image through shared memory: read along channels (16-byte
@@ -30,7 +31,7 @@ constexpr int kMinBlocksPerSM = 4;
 constexpr int64_t kMaxGridY = 65535;
 constexpr int64_t kMaxGridZ = 65535;
 
-template <typename T, int kWidth, bool kBias>
+template <typename T, int kWidth, bool kBias, int kMishCount>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     bias_mish2_nhwc_to_nchw_kernel(const T* __restrict__ y, const T* __restrict__ bias, T* __restrict__ out,
                                    int64_t images, int64_t pixels, int64_t channels) {
@@ -72,8 +73,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     for (int i = 0; i < kReadPasses; ++i) {
 #pragma unroll
       for (int k = 0; k < kWidth; ++k) {
-        const float v = to_float(packs[i].v[k]) + b[k];
-        tile[read_channel + k][read_pixel + i * kPixelsPerPass] = mish<T>(mish<T>(v).value).value;
+        const float v = mish<T>(to_float(packs[i].v[k]) + b[k]).value;
+        tile[read_channel + k][read_pixel + i * kPixelsPerPass] = kMishCount == 2 ? mish<T>(v).value : v;
       }
     }
     __syncthreads();
@@ -90,7 +91,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   }
 }
 
-template <typename T, int kWidth, bool kBias>
+template <typename T, int kWidth, bool kBias, int kMishCount>
 std::string launch(const T* y, const T* bias, T* out, int64_t images, int64_t pixels, int64_t channels) {
   const int64_t pixel_tiles = (pixels + kTilePixels - 1) / kTilePixels;
   const int64_t channel_tiles = (channels + kTileChannels - 1) / kTileChannels;
@@ -98,14 +99,14 @@ std::string launch(const T* y, const T* bias, T* out, int64_t images, int64_t pi
     return "bias_mish2_nhwc_to_nchw: more pixels or channels per image than the grid can hold";
   }
   const dim3 grid(unsigned(pixel_tiles), unsigned(channel_tiles), unsigned(std::min(images, kMaxGridZ)));
-  bias_mish2_nhwc_to_nchw_kernel<T, kWidth, kBias>
+  bias_mish2_nhwc_to_nchw_kernel<T, kWidth, kBias, kMishCount>
       <<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(y, bias, out, images, pixels, channels);
   const cudaError_t status = cudaGetLastError();
   return status == cudaSuccess ? std::string()
                                : std::string("bias_mish2_nhwc_to_nchw: kernel launch failed: ") + cudaGetErrorString(status);
 }
 
-template <typename T>
+template <typename T, int kMishCount>
 std::string launch_typed(const at::Tensor& y, const at::Tensor* bias, const at::Tensor& out) {
   constexpr int kWide = 16 / sizeof(T);
   const auto* ys = reinterpret_cast<const T*>(y.const_data_ptr());
@@ -114,24 +115,35 @@ std::string launch_typed(const at::Tensor& y, const at::Tensor* bias, const at::
   const int64_t images = y.size(0), channels = y.size(1), pixels = y.size(2) * y.size(3);
   const bool wide = reinterpret_cast<uintptr_t>(ys) % 16 == 0 && channels % kWide == 0;
   if (bias) {
-    return wide ? launch<T, kWide, true>(ys, bs, os, images, pixels, channels)
-                : launch<T, 1, true>(ys, bs, os, images, pixels, channels);
+    return wide ? launch<T, kWide, true, kMishCount>(ys, bs, os, images, pixels, channels)
+                : launch<T, 1, true, kMishCount>(ys, bs, os, images, pixels, channels);
   }
-  return wide ? launch<T, kWide, false>(ys, bs, os, images, pixels, channels)
-              : launch<T, 1, false>(ys, bs, os, images, pixels, channels);
+  return wide ? launch<T, kWide, false, kMishCount>(ys, bs, os, images, pixels, channels)
+              : launch<T, 1, false, kMishCount>(ys, bs, os, images, pixels, channels);
+}
+
+template <int kMishCount>
+std::string launch_dtype(const at::Tensor& y, const at::Tensor* bias, const at::Tensor& out) {
+  switch (y.scalar_type()) {
+    case at::kFloat: return launch_typed<float, kMishCount>(y, bias, out);
+    case at::kHalf: return launch_typed<__half, kMishCount>(y, bias, out);
+    case at::kBFloat16: return launch_typed<__nv_bfloat16, kMishCount>(y, bias, out);
+    default: return "bias_mish2_nhwc_to_nchw: unsupported dtype";
+  }
 }
 
 }  // namespace
 
 // Checked by the binding (mish2_binding.cpp): y a 4-D channels_last CUDA tensor, out contiguous
-// with y's shape, bias (or null) C contiguous elements, one dtype and device.
-std::string bias_mish2_nhwc_to_nchw_unchecked(const at::Tensor& y, const at::Tensor* bias, const at::Tensor& out) {
+// with y's shape, bias (or null) C contiguous elements, one dtype and device. mish_count: 1 or 2.
+std::string bias_mish_nhwc_to_nchw_unchecked(const at::Tensor& y, const at::Tensor* bias, const at::Tensor& out,
+                                             int64_t mish_count) {
+  if (mish_count != 1 && mish_count != 2) return "bias_mish_nhwc_to_nchw: mish_count must be 1 or 2";
   if (y.numel() == 0) return {};
   const c10::cuda::CUDAGuard guard(y.device());
-  switch (y.scalar_type()) {
-    case at::kFloat: return launch_typed<float>(y, bias, out);
-    case at::kHalf: return launch_typed<__half>(y, bias, out);
-    case at::kBFloat16: return launch_typed<__nv_bfloat16>(y, bias, out);
-    default: return "bias_mish2_nhwc_to_nchw: unsupported dtype";
-  }
+  return mish_count == 2 ? launch_dtype<2>(y, bias, out) : launch_dtype<1>(y, bias, out);
+}
+
+std::string bias_mish2_nhwc_to_nchw_unchecked(const at::Tensor& y, const at::Tensor* bias, const at::Tensor& out) {
+  return bias_mish_nhwc_to_nchw_unchecked(y, bias, out, 2);
 }

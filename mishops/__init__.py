@@ -1,10 +1,14 @@
 """mishops: the ``Conv2d -> Mish -> Mish`` block as fast as the hardware allows.
 
 ``mish2(x)`` computes ``F.mish(F.mish(x))`` in one pass with the fastest correct backend for the
-input (inline CUDA C++, Triton, CuPy or eager PyTorch); ``ModelNew`` is the whole block.
+input (inline CUDA C++, Triton, CuPy or eager PyTorch); ``ModelNew`` is the whole block;
+``fuse(model)`` puts the block in place of every ``Conv2d -> [BatchNorm2d ->] Mish [-> Mish]`` of a
+model; ``mishops.nn`` has the block as modules (``ConvMish2d``, ``ConvMishMish2d``).
 """
 
+from mishops import nn
 from mishops.dispatch import NoBackendError
+from mishops.fuse import FuseReport, fuse
 from mishops.model import ModelNew
 from mishops.ops import mish2
 from mishops.registry import Availability, Backend, register
@@ -29,5 +33,5 @@ def registered_backends():
     return registry.backends()
 
 
-__all__ = ["Availability", "Backend", "ModelNew", "NoBackendError", "last_choices", "mish2", "register",
-           "registered_backends", "tune", "__version__"]
+__all__ = ["Availability", "Backend", "FuseReport", "ModelNew", "NoBackendError", "fuse", "last_choices", "mish2", "nn",
+           "register", "registered_backends", "tune", "__version__"]

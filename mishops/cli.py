@@ -1,11 +1,15 @@
-"""``mishops`` / ``python -m mishops``: info, bench, tune, cache show|clear, report."""
+"""The mishops command line (``mishops``, ``python -m mishops``): info, bench, tune, cache, report."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import platform
+import statistics
 import sys
+import time
 
 import torch
 from rich.console import Console
@@ -21,19 +25,130 @@ console = Console(width=None if sys.stdout.isatty() else 160)  # tables stay who
 REFERENCE_SHAPE = (64, 128, 254, 254)  # the reference conv output: batch 64, 128 channels, 256-3+1
 CPU_SHAPE = (4, 16, 64, 64)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+#: above this many elements a CPU bench says beforehand that it will take long (the issue's
+#: 64x128x254x254 bf16 ran 64 s at 9.6 GB)
+CPU_LONG_ELEMENTS = 1 << 25
+
+DESCRIPTION = """\
+Conv2d -> Mish -> Mish as fast as the hardware allows. Run "mishops COMMAND --help" for a command's options.
+
+environment: MISHOPS_BACKEND, MISHOPS_PLAN, MISHOPS_AUTOTUNE, MISHOPS_TUNE_BUDGET_MS, MISHOPS_CACHE_DIR and
+MISHOPS_LOG (see the README)."""
+
+
+class UsageError(Exception):
+    """A bad option or environment value: one line on stderr and exit code 2."""
 
 
 def _shape(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(s) for s in text.lower().split("x"))
+        dims = tuple(int(s) for s in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"shape must look like 64x128x254x254, not {text!r}") from None
+    if any(d <= 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"shape must have positive sizes, like 64x128x254x254, not {text!r}")
+    return dims
 
 
-def _device(name: str | None) -> torch.device:
+def _device_arg(text: str) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N``, checked against what this machine has."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r} (use cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"device {text!r} is not supported (use cpu, cuda or cuda:N)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: no CUDA GPU is visible to PyTorch (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, not {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text!r}")
+    return value
+
+
+def _device(name) -> torch.device:
     if name:
-        return torch.device(name)
+        return name if isinstance(name, torch.device) else torch.device(name)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_environment(environ=os.environ) -> None:
+    """Every ``MISHOPS_*`` value the commands read, checked before any work: ``UsageError`` names
+    the variable and what it takes."""
+
+    def bad(name: str, value: str, wants: str) -> UsageError:
+        return UsageError(f"{name}={value!r}: {wants}")
+
+    for name in ("MISHOPS_TUNE_BUDGET_MS", "MISHOPS_BUILD_LOCK_TIMEOUT_S"):
+        value = environ.get(name)
+        if value:
+            try:
+                _positive_float(value)
+            except argparse.ArgumentTypeError:
+                raise bad(name, value, "must be a positive number") from None
+    value = environ.get("MISHOPS_CUDNN_CONFIGS")
+    if value:
+        try:
+            _positive_int(value)
+        except argparse.ArgumentTypeError:
+            raise bad("MISHOPS_CUDNN_CONFIGS", value, "must be a positive whole number") from None
+    value = environ.get("MISHOPS_AUTOTUNE")
+    if value and value not in ("0", "1"):
+        raise bad("MISHOPS_AUTOTUNE", value, "must be 0 (no timing: preference order) or 1")
+    value = environ.get("MISHOPS_LOG")
+    if value and not isinstance(logging.getLevelName(value.upper()), int):
+        raise bad("MISHOPS_LOG", value, "must be a logging level: DEBUG, INFO, WARNING or ERROR")
+    value = environ.get("MISHOPS_BACKEND")
+    if value:
+        from mishops.nn import check_backend
+
+        try:
+            check_backend(value, "MISHOPS_BACKEND")
+        except ValueError as exc:
+            raise UsageError(str(exc).removeprefix("mishops: ")) from None
+    value = environ.get("MISHOPS_PLAN")
+    if value and value not in plans.plans():
+        raise bad("MISHOPS_PLAN", value, f"unknown plan; valid: {', '.join(plans.plans())}")
+
+
+class _Formatter(logging.Formatter):
+    """``WARNING mishops: message``, also for messages that carry their own ``mishops:`` prefix."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        doubled = f"{record.name}: {record.name}: "
+        return text.replace(doubled, f"{record.name}: ", 1)
+
+
+def _setup_logging() -> None:
+    log = logging.getLogger("mishops")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(_Formatter("%(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+    level = os.environ.get("MISHOPS_LOG")
+    if level:
+        log.setLevel(level.upper())
 
 
 def _versions() -> dict[str, str]:
@@ -76,6 +191,91 @@ def _gbps(x: torch.Tensor, ms: float, passes: int = 2) -> float:
     return passes * x.nbytes / (ms * 1e-3) / 1e9 if ms > 0 else float("nan")
 
 
+def _time_ms(fn, like: torch.Tensor, budget_s: float) -> float:
+    """Median ms of ``fn()`` after a warm-up: the tuner's timer where there is one."""
+    for _ in range(3):
+        fn()
+    try:
+        from mishops import tuning
+
+        timer = tuning.time_ms  # time_ms(fn, device, budget_s) -> Timing(median_ms, ...)
+    except (ImportError, AttributeError):
+        timer = None
+    if timer is not None:
+        timing = timer(fn, like.device, budget_s)
+        return float(getattr(timing, "median_ms", timing))
+    try:
+        return dispatch._time(fn, like, budget_s)[0]
+    except AttributeError:  # pragma: no cover - the dispatcher's private timer moved
+        fn()
+        times = []
+        for _ in range(5):
+            started = time.perf_counter()
+            fn()
+            if like.is_cuda:
+                torch.cuda.synchronize(like.device)
+            times.append((time.perf_counter() - started) * 1e3)
+        return statistics.median(times)
+
+
+def _long_on_cpu(shape: tuple[int, ...], dtype: torch.dtype, in_channels: int) -> str:
+    """A warning for a CPU bench that will take long (empty when it will not)."""
+    n = 1
+    for d in shape:
+        n *= d
+    if n < CPU_LONG_ELEMENTS:
+        return ""
+    size = torch.empty((), dtype=dtype).element_size()
+    conv_in = shape[0] * in_channels * (shape[2] + 2) * (shape[3] + 2) if len(shape) == 4 else 0
+    gigabytes = (6 * n + conv_in) * size / 1e9  # the input, profiling's scratch copies, the block's tensors
+    return (f"a {'x'.join(map(str, shape))} {str(dtype).removeprefix('torch.')} bench on CPU moves {n / 1e6:.0f} M "
+            f"elements per pass: expect minutes and about {gigabytes:.1f} GB of memory "
+            f"(a smaller --shape such as {'x'.join(map(str, CPU_SHAPE))} takes seconds)")
+
+
+def _bench_model(args, shape, dtype, device, winner: str) -> int:
+    """ModelNew with the winning backend and with "auto", timed and checked against the reference block."""
+    if len(shape) != 4:
+        console.print(f"ModelNew not run: --shape {'x'.join(map(str, shape))} is not a 4-D conv output "
+                      "(batch x channels x height x width), e.g. 4x16x64x64")
+        return 0
+    from mishops.model import ModelNew
+    from mishops.plans import TOLERANCE, mismatch
+
+    torch.manual_seed(0)
+    inp = torch.randn(shape[0], args.in_channels, shape[2] + 2, shape[3] + 2, device=device, dtype=dtype)
+    budget = args.budget_ms / 1e3
+    reference = ModelNew(args.in_channels, shape[1], 3, backend="eager").to(device=device, dtype=dtype)
+    table = Table(title=f"ModelNew({args.in_channels}, {shape[1]}, 3) on input {tuple(inp.shape)}")
+    for col in ("block", "median ms", "output", "check against the reference block"):
+        table.add_column(col, justify="right" if col == "median ms" else "left")
+    with torch.no_grad():
+        def reference_block():
+            return torch.nn.functional.mish(torch.nn.functional.mish(reference.conv(inp)))
+
+        expected = reference_block()
+        ref_ms = _time_ms(reference_block, expected, budget)
+        table.add_row("reference (conv, F.mish twice)", f"{ref_ms:.3f}", f"{tuple(expected.shape)}", "-")
+        failed = False
+        for backend in dict.fromkeys(["auto", winner]):
+            model = ModelNew(args.in_channels, shape[1], 3, backend=backend).to(device=device, dtype=dtype)
+            model.load_state_dict(reference.state_dict())
+            out = model(inp)
+            wrong = mismatch(out, expected)
+            failed = failed or bool(wrong)
+            ms = _time_ms(lambda: model(inp), out, budget)
+            label = f"backend={backend!r}"
+            if backend == "auto":
+                chosen = [c for c in dispatch.last_choices() if c.op == "block"]
+                label += f" (plan {chosen[-1].backend})" if chosen else ""
+            rtol, atol = TOLERANCE[dtype]
+            verdict = (f"[red]wrong: {escape(wrong)}[/red]" if wrong
+                       else f"[green]ok[/green] (rtol {rtol:g}, atol {atol:g})")
+            table.add_row(label, f"{ms:.3f}", f"{tuple(out.shape)} {layout.memory_format_name(out)}", verdict)
+    console.print(table)
+    return 1 if failed else 0
+
+
 def cmd_bench(args) -> int:
     device = _device(args.device)
     shape = args.shape or (REFERENCE_SHAPE if device.type == "cuda" else CPU_SHAPE)
@@ -83,6 +283,10 @@ def cmd_bench(args) -> int:
         console.print(f"[yellow]no CUDA GPU: using a small CPU shape {'x'.join(map(str, shape))} instead of the "
                       f"reference {'x'.join(map(str, REFERENCE_SHAPE))}[/yellow]")
     dtype = DTYPES[args.dtype]
+    if device.type == "cpu":
+        warning = _long_on_cpu(shape, dtype, args.in_channels)
+        if warning:
+            print(f"mishops bench: warning: {warning}", file=sys.stderr, flush=True)
     x = torch.randn(shape, device=device, dtype=dtype) * 3
     candidates, rejected = dispatch._candidates(x)
     budget = args.budget_ms / 1e3
@@ -113,16 +317,8 @@ def cmd_bench(args) -> int:
     if winner is None:
         console.print("[red]no backend produced a correct result[/red]")
         return 1
-    if len(shape) == 4:
-        from mishops.model import ModelNew
-
-        model = ModelNew(args.in_channels, shape[1], 3, backend=winner).to(device=device, dtype=dtype)
-        inp = torch.randn(shape[0], args.in_channels, shape[2] + 2, shape[3] + 2, device=device, dtype=dtype)
-        with torch.no_grad():
-            out = model(inp)
-        console.print(f"ModelNew({args.in_channels}, {shape[1]}, 3, backend={winner!r}) on input "
-                      f"{tuple(inp.shape)} -> output {tuple(out.shape)}, {layout.memory_format_name(out)}")
-    return 0
+    del x
+    return _bench_model(args, shape, dtype, device, winner)
 
 
 def _choice_rows(table: Table, label: str, choice) -> None:
@@ -230,20 +426,40 @@ def cmd_cache(args) -> int:
 def cmd_report(args) -> int:
     from mishops import report
 
-    return report.main([*args.json, "--out", args.out])
+    for path in args.json:
+        try:
+            with open(path, encoding="utf-8") as f:
+                json.load(f)
+        except OSError as exc:
+            raise UsageError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+        except ValueError as exc:
+            raise UsageError(f"{path}: not a JSON file ({str(exc).splitlines()[0]})") from None
+    try:
+        return report.main([*args.json, "--out", args.out])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise UsageError(f"{', '.join(args.json)}: not a pytest-benchmark JSON file "
+                         f"({type(exc).__name__}: {str(exc)[:100]})") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with the usage line dropped from errors: one line, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mishops", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="mishops", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
     sub.add_parser("info", help="device, versions, and every backend with why it is (un)available")
 
-    bench = sub.add_parser("bench", help="profile every backend on one shape and print a table")
-    bench.add_argument("--shape", type=_shape, help="default: the reference conv output on GPU, small on CPU")
+    bench = sub.add_parser("bench", help="profile every backend on one shape, then time and check ModelNew")
+    bench.add_argument("--shape", type=_shape, help="the conv output NxCxHxW (default: the reference "
+                                                   "64x128x254x254 on a GPU, 4x16x64x64 on CPU)")
     bench.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    bench.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if present)")
-    bench.add_argument("--in-channels", type=int, default=64, help="ModelNew input channels for the final run")
-    bench.add_argument("--budget-ms", type=float, default=1000.0, help="timing budget per backend")
+    bench.add_argument("--device", type=_device_arg, help="cpu, cuda or cuda:N (default: cuda if present)")
+    bench.add_argument("--in-channels", type=_positive_int, default=64, help="ModelNew's input channels")
+    bench.add_argument("--budget-ms", type=_positive_float, default=1000.0, help="timing budget per backend")
 
     tune = sub.add_parser("tune", help="make and store choices ahead of time: mish2 shapes, or a whole block")
     tune.add_argument("--shape", type=_shape, action="append", help="a mish2 input shape, repeatable; e.g. 64x128x254x254")
@@ -259,18 +475,31 @@ def build_parser() -> argparse.ArgumentParser:
     cache_cmd = sub.add_parser("cache", help="show or clear the tuning cache")
     cache_cmd.add_argument("action", choices=["show", "clear"])
 
-    rep = sub.add_parser("report", help="turn a pytest-benchmark JSON into a markdown table and a PNG plot")
+    rep = sub.add_parser("report", help="turn pytest-benchmark JSON files into a markdown table and a PNG plot")
     rep.add_argument("json", nargs="+", help="one or more pytest-benchmark JSON files")
-    rep.add_argument("--out", default="benchmarks/results")
+    rep.add_argument("--out", default="benchmarks/results", help="the folder for report.md and benchmark.png")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if getattr(args, "dtype", None) is None and args.command == "tune":
         args.dtype = ["float32"]
     handler = {"info": cmd_info, "bench": cmd_bench, "tune": cmd_tune, "cache": cmd_cache, "report": cmd_report}
-    return handler[args.command](args)
+    try:
+        check_environment()
+        _setup_logging()
+        return handler[args.command](args)
+    except UsageError as exc:
+        print(f"mishops {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except dispatch.NoBackendError as exc:  # what no backend or plan can run, in its first line
+        print(f"mishops {args.command}: error: {str(exc).splitlines()[0].removeprefix('mishops: ')}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"mishops {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -7,7 +7,11 @@ else), in one fused pass on the kernel backends.
 
 Calls that need neither autograd nor tracing skip the custom-op machinery: its Python overhead is
 several times the dispatcher's, and a cached call must stay within a few microseconds of calling
-the chosen backend directly.
+the chosen backend directly. Eager calls that need autograd go through a plain
+``torch.autograd.Function`` with the same forward and backward: the first call of any
+``torch.library.custom_op`` imports ``torch._dynamo`` (about a second on a CPU), which only
+tracing needs (it also works under ``torch.func.grad``, which the custom op does not). Under
+``torch.compile`` or a dispatch mode (fake tensors, ``make_fx``) the custom op is used.
 """
 
 from __future__ import annotations
@@ -51,6 +55,38 @@ def _backward(ctx, grad_out):
 _mish2_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _Mish2Eager(torch.autograd.Function):
+    """``mishops::mish2`` and its registered backward, for eager autograd without the custom op."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, backend: str) -> torch.Tensor:
+        return dispatch.run("forward", x, backend=backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # a separate setup_context lets torch.func.grad use it too
+        x, backend = inputs
+        ctx.save_for_backward(x)
+        ctx.backend = backend
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        return dispatch.run("backward", x, grad_out, backend=ctx.backend), None
+
+
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
+def _plain_eager(x: torch.Tensor) -> bool:
+    """True when nothing traces this call: a plain tensor and no dispatch mode (fake tensors, make_fx)."""
+    if type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter:
+        return False
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode() is None
+
+
 def mish2(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """``F.mish(F.mish(x))`` in one pass, by the fastest correct backend for this input.
 
@@ -60,6 +96,8 @@ def mish2(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"mish2 expects a torch.Tensor, got {type(x).__name__}")
-    if (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         return _mish2_op(x, backend)
+    if (x.requires_grad and torch.is_grad_enabled()) or _functorch_active():
+        return _Mish2Eager.apply(x, backend) if _plain_eager(x) else _mish2_op(x, backend)
     return dispatch.run("forward", x, backend=backend)

@@ -180,12 +180,13 @@ def test_kernel_compiles_for_sm90_without_spills(tmp_path):
 
 @needs_nvcc
 def test_epilogue_kernel_compiles_for_sm90_without_spills(tmp_path):
-    """``csrc/epilogue_nchw.cu``: 3 dtypes x 2 read widths x with/without bias, none spilling, the
-    wide ones reading 16 bytes per access, the same Mish (no IEEE division) as mish2.cu."""
+    """``csrc/epilogue_nchw.cu``: 3 dtypes x 2 read widths x with/without bias x one or two Mish, none
+    spilling, the wide ones reading 16 bytes per access, the same Mish (no IEEE division) as mish2.cu."""
     _, kernels = _compile_for_sm90(EPILOGUE_KERNEL, tmp_path)
-    assert len(kernels) == 12, list(kernels)
+    assert len(kernels) == 24, list(kernels)
+    assert sum("Li1EEEvPKT_" in name for name in kernels) == 12  # the single-Mish instances
     wide = {name: body for name, body in kernels.items() if re.search(r"fLi4E|Li8E", name)}
-    assert len(wide) == 6
+    assert len(wide) == 12
     for name, body in wide.items():
         assert "ld.global.nc.v4" in body, name
     for name, body in kernels.items():

@@ -1,18 +1,17 @@
 """The default (NCHW) layout of the block: cuDNN's conv alone, then the epilogue and the transpose in one pass.
 
-``cudnn_fused_nchw`` runs the fused graph (2.9 ms from an NCHW input at the reference shape) and
-then a pure transpose of its 2 GB NHWC output: about 4.7 ms in all on an H100. The conv without
-bias and Mish also has cuDNN engines for an NHWC output and takes 2.58 ms; adding the bias and
-both Mish to the transpose costs it little, since that pass is bound by memory (2.11 GB read
-and written once, about 1.4 ms at 3 TB/s). So these plans run ``CudnnFusedPlan.conv_nhwc`` and then one
-pass that reads the NHWC conv output, adds the bias, applies Mish twice in fp32 and writes NCHW, in
-two implementations that compete in the autotuner. Measured at the reference problem (fp32, TF32):
-4.13 ms (CUDA) and 4.23 ms (Triton) against 4.65 for ``cudnn_fused_nchw``; ``triton_conv`` beat all
-three with 3.73 (``benchmarks/results/plans-h100/``):
+``cudnn_fused_nchw`` runs the fused graph and then a pure transpose of its NHWC output. The conv
+without bias and Mish also has cuDNN engines for an NHWC output, and adding the bias and the Mish
+to the transpose costs it little, since that pass is bound by memory. So these plans run
+``CudnnFusedPlan.conv_nhwc`` and then one pass that reads the NHWC conv output, adds the bias,
+applies Mish (``ConvSpec.mish_count`` times) in fp32 and writes NCHW, in two implementations that
+compete in the autotuner (timings: ``benchmarks/results/`` and the README):
 
 - ``cudnn_conv_epilogue_triton``: the tiled kernel of ``cudnn_nchw`` with its bias and Mish on;
 - ``cudnn_conv_epilogue_cuda``: ``csrc/epilogue_nchw.cu`` in the CUDA backend's extension, with
-  the Mish of ``csrc/mish.cuh`` that the ``cuda`` backend uses.
+  the Mish of ``csrc/mish.cuh`` that the ``cuda`` backend uses. The kernel is templated on the
+  Mish count; it takes a single Mish once the extension's binding (``csrc/mish2_binding.cpp``)
+  exports ``bias_mish_nhwc_to_nchw``, and declines ``mish_count=1`` until then.
 
 They take what the cuDNN fusion takes (same ``fusion_reasons``: TF32 on, no groups, zeros
 padding...) and write only NCHW; channels_last outputs are ``cudnn_fused``'s.
@@ -20,6 +19,7 @@ padding...) and write only NCHW; channels_last outputs are ``cudnn_fused``'s.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -32,12 +32,36 @@ from mishops.plans.cudnn_fused import OnCudnnGraphs
 from mishops.registry import Availability
 
 
-def bias_mish2_nhwc_to_nchw(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``mish(mish(y + bias))`` as a contiguous (NCHW) tensor, for a channels_last ``y`` on a CUDA
-    device, by the CUDA extension's kernel; ``bias`` holds one value per channel, or is None."""
+#: the binding's entry point that takes the Mish count (the kernel has it: csrc/epilogue_nchw.cu)
+MISH_COUNT_ENTRY = "bias_mish_nhwc_to_nchw"
+
+
+@functools.cache
+def binding_takes_mish_count() -> bool:
+    """Whether the extension's binding exports ``MISH_COUNT_ENTRY`` (read from its source, so
+    nothing is built to find out)."""
+    binding = next((p for p in cuda.SOURCES if p.name.endswith("binding.cpp")), None)
+    try:
+        return binding is not None and f'"{MISH_COUNT_ENTRY}"' in binding.read_text()
+    except OSError:
+        return False
+
+
+def bias_mish2_nhwc_to_nchw(y: torch.Tensor, bias: torch.Tensor | None, mish_count: int = 2) -> torch.Tensor:
+    """``mish(mish(y + bias))`` (one ``mish`` for ``mish_count=1``) as a contiguous (NCHW) tensor,
+    for a channels_last ``y`` on a CUDA device, by the CUDA extension's kernel; ``bias`` holds one
+    value per channel, or is None."""
     out = torch.empty(y.shape, dtype=y.dtype, device=y.device)
     tensors = (y, out) if bias is None else (y, bias, out)
-    cuda.checked(cuda.extension_for(y.device).bias_mish2_nhwc_to_nchw(y, bias, out), *tensors)
+    extension = cuda.extension_for(y.device)
+    if mish_count == 2:
+        message = extension.bias_mish2_nhwc_to_nchw(y, bias, out)
+    else:
+        entry = getattr(extension, MISH_COUNT_ENTRY, None)
+        if entry is None:
+            raise NotImplementedError(f"the CUDA extension has no {MISH_COUNT_ENTRY} (mish_count={mish_count})")
+        message = entry(y, bias, out, mish_count)
+    cuda.checked(message, *tensors)
     return out
 
 
@@ -47,9 +71,9 @@ class _ConvEpiloguePlan(OnCudnnGraphs):
     def forward(self, x, weight, bias, spec: ConvSpec) -> torch.Tensor:
         y = get_plan("cudnn_fused").conv_nhwc(x, weight, spec)
         with torch.cuda.device(y.device):
-            return self.epilogue(y, bias)
+            return self.epilogue(y, bias, spec.mish_count)
 
-    def epilogue(self, y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def epilogue(self, y: torch.Tensor, bias: torch.Tensor | None, mish_count: int) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -67,8 +91,15 @@ class CudnnConvEpilogueCudaPlan(_ConvEpiloguePlan):
         return Availability.yes() if kernel else Availability.no(f"needs the CUDA extension of the cuda backend: "
                                                                  f"{kernel.reason}")
 
-    def epilogue(self, y, bias):
-        return bias_mish2_nhwc_to_nchw(y, bias)
+    def not_supported_reasons(self, x, weight, bias, spec: ConvSpec) -> list[str]:
+        reasons = super().not_supported_reasons(x, weight, bias, spec)
+        if spec.mish_count != 2 and not binding_takes_mish_count():
+            reasons.append(f"one Mish (mish_count={spec.mish_count}): the CUDA extension's binding exports "
+                           "the double-Mish epilogue only")
+        return reasons
+
+    def epilogue(self, y, bias, mish_count):
+        return bias_mish2_nhwc_to_nchw(y, bias, mish_count)
 
 
 @register_plan
@@ -85,5 +116,5 @@ class CudnnConvEpilogueTritonPlan(_ConvEpiloguePlan):
             return Availability.no("triton is not installed: pip install mishops[triton]")
         return Availability.yes()
 
-    def epilogue(self, y, bias):
-        return cudnn_nchw.nhwc_to_nchw(y, bias, mish2=True)
+    def epilogue(self, y, bias, mish_count):
+        return cudnn_nchw.nhwc_to_nchw(y, bias, mish_count=mish_count)

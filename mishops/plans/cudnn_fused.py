@@ -1,31 +1,30 @@
-"""cuDNN runtime fusion: the conv, its bias and both Mish in ONE kernel.
+"""cuDNN runtime fusion: the conv, its bias and the Mish (once or twice) in ONE kernel.
 
 cuDNN's graph API compiles ``conv_fprop`` followed by pointwise ops into a single kernel whose
-epilogue applies them to the accumulator tile, so the 2 GB conv output of the reference shape is
-written once and never read back. It finds engines only for an NHWC output (graphs with an NCHW
-output get none), so this plan writes channels_last and is offered only where PyTorch's conv
-would return channels_last as well (``cudnn_nchw`` covers the other case). On one H100 at the
-reference shape (fp32, TF32) it took 2.0 - 2.4 ms from a channels_last input and 2.9 ms from an
-NCHW one, against 6.2 and 7.3 ms for the eager block with the same layouts; bf16 under autocast
-2.7 ms against 6.0 (``benchmarks/results/plans-h100.md``).
+epilogue applies them to the accumulator tile, so the conv output is written once and never read
+back. The graph applies ``_mish`` ``ConvSpec.mish_count`` times. It finds engines only for an NHWC
+output (graphs with an NCHW output get none), so this plan writes channels_last and is offered only
+where PyTorch's conv would return channels_last as well (``cudnn_nchw`` covers the other case).
+Timings are in the results files (``benchmarks/results/``) and the README.
 
-The heuristics offer 12 - 15 engine configs per graph at that shape and building them all takes
-10 - 17 s; one of them (eng7_k24=29) computed garbage (max error 12) and another (eng8) was off
-by 4e-3 in a few elements, so every config is checked against the reference, on random inputs,
-before it is timed. The winner's identity (engine id and knobs) goes to the tuning cache, so a
+The heuristics offer a dozen or more engine configs per graph at the reference shape and building
+them all takes seconds; on the H100 one of them (eng7_k24=29) computed garbage and another (eng8)
+was off by 4e-3 in a few elements, so every config is checked against the reference, on random
+inputs, before it is timed. The winner's identity (engine id and knobs) goes to the tuning cache, so a
 new process builds only that one (``MISHOPS_CUDNN_CONFIGS=N`` caps the search at the
 heuristics' first N configs, to bound the first call's latency). fp32 runs with TF32 like
 PyTorch's own conv; with TF32 off the plan declines (its exact-fp32 engines are slower than the
 unfused block).
 
-The same builder makes the graph of the conv alone (no bias, NHWC output: 2.58 ms at the
-reference shape from an NCHW input) for the ``cudnn_epilogue`` plans, which apply the bias and
-both Mish while transposing to NCHW (``conv_nhwc``); its configs are searched, checked against
-``F.conv2d`` and cached the same way, under ``cudnn_conv|...`` keys.
+The same builder makes the graph of the conv alone (no bias, NHWC output) for the
+``cudnn_epilogue`` plans, which apply the bias and the Mish while transposing to NCHW
+(``conv_nhwc``); its configs are searched, checked against ``F.conv2d`` and cached the same way,
+under ``cudnn_conv|...`` keys.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -104,7 +103,8 @@ def _build_graph(cudnn, handle, x: torch.Tensor, weight: torch.Tensor, has_bias:
             k = weight.shape[0]
             ports["b"] = g.tensor(name="b", dim=[1, k, 1, 1], stride=[k, 1, k, k], data_type=io)
             y = g.bias(input=y, bias=ports["b"], name="bias")
-        y = _mish(g, _mish(g, y, ports["clamp"], ports["two"], "mish1"), ports["clamp"], ports["two"], "mish2")
+        for i in range(spec.mish_count):
+            y = _mish(g, y, ports["clamp"], ports["two"], f"mish{i + 1}")
     n, k, p, q = _output_shape(x, weight, spec)
     y.set_output(True).set_data_type(io).set_dim([n, k, p, q]).set_stride([k * p * q, 1, k * q, k])
     ports["y"] = y
@@ -193,8 +193,9 @@ class CudnnFusedPlan(Plan):
     def conv_nhwc(self, x, weight, spec: ConvSpec) -> torch.Tensor:
         """The conv alone, without bias, written channels_last by cuDNN's graph of just the conv:
         for plans that apply the epilogue themselves. Its engine configs are searched, checked
-        against ``F.conv2d`` and cached like the fused graph's, under their own key."""
-        return self._run(x, weight, None, spec, epilogue=False)
+        against ``F.conv2d`` and cached like the fused graph's, under their own key (one for any
+        ``mish_count``: the graph has no Mish)."""
+        return self._run(x, weight, None, dataclasses.replace(spec, mish_count=2), epilogue=False)
 
     def _run(self, x, weight, bias, spec: ConvSpec, epilogue: bool) -> torch.Tensor:
         with torch.cuda.device(x.device):
@@ -255,6 +256,8 @@ class CudnnFusedPlan(Plan):
             return f"{tuple(v.shape)}{tuple(v.stride())}"
 
         graph = "cudnn_fused" if epilogue else "cudnn_conv"
+        if epilogue and spec.mish_count != 2:  # the double-Mish graph keeps the keys it always had
+            graph += f"|mish_count={spec.mish_count}"
         return (f"{graph}|{str(x.dtype).removeprefix('torch.')}|x{t(x)}|w{t(weight)}|bias={bias is not None}"
                 f"|stride={spec.stride} padding={spec.padding} dilation={spec.dilation}|{self.source_hash()}")
 
@@ -272,7 +275,7 @@ class CudnnFusedPlan(Plan):
             try:
                 return self._rebuild(cudnn, handle, x, weight, bias, spec, epilogue, saved)
             except Exception as exc:
-                log.warning("mishops: cuDNN config %s could not be rebuilt (%s: %s); searching again",
+                log.warning("cuDNN config %s could not be rebuilt (%s: %s); searching again",
                             saved["name"], type(exc).__name__, exc)
         engine, identity = self._search(cudnn, handle, x, weight, bias, spec, epilogue)
         tuning.release_scratch(x.device)  # the search's scratch tensors and workspaces
@@ -332,7 +335,7 @@ class CudnnFusedPlan(Plan):
                 wrong = mismatch(out, expected)
                 if wrong:
                     measured[name] = Measurement(False, "", reason=wrong)
-                    log.warning("mishops: cuDNN config %s rejected: %s", name, wrong)
+                    log.warning("cuDNN config %s rejected: %s", name, wrong)
                     continue
                 timing = tuning.time_ms(lambda: self._execute(engine, x, weight, bias, out), out.device,
                                         budget_s / count)
@@ -343,7 +346,7 @@ class CudnnFusedPlan(Plan):
                 measured[name] = Measurement(False, "", reason=f"{type(exc).__name__}: {first}")
         order = {name: i for i, name in enumerate(measured)}
         best = tuning.pick(measured, order)
-        log.info("mishops: cuDNN configs for %s: %s -> %s", self._disk_key(x, weight, bias, spec, epilogue),
+        log.info("cuDNN configs for %s: %s -> %s", self._disk_key(x, weight, bias, spec, epilogue),
                  ", ".join(f"{n} {m.median_ms:.3f} ms" if m.ok else f"{n} ({m.reason})" for n, m in measured.items()),
                  best)
         if best is None:
@@ -358,14 +361,14 @@ class CudnnFusedPlan(Plan):
             identity["engine_id"] = int(engine_id)
             identity["knobs"] = {k.name: int(v) for k, v in dict(knobs).items()}
         except Exception as exc:  # then a new process finds it by name
-            log.info("mishops: cuDNN config %s has no replayable (engine, knobs): %s", best, exc)
+            log.info("cuDNN config %s has no replayable (engine, knobs): %s", best, exc)
             identity["engine_id"] = identity["knobs"] = None
         # The search graph holds every config it built (and their device resources): keep only the
         # winner, rebuilt alone in a fresh graph exactly as a new process would.
         try:
             return self._rebuild(cudnn, handle, x, weight, bias, spec, epilogue, identity), identity
         except Exception as exc:
-            log.warning("mishops: cuDNN config %s could not be rebuilt alone (%s: %s); keeping the search graph",
+            log.warning("cuDNN config %s could not be rebuilt alone (%s: %s); keeping the search graph",
                         best, type(exc).__name__, exc)
             return engine, identity
 

@@ -2,11 +2,10 @@
 
 cuDNN has no engine for the fused graph with an NCHW output, so this plan runs ``cudnn_fused``
 (NHWC output) and turns the result into NCHW in one tiled Triton pass (the kernel that also serves
-``cudnn_epilogue``, there with the bias and both Mish applied on the way). PyTorch's own
-``contiguous()`` moves the 2 GB result of the reference shape at under a third of the copy
-bandwidth (4.4 ms on H100), where a bandwidth-bound transpose needs about 1.4 ms; with the fused
-graph at about 2.9 ms from an NCHW input, the default layout of the block gets most of the
-fusion's gain.
+``cudnn_epilogue``, there with the bias and the Mish applied on the way). PyTorch's own
+``contiguous()`` moves a large NHWC result at a fraction of the copy bandwidth, where this
+transpose is bound by memory, so the default layout of the block keeps most of the fusion's gain.
+One Mish or two: whatever the fused graph applied (``ConvSpec.mish_count``).
 
 The kernel is a plain function that ``triton.jit`` wraps on first use (``import mishops`` must not
 import Triton), once per mode: compiled, or Triton's CPU interpreter under ``TRITON_INTERPRET=1``,
@@ -29,11 +28,11 @@ tl = None  # triton.language, bound by _kernel() on first use; the kernel looks 
 
 
 def _nhwc_to_nchw_kernel(src, bias, dst, HW, C, hw_tiles, c_tiles, HAS_BIAS: tl.constexpr,
-                         APPLY_MISH: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+                         MISH_COUNT: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     """One [BLOCK_HW, BLOCK_C] tile of one image, read along C (contiguous in NHWC) and written
     along HW (contiguous in NCHW): Triton gives the load and the store each a coalesced layout
     and passes the tile between them through shared memory. On the way, optionally, the bias and
-    both Mish in fp32 -- the formula of ``mishops.backends.triton`` -- so a conv without its
+    ``MISH_COUNT`` Mish (0, 1 or 2) in fp32 -- the formula of ``mishops.backends.triton`` -- so a conv without its
     epilogue costs one pass more than the fused kernel, not two. A 1-D grid (channel tile
     fastest) has room for any number of images."""
     tile_id = tl.program_id(0)
@@ -45,9 +44,9 @@ def _nhwc_to_nchw_kernel(src, bias, dst, HW, C, hw_tiles, c_tiles, HAS_BIAS: tl.
     v = tl.load(src + image + hw[:, None] * C + c[None, :], mask=mask)  # neither: the bits move untouched
     if HAS_BIAS:
         v = v.to(tl.float32) + tl.load(bias + c, mask=c < C).to(tl.float32)[None, :]
-    if APPLY_MISH:
+    if MISH_COUNT > 0:
         v = v.to(tl.float32)
-        for _ in tl.static_range(2):
+        for _ in tl.static_range(MISH_COUNT):
             e = tl.exp2(tl.minimum(v, 20.0) * 1.4426950408889634)  # e^v as 2^(v log2 e)
             n = e * (e + 2.0)
             v = v * (n / (n + 2.0))
@@ -70,9 +69,10 @@ def _kernel(interpret: bool):
 
 
 def nhwc_to_nchw(y: torch.Tensor, bias: torch.Tensor | None = None, mish2: bool = False,
-                 dtype: torch.dtype | None = None) -> torch.Tensor:
+                 dtype: torch.dtype | None = None, mish_count: int | None = None) -> torch.Tensor:
     """``y.contiguous()`` for a 4-D channels_last ``y``, in one pass; with ``bias`` (one value per
-    channel) added and ``mish2`` applied on the way, in fp32, stored as ``dtype`` (default y's).
+    channel) added and Mish applied ``mish_count`` times (``mish2=True``: twice) on the way, in
+    fp32, stored as ``dtype`` (default y's).
     Tiles hold 4096 elements: 64 channels by 64 pixels, or all of a narrower channel dimension by
     more pixels. One image must hold fewer than 2^31 elements (its offsets are 32-bit)."""
     n, c, h, w = y.shape
@@ -80,6 +80,9 @@ def nhwc_to_nchw(y: torch.Tensor, bias: torch.Tensor | None = None, mish2: bool 
         raise ValueError(f"nhwc_to_nchw needs a channels_last tensor, got strides {y.stride()}")
     if c * h * w >= 2**31:
         raise ValueError(f"nhwc_to_nchw: one image of {c * h * w} elements passes 2^31")
+    count = (2 if mish2 else 0) if mish_count is None else mish_count
+    if count not in (0, 1, 2):
+        raise ValueError(f"nhwc_to_nchw: mish_count must be 0, 1 or 2, not {count!r}")
     out = torch.empty(y.shape, dtype=dtype or y.dtype, device=y.device)
     if out.numel():
         block_c = min(64, 1 << (c - 1).bit_length())
@@ -88,7 +91,7 @@ def nhwc_to_nchw(y: torch.Tensor, bias: torch.Tensor | None = None, mish2: bool 
         # FMA contraction named, not defaulted: Triton 3.9 warns that 3.10 changes the default.
         _kernel(_interpreting())[(n * hw_tiles * c_tiles,)](
             y, y if bias is None else bias, out, h * w, c, hw_tiles, c_tiles, HAS_BIAS=bias is not None,
-            APPLY_MISH=mish2, BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=4, enable_fp_fusion=True)
+            MISH_COUNT=count, BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=4, enable_fp_fusion=True)
     return out
 
 

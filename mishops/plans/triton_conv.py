@@ -1,13 +1,10 @@
-"""A Triton implicit-GEMM conv with bias + Mish + Mish in its epilogue, writing NCHW directly.
+"""A Triton implicit-GEMM conv with bias + Mish (once or twice) in its epilogue, writing NCHW directly.
 
 cuDNN fuses the block only into an NHWC output; an NCHW module then pays a separate pass over the
 2 GB result (``cudnn_fused_nchw``, ``cudnn_conv_epilogue_*``). This plan writes each tile straight
 from the accumulator in the layout PyTorch would give (NCHW, or channels_last where the input or
-the weight is), so the output is written once. On an H100, the reference problem's block (fp32 NCHW
-input, 254x254 outputs) took 3.62 ms with an error of 4.25e-4, like the eager block's, against 8.51 ms
-for eager and 4.79 for ``torch.compile``. In bf16 autocast it took 2.67 ms, against 6.42 and 3.53.
-With 256x256 outputs it took 3.33 ms: 0.74 ms for the input pass and 2.59 for the conv at 238 TFLOP/s
-(``benchmarks/results/plans-h100/``).
+the weight is), so the output is written once. Its timings and errors are in the results files
+(``benchmarks/results/``) and the README.
 
 Two kernels:
 
@@ -20,7 +17,7 @@ Two kernels:
   ``[N * Hp * Wp, C]``: a TMA descriptor loads it with no index arithmetic or masks.
 * ``_conv_kernel``: one program per (image, output row, ``BLOCK_P`` pixels of that row,
   ``BLOCK_CO`` output channels) accumulates ``X[P, K] @ W[K, CO]`` over K = (kh, kw, channel
-  block), then adds the bias, applies Mish twice in fp32 and stores the tile along the pixels,
+  block), then adds the bias, applies Mish ``MISH_COUNT`` times (1 or 2) in fp32 and stores the tile along the pixels,
   which are contiguous in NCHW.
 
 Stride 1 only (a strided conv's pixels are not one rectangle of the padded view); any padding,
@@ -72,7 +69,8 @@ def _pad_round_kernel(x, xp, C, H, W, Hp, Wp, Cp, PH, PW, sxn, sxc, sxh, sxw,
 
 
 def _conv_kernel(x_desc, w_desc, out_desc, bias, out, H, W, Hp, Wp, Cout, TAPS_W, DH, DW,
-                 TAPS: tl.constexpr, CP: tl.constexpr, HAS_BIAS: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                 TAPS: tl.constexpr, CP: tl.constexpr, HAS_BIAS: tl.constexpr, MISH_COUNT: tl.constexpr,
+                 CHANNELS_LAST: tl.constexpr,
                  TMA_STORE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr,
                  NUM_STAGES: tl.constexpr):
     tiles_w = (W + BLOCK_P - 1) // BLOCK_P  # not tl.cdiv: a jit function, which breaks the interpreter once
@@ -98,7 +96,7 @@ def _conv_kernel(x_desc, w_desc, out_desc, bias, out, H, W, Hp, Wp, Cout, TAPS_W
     if HAS_BIAS:
         acc += tl.load(bias + co, mask=co < Cout, other=0.0).to(tl.float32)[:, None]
     v = acc
-    for _ in tl.static_range(2):  # the same Mish as the double-Mish backends
+    for _ in tl.static_range(MISH_COUNT):  # the same Mish as the double-Mish backends
         e = tl.exp2(tl.minimum(v, 20.0) * 1.4426950408889634)  # e^v as 2^(v log2 e)
         m = e * (e + 2.0)
         v = v * (m / (m + 2.0))
@@ -194,8 +192,10 @@ def tile_config(dtype: torch.dtype, out_w: int, cout: int) -> TileConfig:
 def conv_mish2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                padding: tuple[int, int], dilation: tuple[int, int],
                memory_format: torch.memory_format = torch.contiguous_format,
-               config: TileConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``mish(mish(conv2d(x, weight, bias, 1, padding, dilation)))``, written in ``memory_format``
+               config: TileConfig | None = None, out: torch.Tensor | None = None,
+               mish_count: int = 2) -> torch.Tensor:
+    """``mish(mish(conv2d(x, weight, bias, 1, padding, dilation)))`` (one ``mish`` for
+    ``mish_count=1``), written in ``memory_format``
     (contiguous NCHW or channels_last) into a new tensor or ``out``. It computes in the weight's
     dtype: a wider ``x`` (fp32 under bf16 autocast) is cast as the input pass reads it. fp32
     operands are rounded to TF32."""
@@ -212,6 +212,8 @@ def conv_mish2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
           or not out.is_contiguous(memory_format=memory_format)):
         raise ValueError(f"out must be a {memory_format} {dtype} tensor of shape {(n, cout, out_h, out_w)} "
                          f"on {x.device}; got {out.dtype} {tuple(out.shape)} strides {out.stride()} on {out.device}")
+    if mish_count not in (1, 2):
+        raise ValueError(f"mish_count must be 1 or 2, not {mish_count!r}")
     if out.numel() == 0:
         return out
     cfg = config or tile_config(dtype, out_w, cout)
@@ -233,6 +235,7 @@ def conv_mish2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     _, conv_kernel = _kernels(_interpreting())
     conv_kernel[grid](x_desc, w_desc, out_desc, bias if bias is not None else wk, out, out_h, out_w, xp.shape[1],
                       xp.shape[2], cout, kw, dh, dw, TAPS=kh * kw, CP=channels, HAS_BIAS=bias is not None,
+                      MISH_COUNT=mish_count,
                       CHANNELS_LAST=memory_format == torch.channels_last, TMA_STORE=tma_store, BLOCK_P=cfg.block_p,
                       BLOCK_CO=cfg.block_co, BLOCK_K=block_k, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
                       **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
@@ -264,12 +267,13 @@ class TritonConvPlan(Plan):
     def is_available(self) -> Availability:
         if importlib.util.find_spec("triton") is None:
             return Availability.no("triton is not installed: pip install mishops[triton]")
+        # the GPU first: importing triton takes a third of a second, which a CPU-only first call must not pay
+        if not _interpreting() and not torch.cuda.is_available():
+            return Availability.no("no CUDA GPU (set TRITON_INTERPRET=1 to run Triton's interpreter on CPU tensors)")
         try:
             from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
         except Exception as exc:
             return Availability.no(f"this triton has no host tensor descriptors (needs 3.4+): {exc}")
-        if not _interpreting() and not torch.cuda.is_available():
-            return Availability.no("no CUDA GPU (set TRITON_INTERPRET=1 to run Triton's interpreter on CPU tensors)")
         return Availability.yes()
 
     def device_reasons(self, device: torch.device) -> list[str]:
@@ -307,4 +311,4 @@ class TritonConvPlan(Plan):
     def forward(self, x, weight, bias, spec: ConvSpec) -> torch.Tensor:
         with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
             return conv_mish2(x, weight, bias, _numeric_padding(spec), tuple(spec.dilation),
-                              expected_memory_format(x, weight))
+                              expected_memory_format(x, weight), mish_count=spec.mish_count)

@@ -1,0 +1,200 @@
+"""``mishops.fuse`` on a timm model built with Mish activations: speed against the unfused model.
+
+    python benchmarks/bench_fuse_timm.py --out benchmarks/results/h200/fuse-timm.md     # on a GPU
+    python benchmarks/bench_fuse_timm.py --device cpu --small                            # a quick check
+    python benchmarks/bench_fuse_timm.py --no-compile                                    # eager rows only
+
+The model is timm's ``cspdarknet53`` with ``act_layer="mish"`` (every conv is a ConvNormAct whose
+BatchNormAct2d applies a Mish), in eval mode with random weights and randomised BatchNorm
+statistics. For each case (fp32 with TF32 convs, bf16 autocast; eager and ``torch.compile``) the
+unfused and the fused model are timed on the same input, and the fused output is compared with the
+unfused one. timm is not a mishops dependency: without it this script says so and exits 0.
+
+Timing: ``mishops.tuning.time_ms`` where it exists, else ``triton.testing.do_bench``'s median on
+a GPU, else the median of wall-clock calls. The table is printed and, with ``--out``, written as
+markdown with the device, versions, commit and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import mishops
+
+
+def _timer(device: torch.device):
+    """A function ``(fn) -> median ms`` for ``device``."""
+    try:
+        from mishops import tuning
+
+        if hasattr(tuning, "time_ms"):  # time_ms(fn, device, budget_s) -> Timing(median_ms, ...)
+            def tuned(fn, like):
+                fn()
+                timing = tuning.time_ms(fn, device, 1.0)
+                return float(getattr(timing, "median_ms", timing))
+
+            return tuned, "mishops.tuning.time_ms (median)"
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        try:
+            from triton.testing import do_bench
+
+            return lambda fn, like: float(do_bench(fn, warmup=25, rep=200, return_mode="median")), \
+                "triton.testing.do_bench (median)"
+        except ImportError:
+            pass
+
+    def wall(fn, like):
+        for _ in range(2):
+            fn()
+        times = []
+        for _ in range(5 if device.type == "cpu" else 50):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append((time.perf_counter() - started) * 1e3)
+        return statistics.median(times)
+
+    return wall, "wall clock (median)"
+
+
+def _randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d) and m.running_mean is not None:
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+            if m.weight is not None:
+                m.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.data.copy_(torch.randn(c, generator=g) * 0.1)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="mishops.fuse on a timm model with Mish: fused vs unfused")
+    parser.add_argument("--model", default="cspdarknet53",
+                        help="a timm model that takes act_layer (default cspdarknet53)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=None, help="default 32 on a GPU, 1 with --small")
+    parser.add_argument("--size", type=int, default=None, help="input height and width (default 256, 64 with --small)")
+    parser.add_argument("--small", action="store_true",
+                        help="a tiny input, fp32, eager only (add --compile for the compiled rows): "
+                             "a quick check on CPU")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="the torch.compile rows (default: on, off with --small)")
+    parser.add_argument("--channels-last", action="store_true", help="model and input in channels_last")
+    parser.add_argument("--out", type=Path, help="also write the markdown table here")
+    args = parser.parse_args(argv)
+
+    try:
+        import timm
+    except ImportError:
+        print("bench_fuse_timm: skipped: timm is not installed (pip install timm); it is not a mishops dependency")
+        return 0
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench_fuse_timm: error: --device cuda needs a CUDA GPU", file=sys.stderr)
+        return 2
+    batch = args.batch or (1 if args.small else 32)
+    size = args.size or (64 if args.small else 256)
+    settings = ["fp32"] if args.small or device.type == "cpu" else ["fp32", "bf16-autocast"]
+    compile_rows = (not args.small) if args.compile is None else args.compile
+    modes = ["eager"] + (["torch.compile"] if compile_rows else [])
+    torch.backends.cudnn.allow_tf32 = True
+    timer, timer_name = _timer(device)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+
+    torch.manual_seed(0)
+    unfused = timm.create_model(args.model, pretrained=False, act_layer="mish").eval()
+    _randomize_batchnorm(unfused)
+    fused, report = mishops.fuse(copy.deepcopy(unfused), report=True)
+    unfused = unfused.to(device, memory_format=memory_format)
+    fused = fused.to(device, memory_format=memory_format)
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
+
+    rows = []
+    for setting in settings:
+        amp = torch.autocast(device.type, dtype=torch.bfloat16) if setting == "bf16-autocast" else None
+        for mode in modes:
+            models = {"unfused": unfused, "fused": fused}
+            if mode == "torch.compile":
+                torch._dynamo.reset()
+                models = {k: torch.compile(m) for k, m in models.items()}
+            outs, times = {}, {}
+            for name, model in models.items():
+                def run(model=model):
+                    with torch.no_grad(), (amp if amp is not None else torch.autocast(device.type, enabled=False)):
+                        return model(x)
+
+                started = time.perf_counter()
+                outs[name] = run()  # compiles, tunes: the first call
+                first_s = time.perf_counter() - started
+                times[name] = (timer(run, outs[name]), first_s)
+            ref, got = outs["unfused"].float(), outs["fused"].float()
+            err = float((got - ref).abs().max()) / max(float(ref.abs().max()), 1e-30)
+            (u_ms, u_first), (f_ms, f_first) = times["unfused"], times["fused"]
+            rows.append((setting, mode, u_ms, f_ms, u_ms / f_ms, err, u_first, f_first))
+            print(f"{setting:14s} {mode:14s} unfused {u_ms:9.3f} ms  fused {f_ms:9.3f} ms  x{u_ms / f_ms:5.2f}  "
+                  f"rel. error {err:.2e}", flush=True)
+
+    lines = [
+        f"# mishops.fuse on timm {args.model} (act_layer=mish), inference",
+        "",
+        f"- **Device:** {_device_name(device)} ({device.type})",
+        f"- **Software:** torch {torch.__version__} (CUDA {torch.version.cuda}, cuDNN "
+        f"{torch.backends.cudnn.version() if device.type == 'cuda' else 'n/a'}), timm {timm.__version__}, "
+        f"mishops {mishops.__version__}, Python {platform.python_version()}",
+        f"- **Run:** {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}, commit {_commit()}",
+        f"- **Input:** {batch}x3x{size}x{size}, {'channels_last' if args.channels_last else 'NCHW'}; eval mode, "
+        "random weights, randomised BatchNorm statistics; TF32 convs on",
+        f"- **Fused:** {len(report.fused)} blocks ({sum(f.mish_count == 2 for f in report.fused)} with two Mish), "
+        f"{len(report.left_alone)} left alone, {len(report.walked)} module(s) walked instead of traced",
+        f"- **Timing:** {timer_name}; first call (compile, tuning) listed apart",
+        "",
+        "| setting | mode | unfused ms | fused ms | speed-up | max error / max abs output "
+        "| first call s (unfused / fused) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for setting, mode, u_ms, f_ms, speedup, err, u_first, f_first in rows:
+        lines.append(f"| {setting} | {mode} | {u_ms:.3f} | {f_ms:.3f} | {speedup:.2f}x | {err:.2e} | "
+                     f"{u_first:.1f} / {f_first:.1f} |")
+    lines += ["", "Fuse report:", "", "```", str(report), "```", ""]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text, encoding="utf-8")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
