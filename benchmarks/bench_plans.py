@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a script: the checkout's mishops and tests
-from mishops import dispatch, plans, tuning  # noqa: E402
+from mishops import plans, tuning  # noqa: E402
 from tests.reference import Model  # noqa: E402
 
 CL = torch.channels_last

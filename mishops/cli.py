@@ -7,9 +7,7 @@ import json
 import logging
 import os
 import platform
-import statistics
 import sys
-import time
 
 import torch
 from rich.console import Console
@@ -17,7 +15,7 @@ from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
-from mishops import cache, dispatch, layout, plans, registry
+from mishops import cache, dispatch, layout, plans, registry, tuning
 from mishops.tuning import tune as mishops_tune
 
 console = Console(width=None if sys.stdout.isatty() else 160)  # tables stay whole in logs
@@ -165,8 +163,8 @@ def cmd_info(args) -> int:
     from mishops import __version__
 
     console.print(f"[bold]mishops {__version__}[/bold]")
-    devices = [f"cuda:{i} {dispatch.device_label(torch.device('cuda', i))}" for i in range(torch.cuda.device_count())]
-    console.print("devices: " + (", ".join(devices) if devices else f"no CUDA GPU; {dispatch.device_label(torch.device('cpu'))}"))
+    devices = [f"cuda:{i} {tuning.device_label(torch.device('cuda', i))}" for i in range(torch.cuda.device_count())]
+    console.print("devices: " + (", ".join(devices) if devices else f"no CUDA GPU; {tuning.device_label(torch.device('cpu'))}"))
     console.print("versions: " + ", ".join(f"{k} {v}" for k, v in _versions().items()))
     console.print(f"tuning cache: {cache.cache_dir()}")
     table = Table("backend", "priority", "devices", "available", "reason")
@@ -181,8 +179,11 @@ def cmd_info(args) -> int:
     plan_table = Table("block plan (ModelNew)", "priority", "outputs", "available", "reason")
     for name, plan in plans.plans().items():
         ok = plans.availability(name)
-        formats = ",".join(sorted(plans._format_name(f) for f in plan.output_formats))
+        formats = ",".join(sorted(plans.format_name(f) for f in plan.output_formats))
         plan_table.add_row(name, str(plan.priority), formats, "[green]yes[/green]" if ok else "[red]no[/red]", escape(ok.reason))
+    for name, reason in plans.PLANS.failed.items():
+        if name not in plans.plans():
+            plan_table.add_row(name, "-", "-", "[red]no[/red]", escape(reason))
     console.print(plan_table)
     return 0
 
@@ -192,30 +193,8 @@ def _gbps(x: torch.Tensor, ms: float, passes: int = 2) -> float:
 
 
 def _time_ms(fn, like: torch.Tensor, budget_s: float) -> float:
-    """Median ms of ``fn()`` after a warm-up: the tuner's timer where there is one."""
-    for _ in range(3):
-        fn()
-    try:
-        from mishops import tuning
-
-        timer = tuning.time_ms  # time_ms(fn, device, budget_s) -> Timing(median_ms, ...)
-    except (ImportError, AttributeError):
-        timer = None
-    if timer is not None:
-        timing = timer(fn, like.device, budget_s)
-        return float(getattr(timing, "median_ms", timing))
-    try:
-        return dispatch._time(fn, like, budget_s)[0]
-    except AttributeError:  # pragma: no cover - the dispatcher's private timer moved
-        fn()
-        times = []
-        for _ in range(5):
-            started = time.perf_counter()
-            fn()
-            if like.is_cuda:
-                torch.cuda.synchronize(like.device)
-            times.append((time.perf_counter() - started) * 1e3)
-        return statistics.median(times)
+    """Median ms of ``fn()``, by the project's one timer."""
+    return tuning.time_ms(fn, like.device, budget_s).median_ms
 
 
 def _long_on_cpu(shape: tuple[int, ...], dtype: torch.dtype, in_channels: int) -> str:
@@ -266,8 +245,8 @@ def _bench_model(args, shape, dtype, device, winner: str) -> int:
             ms = _time_ms(lambda: model(inp), out, budget)
             label = f"backend={backend!r}"
             if backend == "auto":
-                chosen = [c for c in dispatch.last_choices() if c.op == "block"]
-                label += f" (plan {chosen[-1].backend})" if chosen else ""
+                chosen = [c for c in tuning.TUNER.last_choices() if c.op == "block"]
+                label += f" (plan {chosen[-1].winner})" if chosen else ""
             rtol, atol = TOLERANCE[dtype]
             verdict = (f"[red]wrong: {escape(wrong)}[/red]" if wrong
                        else f"[green]ok[/green] (rtol {rtol:g}, atol {atol:g})")
@@ -288,20 +267,21 @@ def cmd_bench(args) -> int:
         if warning:
             print(f"mishops bench: warning: {warning}", file=sys.stderr, flush=True)
     x = torch.randn(shape, device=device, dtype=dtype) * 3
-    candidates, rejected = dispatch._candidates(x)
+    problem = dispatch.problem("forward", x)
     budget = args.budget_ms / 1e3
-    measurements: dict[str, dispatch.Measurement] = {}
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("profiling", total=len(candidates) + 1)
-        copy_ms, copy_spread, _ = dispatch._time(lambda: x.clone(), x, budget)
-        progress.advance(task)
-        for backend in candidates:
-            progress.update(task, description=f"profiling {backend.name}")
-            measurements.update(dispatch._profile("forward", [backend], x, budget))
+        task = progress.add_task("timing a copy", total=len(problem.candidates) + 1)
+        copy = tuning.time_ms(lambda: x.clone(), device, budget)
+        copy_ms, copy_spread = copy.median_ms, copy.spread_ms
+
+        def step(name):
             progress.advance(task)
-    winner = dispatch.pick(measurements, {b.name: b.priority for b in candidates})
+            progress.update(task, description=f"checking and timing {name}")
+
+        measurements = tuning.TUNER.measure(problem, step)
+    winner = tuning.pick(measurements, {b.name: b.priority for b in problem.candidates})
     table = Table(title=f"mish2 forward, {str(dtype).removeprefix('torch.')} {tuple(shape)} on "
-                        f"{dispatch.device_label(device)}")
+                        f"{tuning.device_label(device)}")
     for col in ("backend", "median ms", "spread ms", "GB/s", "% of copy", "chosen"):
         table.add_column(col, justify="left" if col == "backend" else "right")
     table.add_row("copy (yardstick)", f"{copy_ms:.3f}", f"{copy_spread:.3f}", f"{_gbps(x, copy_ms):.0f}", "100", "")
@@ -311,8 +291,8 @@ def cmd_bench(args) -> int:
                           f"{100 * copy_ms / m.median_ms:.0f}", "[bold green]<-[/bold green]" if name == winner else "")
         else:
             table.add_row(name, "-", "-", "-", "-", f"[red]rejected: {escape(m.reason)}[/red]")
-    for name, reasons in rejected.items():
-        table.add_row(name, "-", "-", "-", "-", f"[dim]not run: {escape('; '.join(reasons))}[/dim]")
+    for name, why in problem.rejected.items():
+        table.add_row(name, "-", "-", "-", "-", f"[dim]not run: {escape(why)}[/dim]")
     console.print(table)
     if winner is None:
         console.print("[red]no backend produced a correct result[/red]")
@@ -352,8 +332,6 @@ def _tune_block(args, device: torch.device, dname: str) -> list:
 
 
 def cmd_tune(args) -> int:
-    from mishops import dispatch, tuning
-
     device = _device(args.device)
     written = tuning.stats["cache_writes"]
     table = Table("what", "how", "candidate", "median ms", "")

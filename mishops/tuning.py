@@ -463,6 +463,18 @@ class Tuner:
     def _profile(self, problem: Problem, candidates: list, trial: Trial) -> dict[str, Measurement]:
         return {c.name: self._attempt(problem, c, trial) for c in candidates}
 
+    def measure(self, problem: Problem, progress: Callable[[str], None] = lambda name: None) -> dict[str, Measurement]:
+        """Check and time every candidate of ``problem`` afresh, as tuning would, remembering
+        nothing (``mishops bench``'s table); ``progress(name)`` is called before each."""
+        trial = problem.make_trial()
+        found = {}
+        for candidate in problem.candidates:
+            progress(candidate.name)
+            found[candidate.name] = self._attempt(problem, candidate, trial)
+        del trial
+        release_scratch(problem.device)
+        return found
+
     def _first_correct(self, problem: Problem, order: list[str]) -> tuple[str, dict[str, Measurement]]:
         by_name = {c.name: c for c in problem.candidates}
         trial = problem.make_trial()

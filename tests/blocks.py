@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mishops import dispatch, plans, tuning
+from mishops import plans, tuning
 from mishops.plans import run_block
 
 CL = torch.channels_last

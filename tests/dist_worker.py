@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import mishops
-from mishops import dispatch, registry, tuning
+from mishops import registry, tuning
 from tests.fake_backends import EagerLike
 from tests.reference import Model
 

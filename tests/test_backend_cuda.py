@@ -36,8 +36,7 @@ import pytest
 import torch
 
 import mishops
-from mishops import dispatch, registry
-from mishops.backends import cuda
+from mishops import registry
 from mishops.backends import cuda
 from mishops.backends.cuda import CudaBackend, CudaBuildError
 from mishops.layout import flat

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import mishops
-from mishops import dispatch, registry, tuning
+from mishops import registry, tuning
 from mishops.backends import triton as triton_backend
 from tests.reference import SPECIAL_VALUES, mish2_f64, mish2_grad_f64
 

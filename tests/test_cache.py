@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mishops
-from mishops import cache, dispatch, registry, tuning
+from mishops import cache, registry, tuning
 from tests.fake_backends import Fast, Slow
 
 

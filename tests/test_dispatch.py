@@ -8,7 +8,6 @@ import torch.nn.functional as F
 import mishops
 from mishops import dispatch, registry, tuning
 from mishops.dispatch import NoBackendError
-from mishops.tuning import Measurement
 from tests.fake_backends import Broken, Fast, Float16Only, Slow, Unavailable, Wrong
 
 

@@ -1,5 +1,8 @@
 """Whole-block plans: layout rules, forcing, checking, choosing, gradients, and the cuDNN fusion on GPU."""
 
+import os
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -582,3 +585,36 @@ def test_gpu_plan_profiling_hands_its_scratch_memory_back():
     steady, _ = idle_after_a_call()
     assert after_profiling <= steady + out_bytes // 4, \
         f"{after_profiling / 2**20:.0f} MiB cached after profiling, {steady / 2**20:.0f} MiB in steady state"
+
+
+def test_entry_point_plans_register_and_are_tuned(tmp_path):
+    """A real installed distribution's entry point in the group ``mishops.plans`` is loaded, becomes a
+    candidate of the block's key, and MISHOPS_PLAN can name it."""
+    (tmp_path / "plan_plugin_mod.py").write_text(textwrap.dedent("""
+        import torch.nn.functional as F
+        from mishops.plans import Plan, conv2d
+        class PluginPlan(Plan):
+            name = "plugin_plan"
+            def forward(self, x, weight, bias, spec):
+                return F.mish(F.mish(conv2d(x, weight, bias, spec)))
+    """))
+    dist = tmp_path / "mishops_plan_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mishops-plan-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[mishops.plans]\nplugin_plan = plan_plugin_mod:PluginPlan\n")
+    code = textwrap.dedent("""
+        import os, torch, mishops
+        from mishops import plans
+        model = mishops.ModelNew(3, 4, 3)
+        with torch.no_grad():
+            model(torch.randn(1, 3, 8, 8))
+        choice = mishops.last_choices()[-1]
+        assert "plugin_plan" in choice.measurements and choice.measurements["plugin_plan"].ok, choice.summary()
+        os.environ["MISHOPS_PLAN"] = "plugin_plan"
+        print("ok", plans.choose(torch.randn(1, 3, 8, 8), model.conv.weight, model.conv.bias,
+                                 plans.ConvSpec.of(model.conv)).name)
+    """)
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{os.getcwd()}", "MISHOPS_CACHE_DIR": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "ok plugin_plan" in out.stdout

@@ -6,7 +6,7 @@ import sys
 import torch
 
 import mishops
-from mishops import dispatch, registry, tuning
+from mishops import registry, tuning
 from tests.fake_backends import Fast, Slow
 
 registry.register(Fast)

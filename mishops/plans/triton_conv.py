@@ -173,20 +173,38 @@ class TileConfig:
     #: a cap on registers per thread (None: the compiler's choice), to fit more programs on an SM
     maxnreg: int | None = None
 
+    @property
+    def name(self) -> str:
+        return (f"p{self.block_p}co{self.block_co}k{self.block_k}w{self.num_warps}s{self.num_stages}"
+                + (f"r{self.maxnreg}" if self.maxnreg else ""))
+
 
 def tile_config(dtype: torch.dtype, out_w: int, cout: int) -> TileConfig:
-    """The tiles measured fastest at the reference shape on an H100 (``benchmarks/sweep_triton_conv.py``,
-    ``benchmarks/results/plans-h100/``): 128 pixels x 128 channels, K steps of 32 fp32 or 64 16-bit
-    values, 8 warps, 3 stages (4 stages or 2, fewer warps or larger tiles ran 10 - 50% slower), and
-    at most 128 registers a thread, so two programs share an SM and one's epilogue overlaps the
-    other's main loop: without the cap, the plain-store epilogue took 176 and the conv ran 15 - 20%
-    slower. Narrower rows and fewer channels get smaller tiles so programs are not mostly masked off."""
+    """The tiles the H100 sweep found fastest at the reference shape (``benchmarks/sweep_triton_conv.py``,
+    results under ``benchmarks/results/plans-h100/``): 128 pixels x 128 channels, K steps of 32 fp32 or
+    64 16-bit values, 8 warps, 3 stages, and a cap of 128 registers a thread, so two programs share an
+    SM and one's epilogue overlaps the other's main loop. Narrower rows and fewer channels get smaller
+    tiles so programs are not mostly masked off."""
     block_p = min(128, max(16, 1 << (out_w - 1).bit_length()))
     block_co = min(128, max(16, 1 << (cout - 1).bit_length()))
     block_k = 32 if dtype == torch.float32 else 64
     if block_p * block_co >= 128 * 128:
         return TileConfig(block_p, block_co, block_k, 8, 3, maxnreg=128)
     return TileConfig(block_p, block_co, block_k, 4, 3)
+
+
+def tile_configs(dtype: torch.dtype, out_w: int, cout: int) -> list[TileConfig]:
+    """The configs worth timing for a shape: ``tile_config``'s first, then its neighbours in the
+    H100 sweep (a stage more or fewer, K steps twice as long, half the pixels or half the channels
+    with half the warps), pruned to tiles the row and the channels fill, as ``triton.autotune``'s
+    ``prune_configs_by`` would. A GPU other than the sweep's may prefer another; the tuner decides."""
+    best = tile_config(dtype, out_w, cout)
+    found = [best,
+             TileConfig(best.block_p, best.block_co, best.block_k, best.num_warps, best.num_stages + 1, best.maxnreg),
+             TileConfig(best.block_p, best.block_co, 2 * best.block_k, best.num_warps, 2, best.maxnreg),
+             TileConfig(max(16, best.block_p // 2), best.block_co, best.block_k, 4, 3),
+             TileConfig(best.block_p, max(16, best.block_co // 2), best.block_k, 4, 3)]
+    return list(dict.fromkeys(found))
 
 
 def conv_mish2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -308,7 +326,15 @@ class TritonConvPlan(Plan):
                 reasons.append("the padded input has 2^31 pixels or more")
         return reasons
 
-    def forward(self, x, weight, bias, spec: ConvSpec) -> torch.Tensor:
+    def configs(self, x, weight, bias, spec: ConvSpec) -> list[TileConfig]:
+        """One under the interpreter (which checks the code, not the speed), else ``tile_configs``."""
+        padding, (dh, dw) = _numeric_padding(spec), spec.dilation
+        out_w = x.shape[3] + 2 * padding[1] - dw * (weight.shape[3] - 1)
+        found = tile_configs(weight.dtype, out_w, weight.shape[0])
+        return found[:1] if _interpreting() else found
+
+    def forward(self, x, weight, bias, spec: ConvSpec, config: TileConfig | None = None) -> torch.Tensor:
         with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
             return conv_mish2(x, weight, bias, _numeric_padding(spec), tuple(spec.dilation),
-                              expected_memory_format(x, weight), mish_count=spec.mish_count)
+                              expected_memory_format(x, weight), config or self.config_for(x, weight, bias, spec),
+                              mish_count=spec.mish_count)
