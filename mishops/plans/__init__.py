@@ -230,7 +230,7 @@ def _format_name(memory_format: torch.memory_format) -> str:
 
 def _import_builtin_plans() -> None:
     from mishops.plans import (  # noqa: F401  (registers them)
-        cudnn_epilogue, cudnn_fused, cudnn_nchw, torch_conv, triton_conv)
+        cudnn_epilogue, cudnn_fused, cudnn_nchw, hopper_conv, torch_conv, triton_conv)
 
 
 PLANS = registry.Registry("plan", Plan, _import_builtin_plans, on_change=lambda: _memory.clear())
