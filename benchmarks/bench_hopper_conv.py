@@ -81,6 +81,13 @@ def check(name, n, cin, cout, h, w, k, padding=(0, 0), dilation=(1, 1), dtype=to
         tol = 2 * eager_err + 1e-6 * float(ref.abs().max())
         passed = unwritten == 0 and err <= tol and ok_fmt
         row = dict(name=name, passed=passed, err=err, eager_err=eager_err, unwritten=unwritten, fmt_ok=ok_fmt)
+        if not passed:  # where it is wrong: which channels, columns and rows of image 0
+            bad = ((out[:1].double() - ref[:1]).abs().nan_to_num(nan=1e30) > 10 * tol)[0]
+            row["bad_fraction"] = float(bad.double().mean())
+            row["bad_channels"] = bad.any(2).any(1).nonzero().flatten()[:24].tolist()
+            row["bad_cols"] = bad.any(1).any(0).nonzero().flatten()[:24].tolist()
+            row["bad_rows"] = bad.any(2).any(0).nonzero().flatten()[:24].tolist()
+            row["sample_ours_ref"] = [out[0, 0, 0, :6].float().tolist(), ref[0, 0, 0, :6].float().tolist()]
     results["checks"].append(row)
     print(("PASS " if row["passed"] else "FAIL ") + json.dumps(row), flush=True)
     del x, out, eager, ref
