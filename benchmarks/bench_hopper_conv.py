@@ -27,6 +27,8 @@ from mishops.plans import triton_conv as tc  # noqa: E402
 
 CL = torch.channels_last
 results = {"checks": [], "timings": []}
+#: the config of checks that name none (``--configs``' first, else the plan's first)
+DEFAULT = {"config": None}
 
 
 def block_ref(x, w, b, padding, dilation, mish_count):
@@ -59,7 +61,7 @@ def check(name, n, cin, cout, h, w, k, padding=(0, 0), dilation=(1, 1), dtype=to
     oh = h + 2 * padding[0] - dilation[0] * (k[0] - 1)
     ow = w + 2 * padding[1] - dilation[1] * (k[1] - 1)
     out = torch.full((n, cout, oh, ow), float("nan"), dtype=dtype, device="cuda").contiguous(memory_format=fmt)
-    hc.conv_mish(xd, wd, bd, padding, dilation, mish_count, fmt, config, out=out)
+    hc.conv_mish(xd, wd, bd, padding, dilation, mish_count, fmt, config or DEFAULT["config"], out=out)
     torch.cuda.synchronize()
     eager = block_ref(xd, wd, bd, padding, dilation, mish_count)
     m = ref_images or n
@@ -143,14 +145,14 @@ def timeit(fn, reps=20, warmup=3):
     return statistics.median(times), min(times)
 
 
-def timing(quick):
+def timing(quick, configs):
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
     n, cin, cout, h, w = 64, 64, 128, 256, 256
     x = torch.rand(n, cin, h, w, device="cuda")
     wt = torch.randn(cout, cin, 3, 3, device="cuda") * (1 / 24)
     b = torch.randn(cout, device="cuda") * 0.1
-    reps = 10 if quick else 20
+    reps = 10 if quick else 15
     flop = 2 * n * 254 * 254 * cout * cin * 9
     for setting in ("fp32_nchw", "fp32_cl", "bf16_nchw", "bf16_cl"):
         dtype = torch.bfloat16 if setting.startswith("bf16") else torch.float32
@@ -169,7 +171,7 @@ def timing(quick):
         wk = hc.packed_weight(wd, chan)
         ext = hc.extension()
         out = torch.empty((n, cout, 254, 254), dtype=dtype, device="cuda", memory_format=fmt)
-        for cfg in hc.CONFIGS:
+        for cfg in configs:
             def kern(cfg=cfg):
                 msg = ext.conv_mish(xp, wk, bd, out, 3, 3, 1, 1, 2, cfg.stages, cfg.consumers, cl, 0)
                 if msg:
@@ -177,8 +179,8 @@ def timing(quick):
             rows[f"kernel_{cfg.name}"] = timeit(kern, reps)
             rows[f"kernel_{cfg.name}_mish1"] = timeit(
                 lambda cfg=cfg: ext.conv_mish(xp, wk, bd, out, 3, 3, 1, 1, 1, cfg.stages, cfg.consumers, cl), reps) \
-                if cfg == hc.CONFIGS[0] else None
-            if cfg == hc.CONFIGS[0]:
+                if cfg == configs[0] else None
+            if cfg == configs[0]:
                 for mode, what in ((1, "nostore"), (2, "mainloop")):
                     rows[f"kernel_{cfg.name}_{what}"] = timeit(
                         lambda cfg=cfg, mode=mode: ext.conv_mish(xp, wk, bd, out, 3, 3, 1, 1, 2, cfg.stages,
@@ -204,6 +206,7 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-time", action="store_true")
     ap.add_argument("--cases", default="", help="comma-separated case names to run alone")
+    ap.add_argument("--configs", default="", help="comma-separated config names to time (default: all)")
     args = ap.parse_args()
     props = torch.cuda.get_device_properties(0)
     print(f"device {props.name} sms {props.multi_processor_count} torch {torch.__version__} "
@@ -213,6 +216,13 @@ def main():
     print(f"build/import {time.time() - t0:.1f} s", flush=True)
     torch.manual_seed(0)
     cases = [
+        # several tiles a CTA, so each consumer takes several (run 2 hung here before the consumers'
+        # main loops were made to alternate strictly)
+        ("multitile_fp32_single", dict(n=1, cin=64, cout=128, h=256, w=256, k=(3, 3), config=hc.HopperConfig(6, 1))),
+        ("multitile_fp32_pingpong", dict(n=1, cin=64, cout=128, h=256, w=256, k=(3, 3),
+                                         config=hc.HopperConfig(6, 2))),
+        ("multitile_bf16_cl_s4", dict(n=2, cin=64, cout=128, h=130, w=256, k=(3, 3), config=hc.HopperConfig(4, 2),
+                                      dtype=torch.bfloat16, cl=True)),
         ("small_fp32_nchw", dict(n=2, cin=64, cout=128, h=20, w=150, k=(3, 3))),
         ("small_fp32_cl", dict(n=2, cin=64, cout=128, h=20, w=150, k=(3, 3), cl=True)),
         ("small_bf16_nchw", dict(n=2, cin=64, cout=128, h=20, w=150, k=(3, 3), dtype=torch.bfloat16)),
@@ -237,6 +247,9 @@ def main():
         ("ref_fp32_cl", dict(n=64, cin=64, cout=128, h=256, w=256, k=(3, 3), ref_images=2, cl=True)),
         ("ref_bf16_nchw", dict(n=64, cin=64, cout=128, h=256, w=256, k=(3, 3), ref_images=2, dtype=torch.bfloat16)),
     ]
+    if args.configs:
+        DEFAULT["config"] = next(c for c in hc.CONFIGS if c.name == args.configs.split(",")[0])
+        print(f"checks without a config use {DEFAULT['config'].name}", flush=True)
     if args.cases:
         cases = [c for c in cases if c[0] in args.cases.split(",")]
     for name, kw in cases:
@@ -256,7 +269,7 @@ def main():
     passed = sum(r["passed"] for r in results["checks"])
     print(f"checks passed {passed}/{len(results['checks'])}", flush=True)
     if not args.no_time and passed == len(results["checks"]):
-        timing(args.quick)
+        timing(args.quick, [c for c in hc.CONFIGS if not args.configs or c.name in args.configs.split(",")])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

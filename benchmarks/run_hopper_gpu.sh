@@ -8,11 +8,14 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
   nvcc --version | tail -2; } 2>&1 | tee "$OUT/env.txt"
-SMOKE=${SMOKE:-small_fp32_nchw,small_bf16_nchw,c8_24_37x53_pad1}
-n=$(echo "$SMOKE" | tr ',' '\n' | wc -l)
-timeout ${T_SMOKE:-150} python3 benchmarks/bench_hopper_conv.py --no-time --cases "$SMOKE" 2>&1 | tee "$OUT/smoke.log"
-if grep -q "checks passed $n/$n" "$OUT/smoke.log"; then
-  timeout ${T_BENCH:-140} python3 benchmarks/bench_hopper_conv.py --json "$OUT/bench.json" $BENCH_ARGS 2>&1 | tee "$OUT/bench.log"
+# each smoke case alone, so a hang costs only its own time
+for c in small_fp32_nchw multitile_fp32_single multitile_fp32_pingpong; do
+  timeout ${T_CASE:-40} python3 benchmarks/bench_hopper_conv.py --no-time --cases $c 2>&1 | tee -a "$OUT/smoke.log"
+done
+CONFIGS=""
+if ! grep -q "PASS multitile_fp32_pingpong" "$OUT/smoke.log"; then CONFIGS="--configs s6_single"; fi
+if grep -q "PASS small_fp32_nchw" "$OUT/smoke.log"; then
+  timeout ${T_BENCH:-140} python3 benchmarks/bench_hopper_conv.py --json "$OUT/bench.json" $CONFIGS $BENCH_ARGS 2>&1 | tee "$OUT/bench.log"
   if grep -qE "checks passed ([0-9]+)/\1" "$OUT/bench.log"; then
     timeout ${T_TEST:-90} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_plans_hopper_conv.py 2>&1 | tee "$OUT/pytest.log"
   fi

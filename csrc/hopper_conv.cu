@@ -241,9 +241,11 @@ __global__ void __launch_bounds__(384, 1)
   const uint32_t raw = smem_u32(smem_raw);
   const uint32_t base = (raw + 1023) & ~1023u;
   const int stages = p.stages;
-  const uint32_t bars = base + stages * kStageBytes;  // full[s] at bars + 8 s, empty[s] after them
+  // full[s] at bars + 8 s, then empty[s], then done[c]
+  const uint32_t bars = base + stages * kStageBytes;
   auto full = [&](int s) { return bars + 8 * s; };
   auto empty = [&](int s) { return bars + 8 * (stages + s); };
+  auto done = [&](int c) { return bars + 8 * (2 * stages + c); };
   auto tile_a = [&](int s) { return base + s * kStageBytes; };
   auto tile_b = [&](int s) { return base + s * kStageBytes + kTileBytes; };
 
@@ -254,6 +256,8 @@ __global__ void __launch_bounds__(384, 1)
       mbar_init(full(s), 1);
       mbar_init(empty(s), 4);  // one arrival per warp of the consuming warpgroup
     }
+    mbar_init(done(0), 4);
+    mbar_init(done(1), 4);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
@@ -296,6 +300,11 @@ __global__ void __launch_bounds__(384, 1)
     long long i = c;
     for (long long t = blockIdx.x + static_cast<long long>(c) * gridDim.x; t < p.num_tiles;
          t += static_cast<long long>(consumers) * gridDim.x, i += consumers) {
+      // Main loops alternate strictly between the consumers: this tile's waits start once the
+      // previous tile's main loop (the other consumer's) is done. A ring stage's barrier phase
+      // only says even or odd, so a consumer that waited for its next tile's stages while the
+      // other was still consuming its own would take a phase two rounds early for its own.
+      if (consumers == 2 && i > 0) mbar_wait(done(static_cast<int>((i - 1) & 1)), static_cast<uint32_t>(((i - 1) >> 1) & 1));
       // This tile's place in the ring: the producer filled it in tile order, kiters stages a tile.
       const long long g = i * kiters;
       int s = static_cast<int>(g % stages);
@@ -334,7 +343,10 @@ __global__ void __launch_bounds__(384, 1)
       wgmma_wait<0>();
       fence_regs(acc0);
       fence_regs(acc1);
-      if (lane == 0) mbar_arrive(empty(prev));
+      if (lane == 0) {
+        mbar_arrive(empty(prev));
+        if (consumers == 2) mbar_arrive(done(c));
+      }
 
       if (p.mode == 2) continue;
       // Epilogue: accumulator (slice m, register j) holds pixel 64 m + 16 warp + lane / 4 + 8 ((j >> 1) & 1)
@@ -429,7 +441,7 @@ static std::string launch_typed(CUtensorMapDataType dtype, const void* xp, const
   CUtensorMap map_a, map_b;
   if (!make_map(&map_a, dtype, sizeof(T), xp, p.cp, rows, error)) return error;
   if (!make_map(&map_b, dtype, sizeof(T), wk, static_cast<uint64_t>(p.taps) * p.cp, p.cout, error)) return error;
-  const int smem = p.stages * kStageBytes + 16 * p.stages + 1024;
+  const int smem = p.stages * kStageBytes + 16 * p.stages + 16 + 1024;
   auto kernel = conv_mish_kernel<T, kMish>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return std::string("hopper_conv: cudaFuncSetAttribute: ") + cudaGetErrorString(err);
