@@ -166,7 +166,7 @@ def test_block_matches_float64_within_twice_eager(monkeypatch, shape, setting, i
         with torch.no_grad():
             rounded.weight.copy_(_round_tf32(conv.weight))
             rounded.bias.copy_(conv.bias)
-        floor = float((_block64(_round_tf32(x[:m].contiguous()), rounded) - ref).abs().max())
+            floor = float((_block64(_round_tf32(x[:m].contiguous()), rounded) - ref).abs().max())
     err = float((ours[:m].double() - ref).abs().max())
     eager_err = float((eager[:m].double() - ref).abs().max())
     assert not ours.isnan().any()
