@@ -173,18 +173,19 @@ def timing(quick, configs):
         out = torch.empty((n, cout, 254, 254), dtype=dtype, device="cuda", memory_format=fmt)
         for cfg in configs:
             def kern(cfg=cfg):
-                msg = ext.conv_mish(xp, wk, bd, out, 3, 3, 1, 1, 2, cfg.stages, cfg.consumers, cl, 0)
+                msg = ext.conv_mish(xp, wk, bd, out, 3, 3, 1, 1, 2, cfg.stages, cfg.consumers, cl, 0, cfg.epilogue)
                 if msg:
                     raise RuntimeError(msg)
             rows[f"kernel_{cfg.name}"] = timeit(kern, reps)
             rows[f"kernel_{cfg.name}_mish1"] = timeit(
-                lambda cfg=cfg: ext.conv_mish(xp, wk, bd, out, 3, 3, 1, 1, 1, cfg.stages, cfg.consumers, cl), reps) \
-                if cfg == configs[0] else None
-            if cfg == configs[0]:
+                lambda cfg=cfg: ext.conv_mish(xp, wk, bd, out, 3, 3, 1, 1, 1, cfg.stages, cfg.consumers, cl, 0,
+                                              cfg.epilogue), reps) \
+                if cfg in (configs[0], configs[-1]) else None
+            if cfg in (configs[0], configs[-1]):
                 for mode, what in ((1, "nostore"), (2, "mainloop")):
                     rows[f"kernel_{cfg.name}_{what}"] = timeit(
                         lambda cfg=cfg, mode=mode: ext.conv_mish(xp, wk, bd, out, 3, 3, 1, 1, 2, cfg.stages,
-                                                                 cfg.consumers, cl, mode), reps)
+                                                                 cfg.consumers, cl, mode, cfg.epilogue), reps)
             rows[f"plan_{cfg.name}"] = timeit(
                 lambda cfg=cfg: hc.conv_mish(xs if dtype == torch.float32 else xs, wd, bd, (0, 0), (1, 1), 2, fmt, cfg),
                 reps)
@@ -242,6 +243,19 @@ def main():
     ]
     for cfg in hc.CONFIGS:
         cases.append((f"small_fp32_{cfg.name}", dict(n=2, cin=64, cout=128, h=20, w=150, k=(3, 3), config=cfg)))
+    batched = hc.HopperConfig(6, 2, 1)
+    cases += [  # the batched epilogue on the shapes that exercise its guards
+        ("multitile_fp32_pingpong_batched", dict(n=1, cin=64, cout=128, h=256, w=256, k=(3, 3), config=batched)),
+        ("small_bf16_cl_batched", dict(n=2, cin=64, cout=128, h=20, w=150, k=(3, 3), dtype=torch.bfloat16, cl=True,
+                                       config=batched)),
+        ("c8_24_37x53_pad1_batched", dict(n=3, cin=8, cout=24, h=37, w=53, k=(3, 3), padding=(1, 1), config=batched)),
+        ("k5_dil2_nobias_batched", dict(n=2, cin=40, cout=64, h=33, w=41, k=(5, 5), padding=(2, 2), dilation=(2, 2),
+                                        bias=False, config=batched)),
+        ("k1_cout256_batched", dict(n=2, cin=96, cout=256, h=17, w=300, k=(1, 1), config=batched)),
+        ("mish1_fp16_cl_batched", dict(n=2, cin=64, cout=128, h=12, w=254, k=(3, 3), mish_count=1,
+                                       dtype=torch.float16, cl=True, config=batched)),
+        ("special_fp32_batched", dict(n=2, cin=64, cout=128, h=20, w=150, k=(3, 3), special=True, config=batched)),
+    ]
     cases += [
         ("ref_fp32_nchw", dict(n=64, cin=64, cout=128, h=256, w=256, k=(3, 3), ref_images=2)),
         ("ref_fp32_cl", dict(n=64, cin=64, cout=128, h=256, w=256, k=(3, 3), ref_images=2, cl=True)),

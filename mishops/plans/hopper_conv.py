@@ -56,18 +56,25 @@ MAX_STAGES = 6
 
 @dataclass(frozen=True)
 class HopperConfig:
-    """How the kernel runs a launch: ring depth, and one or two consumer warpgroups."""
+    """How the kernel runs a launch: ring depth, one or two consumer warpgroups, epilogue form."""
 
     stages: int = 6
     #: 2: ping-pong (one consumer's epilogue overlaps the other's MMAs); 1: epilogue not hidden
     consumers: int = 2
+    #: 0: bias + Mish a pair of values at a time between the stores; 1: a whole accumulator slice
+    #: first, branch-free, then its stores, so many ex2/rcp chains are in flight at once
+    epilogue: int = 0
 
     @property
     def name(self) -> str:
-        return f"s{self.stages}_{'pingpong' if self.consumers == 2 else 'single'}"
+        return (f"s{self.stages}_{'pingpong' if self.consumers == 2 else 'single'}"
+                + ("_batched" if self.epilogue == 1 else ""))
 
 
-CONFIGS = (HopperConfig(6, 2), HopperConfig(4, 2), HopperConfig(3, 2), HopperConfig(6, 1))
+#: the pairwise-epilogue configs first: they are the ones measured on the GPU (the batched
+#: epilogue has only been compiled), and the first is what runs where nothing has been tuned.
+CONFIGS = (HopperConfig(6, 2), HopperConfig(4, 2), HopperConfig(3, 2), HopperConfig(6, 1),
+           HopperConfig(6, 2, 1), HopperConfig(4, 2, 1))
 
 
 # --- building --------------------------------------------------------------------------------------
@@ -228,7 +235,7 @@ def conv_mish(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     for n0 in range(0, n, per_launch):
         n1 = min(n, n0 + per_launch)
         message = ext.conv_mish(xp[n0:n1], wk, b, out[n0:n1], kh, kw, dh, dw, mish_count, config.stages,
-                                config.consumers, channels_last)
+                                config.consumers, channels_last, 0, config.epilogue)
         if message:
             raise RuntimeError(f"{message} (input {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)})")
     return out
