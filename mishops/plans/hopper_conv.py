@@ -3,9 +3,10 @@
 ``triton_conv`` does the same GEMM, but Triton on Hopper gives each program one tile at a time and
 no warp specialisation, so a tile's epilogue (bias, two Mish, and NCHW stores that cannot be
 coalesced into 128-byte lines) stalls that program's tensor cores. ``csrc/hopper_conv.cu`` is
-persistent (one CTA per SM walking a static tile schedule) and warp-specialised: a producer warp
-issues TMA loads into an mbarrier ring, and two consumer warpgroups take alternate tiles, so one
-runs its epilogue while the other's wgmmas run (``consumers=2``, "ping-pong").
+persistent (one CTA per SM walking a static tile schedule) and warp-specialised: one thread of a
+producer warpgroup issues TMA loads into an mbarrier ring, and two consumer warpgroups take
+alternate tiles, their main loops in strict turn, so one runs its epilogue while the other's
+wgmmas run (``consumers=2``, "ping-pong").
 
 The input goes through ``triton_conv``'s pass first (``padded_input``): zero-padded NHWC with the
 channels padded to the K block (32 fp32 or 64 16-bit values, one 128-byte swizzle row), fp32
@@ -20,7 +21,6 @@ coordinates are 32-bit) run in chunks of images.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
