@@ -32,7 +32,7 @@ ENTRY_POINT_GROUP = "mishops.plans"
 
 def _import_builtin_plans() -> None:
     from mishops.plans import (  # noqa: F401  (registers them)
-        cudnn_epilogue, cudnn_fused, cudnn_nchw, eager, torch_conv, triton_conv)
+        cudnn_epilogue, cudnn_fused, cudnn_nchw, eager, hopper_conv, torch_conv, triton_conv)
 
 
 def _forget_block_choices() -> None:

@@ -1,0 +1,303 @@
+"""Build, check and time the hopper_conv plan in one GPU call.
+
+Checks: each case on fresh random inputs against a float64 block computed from the same inputs,
+into an output poisoned with NaN first (an element left unwritten stays NaN and fails), against
+2x the eager block's own error under the same TF32 / dtype setting; planted NaN/inf propagate
+like the eager block. Timing: CUDA events, median of repeats after warm-up, at the reference shape,
+beside the eager block and cuDNN's channels_last conv alone in the same run.
+
+    python benchmarks/bench_hopper_conv.py [--quick] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, ".")
+from mishops.plans import hopper_conv as hc  # noqa: E402
+from mishops.plans import triton_conv as tc  # noqa: E402
+
+CL = torch.channels_last
+results = {"checks": [], "timings": []}
+#: the config of checks that name none (``--configs``' first, else the plan's first)
+DEFAULT = {"config": None}
+
+
+def block_ref(x, w, b, padding, dilation, mish_count):
+    z = F.conv2d(x, w, b, 1, padding, dilation)
+    for _ in range(mish_count):
+        z = F.mish(z)
+    return z
+
+
+def max_err(y, ref):
+    d = (y.double() - ref).abs()
+    return float(d.nan_to_num(nan=0.0).max()) if d.numel() else 0.0
+
+
+def check(name, n, cin, cout, h, w, k, padding=(0, 0), dilation=(1, 1), dtype=torch.float32, cl=False,
+          bias=True, mish_count=2, config=None, ref_images=None, special=False):
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    x = torch.randn(n, cin, h, w, device="cuda")
+    wt = torch.randn(cout, cin, *k, device="cuda") * (2.0 / (cin * k[0] * k[1]) ** 0.5)
+    b = torch.randn(cout, device="cuda") * 0.5 if bias else None
+    if special:
+        flat = x.view(-1)
+        idx = torch.randint(0, flat.numel(), (6,), device="cuda")
+        flat[idx] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e4, -1e4, 100.0], device="cuda")
+    if cl:
+        x = x.to(memory_format=CL)
+    xd, wd, bd = x.to(dtype), wt.to(dtype), None if b is None else b.to(dtype)
+    fmt = CL if cl else torch.contiguous_format
+    oh = h + 2 * padding[0] - dilation[0] * (k[0] - 1)
+    ow = w + 2 * padding[1] - dilation[1] * (k[1] - 1)
+    out = torch.full((n, cout, oh, ow), float("nan"), dtype=dtype, device="cuda").contiguous(memory_format=fmt)
+    hc.conv_mish(xd, wd, bd, padding, dilation, mish_count, fmt, config or DEFAULT["config"], out=out)
+    torch.cuda.synchronize()
+    eager = block_ref(xd, wd, bd, padding, dilation, mish_count)
+    m = ref_images or n
+    ref = block_ref(xd[:m].double(), wd.double(), None if bd is None else bd.double(), padding, dilation, mish_count)
+    ok_fmt = out.is_contiguous(memory_format=fmt)
+    if special:
+        # NaN where eager has NaN; elsewhere finite parts compared
+        nan_ours, nan_eager = out.isnan(), eager.isnan()
+        inf_ok = bool(((out == eager) | ~eager.isinf()).all())
+        same_nan = bool((nan_ours == nan_eager).all())
+        fin = ~(nan_eager | eager.isinf())
+        err = float((out.double() - eager.double()).abs()[fin].max())
+        passed = same_nan and inf_ok and ok_fmt
+        row = dict(name=name, passed=passed, same_nan=same_nan, inf_ok=inf_ok, diff_vs_eager=err,
+                   nan_count=int(nan_eager.sum()))
+    else:
+        err = max_err(out[:m], ref)
+        eager_err = max_err(eager[:m], ref)
+        floor = 0.0
+        if dtype == torch.float32:  # what TF32 operands rounded to nearest cost, whatever eager picked
+            rx, rw = tc._round_tf32(xd[:m].contiguous()), tc._round_tf32(wd.contiguous())
+            floor = max_err(block_ref(rx.double(), rw.double(), None if bd is None else bd.double(), padding,
+                                      dilation, mish_count), ref)
+        unwritten = int(out.isnan().sum())
+        tol = 2 * max(eager_err, floor) + 1e-6 * float(ref.abs().max())
+        passed = unwritten == 0 and err <= tol and ok_fmt
+        row = dict(name=name, passed=passed, err=err, eager_err=eager_err, tf32_floor=floor, unwritten=unwritten,
+                   fmt_ok=ok_fmt)
+        if not passed:  # where it is wrong: which channels, columns and rows of image 0
+            bad = ((out[:1].double() - ref[:1]).abs().nan_to_num(nan=1e30) > 10 * tol)[0]
+            row["bad_fraction"] = float(bad.double().mean())
+            row["bad_channels"] = bad.any(2).any(1).nonzero().flatten()[:24].tolist()
+            row["bad_cols"] = bad.any(1).any(0).nonzero().flatten()[:24].tolist()
+            row["bad_rows"] = bad.any(2).any(0).nonzero().flatten()[:24].tolist()
+            row["sample_ours_ref"] = [out[0, 0, 0, :6].float().tolist(), ref[0, 0, 0, :6].float().tolist()]
+    results["checks"].append(row)
+    print(("PASS " if row["passed"] else "FAIL ") + json.dumps(row), flush=True)
+    del x, out, eager, ref
+    torch.cuda.empty_cache()
+
+
+def shift_experiment():
+    """Modes 3 and 4: one A box per kernel row read at kw rows' offset, with the descriptor's base
+    offset 0 or the row phase; pixels a tile row can cover must equal mode 0 bit for bit."""
+    ext = hc.extension()
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, 64, 8, 256, device="cuda")
+        wt = (torch.randn(128, 64, 3, 3, device="cuda") / 24).to(dtype)
+        b = torch.randn(128, device="cuda").to(dtype)
+        chan = hc.padded_channels(64, dtype)
+        xp, wk = hc.padded_input(x, (0, 0), chan, dtype), hc.packed_weight(wt, chan)
+        outs = {}
+        for mode in (0, 3, 4):
+            out = torch.full((2, 128, 6, 254), float("nan"), device="cuda", dtype=dtype)
+            msg = ext.conv_mish(xp, wk, b, out, 3, 3, 1, 1, 2, 6, 2, False, mode)
+            assert not msg, msg
+            outs[mode] = out
+        torch.cuda.synchronize()
+        keep = (torch.arange(254, device="cuda") % 128) < 126
+        for mode in (3, 4):
+            same = bool(torch.equal(outs[mode][..., keep].view(torch.int16 if dtype != torch.float32 else torch.int32),
+                                    outs[0][..., keep].view(torch.int16 if dtype != torch.float32 else torch.int32)))
+            diff = float((outs[mode][..., keep].float() - outs[0][..., keep].float()).abs().nan_to_num(1e30).max())
+            row = dict(name=f"shift_mode{mode}_{str(dtype)[6:]}", bitwise_equal=same, max_diff=diff)
+            results.setdefault("experiments", []).append(row)
+            print("EXPERIMENT " + json.dumps(row), flush=True)
+
+
+def timeit(fn, reps=20, warmup=3):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times), min(times)
+
+
+def timing(quick, configs):
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    n, cin, cout, h, w = 64, 64, 128, 256, 256
+    x = torch.rand(n, cin, h, w, device="cuda")
+    wt = torch.randn(cout, cin, 3, 3, device="cuda") * (1 / 24)
+    b = torch.randn(cout, device="cuda") * 0.1
+    reps = 10 if quick else 15
+    flop = 2 * n * 254 * 254 * cout * cin * 9
+    for setting in ("fp32_nchw", "fp32_cl", "bf16_nchw", "bf16_cl"):
+        dtype = torch.bfloat16 if setting.startswith("bf16") else torch.float32
+        cl = setting.endswith("cl")
+        fmt = CL if cl else torch.contiguous_format
+        xs = x.to(memory_format=fmt)
+        wd, bd = wt.to(dtype), b.to(dtype)
+        xd = xs.to(dtype)  # bf16: the cast autocast would do, timed separately below
+        rows = {}
+        rows["eager_block"] = timeit(lambda: F.mish(F.mish(F.conv2d(xd, wd, bd))), reps)
+        xcl, wcl = xd.to(memory_format=CL), wd.to(memory_format=CL)
+        rows["cudnn_cl_conv_only"] = timeit(lambda: F.conv2d(xcl, wcl), reps)
+        chan = hc.padded_channels(cin, dtype)
+        rows["pad_pass"] = timeit(lambda: hc.padded_input(xs, (0, 0), chan, dtype), reps)
+        xp = hc.padded_input(xs, (0, 0), chan, dtype)
+        wk = hc.packed_weight(wd, chan)
+        ext = hc.extension()
+        out = torch.empty((n, cout, 254, 254), dtype=dtype, device="cuda", memory_format=fmt)
+        for cfg in configs:
+            def kern(cfg=cfg):
+                msg = ext.conv_mish(xp, wk, bd, out, 3, 3, 1, 1, 2, cfg.stages, cfg.consumers, cl, 0, cfg.epilogue)
+                if msg:
+                    raise RuntimeError(msg)
+            rows[f"kernel_{cfg.name}"] = timeit(kern, reps)
+            rows[f"kernel_{cfg.name}_mish1"] = timeit(
+                lambda cfg=cfg: ext.conv_mish(xp, wk, bd, out, 3, 3, 1, 1, 1, cfg.stages, cfg.consumers, cl, 0,
+                                              cfg.epilogue), reps) \
+                if cfg in (configs[0], configs[-1]) else None
+            if cfg in (configs[0], configs[-1]):
+                for mode, what in ((1, "nostore"), (2, "mainloop")):
+                    rows[f"kernel_{cfg.name}_{what}"] = timeit(
+                        lambda cfg=cfg, mode=mode: ext.conv_mish(xp, wk, bd, out, 3, 3, 1, 1, 2, cfg.stages,
+                                                                 cfg.consumers, cl, mode, cfg.epilogue), reps)
+            rows[f"plan_{cfg.name}"] = timeit(
+                lambda cfg=cfg: hc.conv_mish(xs if dtype == torch.float32 else xs, wd, bd, (0, 0), (1, 1), 2, fmt, cfg),
+                reps)
+        for k, v in rows.items():
+            if v is None:
+                continue
+            row = dict(setting=setting, what=k, median_ms=round(v[0], 4), min_ms=round(v[1], 4))
+            if k.startswith("kernel") or k.startswith("plan") or k.startswith("cudnn"):
+                row["tflops"] = round(flop / v[0] / 1e9, 1)
+            results["timings"].append(row)
+            print("TIME " + json.dumps(row), flush=True)
+        del xp, wk, out, xs, xd, xcl
+        torch.cuda.empty_cache()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--no-time", action="store_true")
+    ap.add_argument("--cases", default="", help="comma-separated case names to run alone")
+    ap.add_argument("--configs", default="", help="comma-separated config names to time (default: all)")
+    args = ap.parse_args()
+    props = torch.cuda.get_device_properties(0)
+    print(f"device {props.name} sms {props.multi_processor_count} torch {torch.__version__} "
+          f"cuda {torch.version.cuda}", flush=True)
+    t0 = time.time()
+    hc.extension()
+    print(f"build/import {time.time() - t0:.1f} s", flush=True)
+    torch.manual_seed(0)
+    cases = [
+        # several tiles a CTA, so each consumer takes several (run 2 hung here before the consumers'
+        # main loops were made to alternate strictly)
+        ("multitile_fp32_single", dict(n=1, cin=64, cout=128, h=256, w=256, k=(3, 3), config=hc.HopperConfig(6, 1))),
+        ("multitile_fp32_pingpong", dict(n=1, cin=64, cout=128, h=256, w=256, k=(3, 3),
+                                         config=hc.HopperConfig(6, 2))),
+        ("multitile_bf16_cl_s4", dict(n=2, cin=64, cout=128, h=130, w=256, k=(3, 3), config=hc.HopperConfig(4, 2),
+                                      dtype=torch.bfloat16, cl=True)),
+        ("small_fp32_nchw", dict(n=2, cin=64, cout=128, h=20, w=150, k=(3, 3))),
+        ("small_fp32_cl", dict(n=2, cin=64, cout=128, h=20, w=150, k=(3, 3), cl=True)),
+        ("small_bf16_nchw", dict(n=2, cin=64, cout=128, h=20, w=150, k=(3, 3), dtype=torch.bfloat16)),
+        ("small_fp16_cl", dict(n=2, cin=64, cout=128, h=20, w=150, k=(3, 3), dtype=torch.float16, cl=True)),
+        ("c8_24_37x53_pad1", dict(n=3, cin=8, cout=24, h=37, w=53, k=(3, 3), padding=(1, 1))),
+        ("c8_24_37x53_pad1_cl_bf16", dict(n=3, cin=8, cout=24, h=37, w=53, k=(3, 3), padding=(1, 1), cl=True,
+                                          dtype=torch.bfloat16)),
+        ("k5_dil2_nobias", dict(n=2, cin=40, cout=64, h=33, w=41, k=(5, 5), padding=(2, 2), dilation=(2, 2),
+                                bias=False)),
+        ("k1_cout256", dict(n=2, cin=96, cout=256, h=17, w=300, k=(1, 1))),
+        ("k7_cin3", dict(n=2, cin=3, cout=16, h=40, w=40, k=(7, 7), padding=(3, 3))),
+        ("mish1_fp32", dict(n=2, cin=64, cout=128, h=12, w=254, k=(3, 3), mish_count=1)),
+        ("mish1_fp16_cl", dict(n=2, cin=64, cout=128, h=12, w=254, k=(3, 3), mish_count=1, dtype=torch.float16,
+                               cl=True)),
+        ("special_fp32", dict(n=2, cin=64, cout=128, h=20, w=150, k=(3, 3), special=True)),
+        ("batch1_ref", dict(n=1, cin=64, cout=128, h=256, w=256, k=(3, 3))),
+    ]
+    for cfg in hc.CONFIGS:
+        cases.append((f"small_fp32_{cfg.name}", dict(n=2, cin=64, cout=128, h=20, w=150, k=(3, 3), config=cfg)))
+    batched = hc.HopperConfig(6, 2, 1)
+    cases += [  # the batched epilogue on the shapes that exercise its guards
+        ("multitile_fp32_pingpong_batched", dict(n=1, cin=64, cout=128, h=256, w=256, k=(3, 3), config=batched)),
+        ("small_bf16_cl_batched", dict(n=2, cin=64, cout=128, h=20, w=150, k=(3, 3), dtype=torch.bfloat16, cl=True,
+                                       config=batched)),
+        ("c8_24_37x53_pad1_batched", dict(n=3, cin=8, cout=24, h=37, w=53, k=(3, 3), padding=(1, 1), config=batched)),
+        ("k5_dil2_nobias_batched", dict(n=2, cin=40, cout=64, h=33, w=41, k=(5, 5), padding=(2, 2), dilation=(2, 2),
+                                        bias=False, config=batched)),
+        ("k1_cout256_batched", dict(n=2, cin=96, cout=256, h=17, w=300, k=(1, 1), config=batched)),
+        ("mish1_fp16_cl_batched", dict(n=2, cin=64, cout=128, h=12, w=254, k=(3, 3), mish_count=1,
+                                       dtype=torch.float16, cl=True, config=batched)),
+        ("special_fp32_batched", dict(n=2, cin=64, cout=128, h=20, w=150, k=(3, 3), special=True, config=batched)),
+    ]
+    cases += [
+        ("ref_fp32_nchw", dict(n=64, cin=64, cout=128, h=256, w=256, k=(3, 3), ref_images=2)),
+        ("ref_fp32_cl", dict(n=64, cin=64, cout=128, h=256, w=256, k=(3, 3), ref_images=2, cl=True)),
+        ("ref_bf16_nchw", dict(n=64, cin=64, cout=128, h=256, w=256, k=(3, 3), ref_images=2, dtype=torch.bfloat16)),
+    ]
+    if args.configs:
+        DEFAULT["config"] = next(c for c in hc.CONFIGS if c.name == args.configs.split(",")[0])
+        print(f"checks without a config use {DEFAULT['config'].name}", flush=True)
+    if args.cases:
+        cases = [c for c in cases if c[0] in args.cases.split(",")]
+    for name, kw in cases:
+        try:
+            check(name, **kw)
+        except Exception as exc:
+            results["checks"].append(dict(name=name, passed=False, error=f"{type(exc).__name__}: {exc}"))
+            print(f"FAIL {name}: {type(exc).__name__}: {exc}", flush=True)
+            traceback.print_exc()
+            if "illegal" in str(exc) or "launch" in str(exc).lower():
+                break
+    if not args.cases:
+        try:
+            shift_experiment()
+        except Exception as exc:
+            print(f"EXPERIMENT failed: {type(exc).__name__}: {exc}", flush=True)
+    passed = sum(r["passed"] for r in results["checks"])
+    print(f"checks passed {passed}/{len(results['checks'])}", flush=True)
+    if not args.no_time and passed == len(results["checks"]):
+        timing(args.quick, [c for c in hc.CONFIGS if not args.configs or c.name in args.configs.split(",")])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    print("\n=== summary ===")
+    for r in results["checks"]:
+        print(f"{'PASS' if r['passed'] else 'FAIL'} {r['name']} "
+              + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
+                         if k not in ("name", "passed")))
+    for r in results.get("experiments", []):
+        print(f"EXPERIMENT {r}")
+    for r in results["timings"]:
+        print(f"{r['setting']:10s} {r['what']:28s} {r['median_ms']:8.3f} ms  (min {r['min_ms']:.3f})"
+              + (f"  {r['tflops']} TFLOP/s" if "tflops" in r else ""))
+
+
+if __name__ == "__main__":
+    main()

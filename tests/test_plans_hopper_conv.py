@@ -1,0 +1,182 @@
+"""The Hopper CUDA conv plan: the kernel compiles for sm_90a without spills (CPU, wherever nvcc
+is), what the plan declines and why, and on a Hopper GPU its block against float64 within 2x the
+eager block's own error, in fp32 (TF32), bf16 and fp16, NCHW and channels_last."""
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mishops import plans
+from mishops.plans import ConvSpec, run_block
+from mishops.plans import hopper_conv as hc
+from mishops.plans.triton_conv import _round_tf32
+
+CL = torch.channels_last
+HAS_HOPPER = torch.cuda.is_available() and any(
+    torch.cuda.get_device_capability(i) == (9, 0) for i in range(torch.cuda.device_count()))
+
+
+def _nvcc() -> str | None:
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    default = Path("/usr/local/cuda/bin/nvcc")
+    return str(default) if default.is_file() else None
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch):
+    monkeypatch.delenv("MISHOPS_PLAN", raising=False)
+    monkeypatch.setenv("MISHOPS_TUNE_BUDGET_MS", "40")
+    plans.clear_memory()
+    yield
+    plans.clear_memory()
+
+
+def test_kernel_compiles_for_sm90a_without_spills(tmp_path):
+    """ptxas's report for every instance (fp32/bf16/fp16 x one or two Mish): no stack, no spills,
+    and the wgmma and TMA instructions are there (a plain sm_90 build would reject them)."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (no CUDA toolkit on this machine): cannot check the sm_90a build")
+    src = hc.SOURCES[0]
+    done = subprocess.run([nvcc, "-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas", "-v",
+                           "-c", str(src), "-o", str(tmp_path / "hopper_conv.o")],
+                          capture_output=True, text=True, timeout=600)
+    report = done.stdout + done.stderr
+    assert done.returncode == 0, report
+    functions = re.findall(r"Compiling entry function '(\w+)'", report)
+    assert len(functions) == 6, report
+    spills = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    assert len(spills) == 6 and all(s == ("0", "0", "0") for s in spills), report
+    registers = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
+    assert registers and max(registers) <= 168, report  # 384 threads, one CTA an SM
+    print(f"registers per instance: {registers}")
+    assert "warning" not in report.lower(), report  # e.g. wgmma serialised, setmaxnreg ignored
+
+
+def _spec(**conv_args) -> ConvSpec:
+    return ConvSpec.of(nn.Conv2d(8, 16, 3, **conv_args))
+
+
+@pytest.mark.parametrize("conv_args,why", [
+    ({"stride": 2}, "stride (2, 2)"),
+    ({"groups": 2}, "grouped conv"),
+    ({"padding": "same"}, "padding 'same'"),
+    ({"padding": 1, "padding_mode": "reflect"}, "mode 'reflect'"),
+])
+def test_declines_what_it_cannot_compute(conv_args, why):
+    x, w = torch.randn(1, 8, 8, 8), torch.randn(16, 8 // conv_args.get("groups", 1), 3, 3)
+    reasons = plans.get_plan("hopper_conv").not_supported_reasons(x, w, None, _spec(**conv_args))
+    assert any(why in r for r in reasons), reasons
+
+
+def test_declines_odd_channel_counts_and_fp32_without_tf32(monkeypatch):
+    plan = plans.get_plan("hopper_conv")
+    reasons = plan.not_supported_reasons(torch.randn(1, 3, 8, 8), torch.randn(5, 3, 3, 3), None, _spec())
+    assert any("5 output channels, not a multiple of 8" in r for r in reasons), reasons
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    reasons = plan.not_supported_reasons(torch.randn(1, 8, 8, 8), torch.randn(16, 8, 3, 3), None, _spec())
+    assert any("TF32 off" in r for r in reasons), reasons
+    reasons = plan.not_supported_reasons(torch.randn(1, 8, 8, 8, dtype=torch.bfloat16),
+                                         torch.randn(16, 8, 3, 3, dtype=torch.bfloat16), None, _spec())
+    assert not any("TF32" in r for r in reasons), reasons
+
+
+def test_one_mish_is_supported():
+    spec = ConvSpec.of(nn.Conv2d(8, 16, 3), mish_count=1)
+    reasons = plans.get_plan("hopper_conv").not_supported_reasons(
+        torch.randn(1, 8, 8, 8), torch.randn(16, 8, 3, 3), None, spec)
+    assert not any("Mish" in r for r in reasons), reasons
+
+
+def test_configs_are_named_and_pruned_by_shape():
+    plan = plans.get_plan("hopper_conv")
+    x, w = torch.randn(1, 64, 16, 16), torch.randn(128, 64, 3, 3)
+    names = [c.name for c in plan.configs(x, w, None, _spec())]
+    assert names[0] == "s6_pingpong" and len(set(names)) == len(names)
+    tiny = plan.configs(torch.randn(1, 8, 8, 8), torch.randn(16, 8, 1, 1), None, _spec())
+    assert all(c.stages <= 3 for c in tiny)
+
+
+@pytest.mark.skipif(HAS_HOPPER, reason="checks the answer without a Hopper GPU")
+def test_unavailable_without_a_hopper_gpu_says_why(monkeypatch):
+    reason = plans.get_plan("hopper_conv").is_available().reason
+    assert reason and ("CUDA" in reason or "Hopper" in reason), reason
+    monkeypatch.setenv("MISHOPS_PLAN", "hopper_conv")
+    with pytest.raises(plans.NoPlanError, match="hopper_conv"):
+        run_block(torch.randn(1, 8, 8, 8), nn.Conv2d(8, 16, 3))
+
+
+# --- on a Hopper GPU ----------------------------------------------------------------------------------
+
+GPU_SHAPES = [  # (batch, cin, cout, h, w, k, padding)
+    pytest.param((64, 64, 128, 256, 256, 3, 0), id="reference"),
+    pytest.param((1, 64, 128, 256, 256, 3, 0), id="batch1"),
+    pytest.param((3, 8, 24, 37, 53, 3, 1), id="8to24_37x53_pad1"),
+]
+SETTINGS = ["tf32", "bf16-autocast", "fp16-autocast"]
+
+
+def _block64(x, conv, mish_count=2):
+    z = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), 1, conv.padding)
+    for _ in range(mish_count):
+        z = F.mish(z)
+    return z
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_HOPPER, reason="needs a Hopper GPU (compute capability 9.0)")
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+@pytest.mark.parametrize("setting", SETTINGS)
+@pytest.mark.parametrize("input_cl", [False, True], ids=["nchw", "channels_last"])
+def test_block_matches_float64_within_twice_eager(monkeypatch, shape, setting, input_cl):
+    n, cin, cout, h, w, k, pad = shape
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setenv("MISHOPS_PLAN", "hopper_conv")
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, k, padding=pad).cuda()
+    x = torch.randn(n, cin, h, w, device="cuda")
+    if input_cl:
+        x = x.contiguous(memory_format=CL)
+    amp = {"bf16-autocast": torch.bfloat16, "fp16-autocast": torch.float16}.get(setting)
+    with torch.no_grad(), torch.autocast("cuda", dtype=amp, enabled=amp is not None):
+        ours = run_block(x, conv)
+        eager = F.mish(F.mish(conv(x)))
+    assert ours.dtype == eager.dtype and ours.shape == eager.shape
+    fmt = CL if input_cl else torch.contiguous_format
+    assert ours.is_contiguous(memory_format=fmt)
+    m = min(n, 2)  # float64 on a slice of the batch
+    if amp is not None:  # the float64 reference sees the operands autocast gave the conv
+        xq, wq, bq = x[:m].to(amp), conv.weight.to(amp), conv.bias.to(amp)
+        z = F.conv2d(xq.double(), wq.double(), bq.double(), 1, conv.padding)
+        ref = F.mish(F.mish(z))
+        floor = 0.0
+    else:
+        ref = _block64(x[:m], conv)
+        # what TF32 operands rounded to nearest cost, whatever algorithm eager picked (small
+        # convs run in plain fp32 there): the float64 block on the rounded operands
+        rounded = nn.Conv2d(cin, cout, k, padding=pad).cuda()
+        with torch.no_grad():
+            rounded.weight.copy_(_round_tf32(conv.weight))
+            rounded.bias.copy_(conv.bias)
+            floor = float((_block64(_round_tf32(x[:m].contiguous()), rounded) - ref).abs().max())
+    err = float((ours[:m].double() - ref).abs().max())
+    eager_err = float((eager[:m].double() - ref).abs().max())
+    assert not ours.isnan().any()
+    tol = 2 * max(eager_err, floor) + 1e-6 * float(ref.abs().max())
+    assert err <= tol, f"{err:.3g} vs eager {eager_err:.3g}, tf32 floor {floor:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_HOPPER, reason="needs a Hopper GPU (compute capability 9.0)")
+def test_declines_three_to_five_channels_on_the_gpu():
+    reasons = plans.get_plan("hopper_conv").not_supported_reasons(
+        torch.randn(1, 3, 8, 8, device="cuda"), torch.randn(5, 3, 3, 3, device="cuda"), None, _spec())
+    assert reasons == ["5 output channels, not a multiple of 8"], reasons
