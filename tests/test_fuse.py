@@ -336,4 +336,5 @@ def test_gpu_fused_stack_matches_in_fp32_and_bf16_autocast(channels_last):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             got, want = fused(x), ref(x)
     assert got.dtype == want.dtype
-    torch.testing.assert_close(got.float(), want.float(), rtol=5e-2, atol=5e-2)
+    err = float((got.float() - want.float()).abs().max())
+    assert err <= 5e-2 * float(want.float().abs().max()), err  # bf16 roundings through 9 blocks, either way
