@@ -318,3 +318,23 @@ def test_convs_with_hooks_or_parametrizations_are_left_alone():
     assert "forward hooks" in report.left_alone[0].reason and "parametrized" in report.left_alone[1].reason
     x = torch.randn(1, 3, 9, 9)
     torch.testing.assert_close(fused(x), ref(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gpu_fused_stack_matches_in_fp32_and_bf16_autocast(channels_last):
+    """On the GPU the fused plans compete (triton_conv, cuDNN): fp32 (TF32 convs) and bf16 autocast."""
+    torch.manual_seed(0)
+    model = _randomize_bn(CSPStack()).eval().cuda()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ref, fused, report = _fused(model)
+    assert len(report.fused) == 9
+    x = torch.randn(4, 3, 64, 64, device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), ref(x), rtol=5e-3, atol=5e-3)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            got, want = fused(x), ref(x)
+    assert got.dtype == want.dtype
+    err = float((got.float() - want.float()).abs().max())
+    assert err <= 5e-2 * float(want.float().abs().max()), err  # bf16 roundings through 9 blocks, either way
