@@ -43,12 +43,21 @@ def environment(device: str) -> dict[str, str]:
 
     env = {"format": str(FORMAT_VERSION), "device": device, "torch": torch.__version__,
            "cuda": str(torch.version.cuda)}
-    for package in ("triton", "cupy"):
-        try:
-            env[package] = __import__(package).__version__
-        except Exception:
-            env[package] = "absent"
+    for package in ("triton", "cupy"):  # the installed versions, without importing either (a third of a second)
+        env[package] = _installed_version(package)
     return env
+
+
+def _installed_version(package: str) -> str:
+    import importlib.metadata
+
+    names = ("cupy", "cupy-cuda13x", "cupy-cuda12x", "cupy-cuda11x") if package == "cupy" else (package,)
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "absent"
 
 
 def cache_file(env: dict[str, str]) -> Path:

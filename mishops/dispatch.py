@@ -77,7 +77,10 @@ def require_floating(x: torch.Tensor, what: str) -> None:
 
 def reasons(backend: Backend, x: torch.Tensor) -> list[str]:
     """Why ``backend`` cannot take ``x`` (empty when it can)."""
-    return BACKENDS.reasons(backend.name, x.device) + backend.not_supported_reasons(x)
+    unsupported = backend.not_supported_reasons(x)
+    if backend.devices is not None and x.device.type not in backend.devices:
+        return unsupported  # its availability (importing triton, say) cannot change the answer
+    return BACKENDS.reasons(backend.name, x.device) + unsupported
 
 
 def no_backend_error(x: torch.Tensor, op: str, why: dict[str, list[str]], requested: str | None = None,

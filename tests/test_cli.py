@@ -56,9 +56,18 @@ def test_bench_default_shape_says_it_is_small_on_cpu(capsys):
 
 def test_bench_warns_before_a_long_cpu_run(capsys, monkeypatch):
     started = []
-    monkeypatch.setattr(cli.dispatch, "_candidates", lambda x: started.append(1) or ([], {}))
+
+    class Stop(Exception):
+        pass
+
+    def stop(op, x):
+        started.append(1)
+        raise Stop  # the work would start here
+
+    monkeypatch.setattr(cli.dispatch, "problem", stop)
     monkeypatch.setattr(cli.torch, "randn", lambda *a, **k: torch.empty(0))  # no 2 GB tensor in a test
-    main(["bench", "--device", "cpu", "--shape", "64x128x254x254", "--dtype", "bfloat16"])
+    with pytest.raises(Stop):
+        main(["bench", "--device", "cpu", "--shape", "64x128x254x254", "--dtype", "bfloat16"])
     err = capsys.readouterr().err
     assert err.startswith("mishops bench: warning: a 64x128x254x254 bfloat16 bench on CPU moves 529 M elements")
     assert "expect minutes" in err and started  # said before the work
@@ -71,7 +80,31 @@ def test_no_warning_for_a_small_cpu_run():
 def test_tune_stores_choices(capsys):
     assert main(["tune", "--shape", "3x5", "--dtype", "float32", "--dtype", "bfloat16", "--backward"]) == 0
     out = capsys.readouterr().out
-    assert out.count("│ forward") == 2 and out.count("│ backward") == 2
+    assert out.count("mish2 forward") == 2 and out.count("mish2 backward") == 2
+
+
+def test_tune_rows_show_their_own_key_when_a_shape_repeats(capsys):
+    assert main(["tune", "--shape", "3x5", "--shape", "4x6", "--shape", "3x5"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "mish2 forward" in line]
+    assert [r.split("│")[1].strip() for r in rows] == ["mish2 forward float32 3x5", "mish2 forward float32 4x6",
+                                                        "mish2 forward float32 3x5"]
+
+
+def test_tune_under_a_named_backend_says_there_is_nothing_to_tune(capsys, monkeypatch):
+    monkeypatch.setenv("MISHOPS_BACKEND", "eager")
+    assert main(["tune", "--shape", "3x5"]) == 0
+    out = capsys.readouterr().out
+    assert "MISHOPS_BACKEND names the backend: nothing to tune" in out and "nothing new stored" in out
+
+
+def test_tune_a_block_prints_every_candidate_and_stores_it(capsys):
+    assert main(["tune", "--block", "2x3x10x10", "--out-channels", "4", "--kernel", "3", "--train"]) == 0
+    out = capsys.readouterr().out
+    assert "block 2x3x10x10->4 k3 float32 train" in out and "<- chosen" in out
+    assert "eager" in out and "torch_conv" in out
+    assert "stored 2 new measurement set(s)" in out  # the inference key and the training key
+    assert main(["tune", "--block", "2x3x10x10", "--out-channels", "4", "--kernel", "3", "--train"]) == 0
+    assert "already chosen in this process" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer without a CUDA GPU")

@@ -11,12 +11,7 @@ import sys
 import pytest
 import torch
 
-#: Triton's own import (0.3 - 0.6 s) is paid before the clock starts: today the dispatcher asks every
-#: backend whether it is available before asking whether it takes the input's device, and the
-#: triton backend imports triton to answer. Drop this line once it asks in the other order.
-PRE_IMPORT = "import importlib.util\nif importlib.util.find_spec('triton'): import triton\n"
-
-SCRIPT = PRE_IMPORT + r"""
+SCRIPT = r"""
 import json, sys, time
 import torch
 x = torch.randn(1, 4, 10, 10)
@@ -37,7 +32,7 @@ print(json.dumps({"conv_s": conv_s, "model_s": model_s, "mish2_s": mish2_s,
                   "dynamo": "torch._dynamo" in sys.modules}))
 """
 
-MISH2_ONLY = PRE_IMPORT + r"""
+MISH2_ONLY = r"""
 import json, sys, time
 import torch, mishops
 x = torch.randn(3, 5, requires_grad=True)

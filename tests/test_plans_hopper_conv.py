@@ -16,6 +16,7 @@ from mishops import plans
 from mishops.plans import ConvSpec, run_block
 from mishops.plans import hopper_conv as hc
 from mishops.plans.triton_conv import _round_tf32
+from tests.blocks import isolated_plans  # noqa: F401 (fixture: no forced plan, a short budget, the registry restored)
 
 CL = torch.channels_last
 HAS_HOPPER = torch.cuda.is_available() and any(
@@ -28,15 +29,6 @@ def _nvcc() -> str | None:
         return found
     default = Path("/usr/local/cuda/bin/nvcc")
     return str(default) if default.is_file() else None
-
-
-@pytest.fixture(autouse=True)
-def isolated(monkeypatch):
-    monkeypatch.delenv("MISHOPS_PLAN", raising=False)
-    monkeypatch.setenv("MISHOPS_TUNE_BUDGET_MS", "40")
-    plans.clear_memory()
-    yield
-    plans.clear_memory()
 
 
 def test_kernel_compiles_for_sm90a_without_spills(tmp_path):

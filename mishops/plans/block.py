@@ -175,7 +175,10 @@ def key_string(x, weight, bias, spec: ConvSpec, amp: torch.dtype | None, switche
 
 def reasons(plan: Plan, x, weight, bias, spec: ConvSpec) -> list[str]:
     """Why ``plan`` cannot take this block input (empty when it can)."""
-    return PLANS.reasons(plan.name, x.device) + plan.not_supported_reasons(x, weight, bias, spec)
+    unsupported = plan.not_supported_reasons(x, weight, bias, spec)
+    if plan.devices is not None and x.device.type not in plan.devices:
+        return unsupported  # its availability (importing a library, say) cannot change the answer
+    return PLANS.reasons(plan.name, x.device) + unsupported
 
 
 def describe(x: torch.Tensor, weight: torch.Tensor) -> str:
