@@ -375,7 +375,7 @@ class Tuner:
         by_name = {c.name: c for c in problem.candidates}
         priority = {c.name: c.priority for c in problem.candidates}
         preferred = min(names, key=lambda n: (priority[n], n))
-        if len(names) == 1 or not problem.worth_timing:
+        if not problem.worth_timing or names == [problem.fallback]:  # the reference alone: nothing to judge
             return Choice(problem.op, problem.key, preferred, "preference", rejected=problem.rejected)
         capturing = problem.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         started = time.perf_counter()

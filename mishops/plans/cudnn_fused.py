@@ -9,17 +9,17 @@ Timings are in the results files (``benchmarks/results/``) and the README.
 
 The heuristics offer a dozen or more engine configs per graph at the reference shape and building
 them all takes seconds; on the H100 one of them (eng7_k24=29) computed garbage and another (eng8)
-was off by 4e-3 in a few elements, so every config is checked against the reference, on random
-inputs, before it is timed. The winner's identity (engine id and knobs) goes to the tuning cache, so a
-new process builds only that one (``MISHOPS_CUDNN_CONFIGS=N`` caps the search at the
-heuristics' first N configs, to bound the first call's latency). fp32 runs with TF32 like
-PyTorch's own conv; with TF32 off the plan declines (its exact-fp32 engines are slower than the
-unfused block).
+was off by 4e-3 in a few elements. So the configs are candidates of the project's tuner like any
+other choice (``mishops.tuning``): each is checked against the reference on inputs of the tuner's,
+the correct ones are timed, and the winner's name goes to the tuning cache, so a new process builds
+only that one (``MISHOPS_CUDNN_CONFIGS=N`` caps the search at the heuristics' first N configs, to
+bound the first call's latency). fp32 runs with TF32 like PyTorch's own conv; with TF32 off the
+plan declines (its exact-fp32 engines are slower than the unfused block).
 
 The same builder makes the graph of the conv alone (no bias, NHWC output) for the
 ``cudnn_epilogue`` plans, which apply the bias and the Mish while transposing to NCHW
-(``conv_nhwc``); its configs are searched, checked against ``F.conv2d`` and cached the same way,
-under ``cudnn_conv|...`` keys.
+(``conv_nhwc``); its configs are tuned the same way, checked against ``F.conv2d``, under
+``cudnn_conv|...`` keys.
 """
 
 from __future__ import annotations
@@ -34,9 +34,8 @@ from typing import Any
 
 import torch
 
-from mishops import tuning
-from mishops.tuning import TUNER, Measurement
-from mishops.plans import (ConvSpec, NoPlanError, Plan, availability, conv2d, get_plan, mismatch, operand_reasons,
+from mishops.tuning import TUNER, CannotTake, Problem
+from mishops.plans import (ConvSpec, Plan, availability, conv2d, get_plan, mismatch, operand_reasons,
                            reference, register_plan, synthetic_inputs)
 from mishops.registry import Availability
 
@@ -262,115 +261,100 @@ class CudnnFusedPlan(Plan):
                 f"|stride={spec.stride} padding={spec.padding} dilation={spec.dilation}|{self.source_hash()}")
 
     def _find(self, x, weight, bias, spec: ConvSpec, epilogue: bool) -> _Engine:
-        """The config the tuning cache names, rebuilt alone; else a full search, then remembered."""
+        """The tuner's choice among the graph's engine configs, built alone in a fresh graph: the
+        configs the heuristics offer are candidates of a key of their own, checked against the
+        reference on inputs of the tuner's and timed (only the winner is built in a process that
+        finds the choice in the tuning cache)."""
         cudnn = _cudnn()
         handle = self._handle(x.device)
-        store = TUNER.disk(x.device)
+        what = "block" if epilogue else "conv"
         key = self._disk_key(x, weight, bias, spec, epilogue)
-        what = "cuDNN fusion" if epilogue else "cuDNN conv"
-        saved = store.read().get(key, {}).get("config")
-        if saved is not None:
-            if not saved.get("name"):
-                raise NoPlanError(f"{what}: {saved.get('reason', 'no correct engine config')} (cached)")
-            try:
-                return self._rebuild(cudnn, handle, x, weight, bias, spec, epilogue, saved)
-            except Exception as exc:
-                log.warning("cuDNN config %s could not be rebuilt (%s: %s); searching again",
-                            saved["name"], type(exc).__name__, exc)
-        engine, identity = self._search(cudnn, handle, x, weight, bias, spec, epilogue)
-        tuning.release_scratch(x.device)  # the search's scratch tensors and workspaces
-        store.update(key, {"config": identity})
-        if engine is None:
-            raise NoPlanError(f"{what}: {identity['reason']}")
-        return engine
+        offered = self._configs_offered(cudnn, handle, x, weight, bias, spec, epilogue)
+        if not offered:
+            raise CannotTake(f"cuDNN's heuristics offered no engine config for this {what}")
+        candidates = [EngineConfig(name, rank, index, self) for rank, (name, index) in enumerate(offered.items())]
+        choice = TUNER.choose(("cudnn config", key, x.device.index), lambda: Problem(
+            f"cuDNN {what} config", key, x.device, candidates,
+            lambda: _EngineTrial(self, cudnn, handle, x, weight, bias, spec, epilogue)))
+        winner = choice.measurements.get(choice.winner)
+        if winner is None or not winner.ok:
+            reasons = "; ".join(f"{n}: {m.reason}" for n, m in choice.measurements.items())
+            raise CannotTake(f"no engine config computed the {what} correctly ({reasons})")
+        return self._build_alone(cudnn, handle, x, weight, bias, spec, epilogue, choice.winner)
 
-    def _rebuild(self, cudnn, handle, x, weight, bias, spec, epilogue: bool, saved: dict) -> _Engine:
-        graph, ports = _build_graph(cudnn, handle, x, weight, bias is not None, spec, epilogue)
-        if saved.get("knobs") is not None:
-            knobs = {cudnn.knob_type.__members__[name]: value for name, value in saved["knobs"].items()}
-            graph.create_execution_plan(int(saved["engine_id"]), knobs)
-            index = graph.get_execution_plan_count() - 1
-        else:  # knobs the cache could not hold: find the config by name among the heuristics' list
-            graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-            names = [graph.get_plan_name_at_index(i) for i in range(graph.get_execution_plan_count())]
-            index = names.index(saved["name"])
-        graph.build_plan_at_index(index)
-        stats["builds"] += 1
-        stats["rebuilds"] += 1
-        name = graph.get_plan_name_at_index(index)
-        if name != saved["name"]:
-            raise LookupError(f"rebuilt {name}, not {saved['name']}")
-        return _Engine(graph, ports, index, graph.get_workspace_size_plan_at_index(index), name)
-
-    def _search(self, cudnn, handle, x, weight, bias, spec, epilogue: bool) -> tuple[_Engine | None, dict]:
-        """Build every config the heuristics offer; check each one's answer; time the correct ones."""
-        stats["tunes"] += 1
-        x, weight, bias = synthetic_inputs(x, weight, bias)
-        graph, ports = _build_graph(cudnn, handle, x, weight, bias is not None, spec, epilogue)
+    @staticmethod
+    def _configs_offered(cudnn, handle, x, weight, bias, spec, epilogue: bool) -> dict[str, int]:
+        """The heuristics' engine configs for this graph by name, in their order, each once with its
+        index in the graph's list (at most ``MISHOPS_CUDNN_CONFIGS`` of them); listing builds none."""
+        graph, _ = _build_graph(cudnn, handle, x, weight, bias is not None, spec, epilogue)
         graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
         count = graph.get_execution_plan_count()
         cap = os.environ.get("MISHOPS_CUDNN_CONFIGS")
         count = min(count, int(cap)) if cap else count
-        # The graph writes NHWC whatever layout PyTorch would give (the nchw plans transpose after):
-        # its configs are judged on values, against the reference in the graph's own layout.
-        if epilogue:
-            expected = reference(x, weight, bias, spec)
-        else:
-            with torch.no_grad():
-                expected = conv2d(x, weight, None, spec)
-        expected = expected.contiguous(memory_format=torch.channels_last)
-        budget_s = tuning.budget_s()
-        measured: dict[str, Measurement] = {}
-        found: dict[str, _Engine] = {}
-        for index in range(count):
-            name = graph.get_plan_name_at_index(index)
-            if name in found or name in measured:
-                continue
-            try:
-                graph.build_plan_at_index(index)
-                stats["builds"] += 1
-                engine = _Engine(graph, ports, index, graph.get_workspace_size_plan_at_index(index), name)
-                out = torch.empty_like(expected).fill_(float("nan"))
-                self._execute(engine, x, weight, bias, out)
-                wrong = mismatch(out, expected)
-                if wrong:
-                    measured[name] = Measurement(False, "", reason=wrong)
-                    log.warning("cuDNN config %s rejected: %s", name, wrong)
-                    continue
-                timing = tuning.time_ms(lambda: self._execute(engine, x, weight, bias, out), out.device,
-                                        budget_s / count)
-                measured[name] = Measurement(True, "", timing.median_ms, timing.spread_ms)
-                found[name] = engine
-            except Exception as exc:  # a config that does not build or run is skipped
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                measured[name] = Measurement(False, "", reason=f"{type(exc).__name__}: {first}")
-        order = {name: i for i, name in enumerate(measured)}
-        best = tuning.pick(measured, order)
-        log.info("cuDNN configs for %s: %s -> %s", self._disk_key(x, weight, bias, spec, epilogue),
-                 ", ".join(f"{n} {m.median_ms:.3f} ms" if m.ok else f"{n} ({m.reason})" for n, m in measured.items()),
-                 best)
-        if best is None:
-            reasons = "; ".join(f"{n}: {m.reason}" for n, m in measured.items()) or "the heuristics offered none"
-            what = "block" if epilogue else "conv"
-            return None, {"name": None, "reason": f"no engine config computed the {what} correctly ({reasons})"}
-        engine = found[best]
-        identity = {"name": best, "median_ms": measured[best].median_ms, "configs": count,
-                    "engine_id": None, "knobs": None}
-        try:
-            engine_id, knobs = graph.get_engine_and_knobs_at_index(engine.index)
-            identity["engine_id"] = int(engine_id)
-            identity["knobs"] = {k.name: int(v) for k, v in dict(knobs).items()}
-        except Exception as exc:  # then a new process finds it by name
-            log.info("cuDNN config %s has no replayable (engine, knobs): %s", best, exc)
-            identity["engine_id"] = identity["knobs"] = None
-        # The search graph holds every config it built (and their device resources): keep only the
-        # winner, rebuilt alone in a fresh graph exactly as a new process would.
-        try:
-            return self._rebuild(cudnn, handle, x, weight, bias, spec, epilogue, identity), identity
-        except Exception as exc:
-            log.warning("cuDNN config %s could not be rebuilt alone (%s: %s); keeping the search graph",
-                        best, type(exc).__name__, exc)
-            return engine, identity
+        offered: dict[str, int] = {}
+        for i in range(count):
+            offered.setdefault(graph.get_plan_name_at_index(i), i)
+        return offered
+
+    def _build_alone(self, cudnn, handle, x, weight, bias, spec, epilogue: bool, name: str) -> _Engine:
+        """Config ``name`` built in a graph of its own: the trial's graph held every config it built."""
+        graph, ports = _build_graph(cudnn, handle, x, weight, bias is not None, spec, epilogue)
+        graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+        names = [graph.get_plan_name_at_index(i) for i in range(graph.get_execution_plan_count())]
+        index = names.index(name)
+        graph.build_plan_at_index(index)
+        stats["builds"] += 1
+        stats["rebuilds"] += 1
+        return _Engine(graph, ports, index, graph.get_workspace_size_plan_at_index(index), name)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """One of a graph's engine configs, as the tuner sees a candidate: first offered, first preferred."""
+
+    name: str
+    priority: int
+    index: int  # in the graph's list of the heuristics' configs
+    plan: CudnnFusedPlan
+
+    def source_hash(self) -> str:
+        return self.plan.source_hash()
+
+
+class _EngineTrial:
+    """A search graph over synthetic inputs of the key's shapes; the reference in the graph's own
+    layout (NHWC: the nchw plans transpose after), the block's for the fused graph, the conv's
+    alone for the conv graph. Each config is built the first time it runs."""
+
+    def __init__(self, plan: CudnnFusedPlan, cudnn, handle, x, weight, bias, spec, epilogue: bool):
+        stats["tunes"] += 1
+        self.plan = plan
+        self.x, self.weight, self.bias = synthetic_inputs(x, weight, bias if epilogue else None)
+        self.graph, self.ports = _build_graph(cudnn, handle, self.x, self.weight, self.bias is not None, spec, epilogue)
+        self.graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+        with torch.no_grad():
+            expected = reference(self.x, self.weight, self.bias, spec) if epilogue else conv2d(self.x, self.weight, None, spec)
+        self.expected = expected.contiguous(memory_format=torch.channels_last)
+        self.out = torch.empty_like(self.expected)
+        self.engines: dict[int, _Engine] = {}
+
+    def run(self, config: EngineConfig) -> torch.Tensor:
+        engine = self.engines.get(config.index)
+        if engine is None:
+            listed = self.graph.get_plan_name_at_index(config.index)
+            if listed != config.name:
+                raise CannotTake(f"the heuristics now list {listed} where {config.name} was")
+            self.graph.build_plan_at_index(config.index)
+            stats["builds"] += 1
+            engine = self.engines[config.index] = _Engine(
+                self.graph, self.ports, config.index, self.graph.get_workspace_size_plan_at_index(config.index),
+                config.name)
+        self.out.fill_(float("nan"))
+        self.plan._execute(engine, self.x, self.weight, self.bias, self.out)
+        return self.out
+
+    def wrong(self, outcome: torch.Tensor) -> str:
+        return mismatch(outcome, self.expected)
 
 
 class OnCudnnGraphs(Plan):
