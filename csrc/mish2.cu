@@ -2,7 +2,7 @@
 //
 // The pass is memory-bound (fp32: 8 bytes per element forward, 12 backward), so the kernels move
 // 16-byte packs, put several loads in flight per thread before any math, and spend one exp and
-// one reciprocal per Mish. Arithmetic is fp32 whatever the storage type. Tensors arrive as flat
+// a quarter of a reciprocal per Mish (mish_math.cuh). Arithmetic is fp32 whatever the storage type. Tensors arrive as flat
 // 1-D views of dense storage (mishops.layout.flat), so the kernels never see shapes or strides.
 
 #include <ATen/core/Tensor.h>
@@ -24,20 +24,26 @@ constexpr int kPacksPerThread = 4;
 
 using namespace mishops;
 
+// Each op maps G elements of x (and of grad) to G outputs, in place in x: G elements share each
+// Mish's reciprocal (mish_math.cuh).
 struct Forward {
   static constexpr bool kReadsGrad = false;
-  template <typename T>
-  static __device__ __forceinline__ float apply(float x, float) {
-    return mish<T>(mish<T>(x).value).value;
+  template <typename T, int G>
+  static __device__ __forceinline__ void apply(float (&x)[G], const float (&)[G]) {
+    mish2_group<kFullPrecision<T>, G>(x);
   }
 };
 
 struct Backward {
   static constexpr bool kReadsGrad = true;
-  template <typename T>
-  static __device__ __forceinline__ float apply(float x, float grad) {
-    const MishAt inner = mish<T>(x);
-    return grad * mish<T>(inner.value).slope * inner.slope;
+  template <typename T, int G>
+  static __device__ __forceinline__ void apply(float (&x)[G], const float (&grad)[G]) {
+    float g[G];
+#pragma unroll
+    for (int i = 0; i < G; ++i) g[i] = grad[i];
+    mish2_grad_group<kFullPrecision<T>, G>(x, g);
+#pragma unroll
+    for (int i = 0; i < G; ++i) x[i] = g[i];
   }
 };
 
@@ -47,6 +53,7 @@ template <typename T, int kWidth, typename Op>
 __global__ void __launch_bounds__(kThreads)
     mish2_kernel(const T* __restrict__ x, const T* __restrict__ grad, T* __restrict__ out, int64_t n) {
   using P = Pack<T, kWidth>;
+  constexpr int kGroup = kWidth < kRcpGroup ? kWidth : kRcpGroup;
   const auto* xp = reinterpret_cast<const P*>(x);
   const auto* gp = reinterpret_cast<const P*>(grad);
   auto* op = reinterpret_cast<P*>(out);
@@ -70,9 +77,16 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t i = first + u * kThreads;
       if (i < packs) {
 #pragma unroll
-        for (int k = 0; k < kWidth; ++k) {
-          const float g = Op::kReadsGrad ? to_float(gs[u].v[k]) : 0.f;
-          xs[u].v[k] = from_float<T>(Op::template apply<T>(to_float(xs[u].v[k]), g));
+        for (int k0 = 0; k0 < kWidth; k0 += kGroup) {
+          float v[kGroup], g[kGroup];
+#pragma unroll
+          for (int k = 0; k < kGroup; ++k) {
+            v[k] = to_float(xs[u].v[k0 + k]);
+            g[k] = Op::kReadsGrad ? to_float(gs[u].v[k0 + k]) : 0.f;
+          }
+          Op::template apply<T, kGroup>(v, g);
+#pragma unroll
+          for (int k = 0; k < kGroup; ++k) xs[u].v[k0 + k] = from_float<T>(v[k]);
         }
         op[i] = xs[u];
       }
@@ -81,8 +95,10 @@ __global__ void __launch_bounds__(kThreads)
 
   const int64_t i = packs * kWidth + blockIdx.x * int64_t(kThreads) + threadIdx.x;
   if (i < n) {
-    const float g = Op::kReadsGrad ? to_float(grad[i]) : 0.f;
-    out[i] = from_float<T>(Op::template apply<T>(to_float(x[i]), g));
+    float v[1] = {to_float(x[i])};
+    const float g[1] = {Op::kReadsGrad ? to_float(grad[i]) : 0.f};
+    Op::template apply<T, 1>(v, g);
+    out[i] = from_float<T>(v[0]);
   }
 }
 

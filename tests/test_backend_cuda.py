@@ -174,6 +174,13 @@ def test_kernel_compiles_for_sm90_without_spills(tmp_path):
     for name, body in kernels.items():
         assert not re.search(r"\bdiv\.(rn|full)", body), name
         assert "rcp.approx.ftz.f32" in body and "ex2.approx.ftz.f32" in body, name
+        # special-function instructions (csrc/mish_math.cuh): per element one exp (fp32: the
+        # inner Mish's; the outer's runs on the FMA pipe) or two (16-bit), and a quarter of a
+        # reciprocal per Mish in 16-byte packs. A loop step is 4 packs and the one-element tail.
+        width = 4 if "fLi4E" in name else 8 if "Li8E" in name else 1
+        elements = 4 * width + 1
+        assert body.count("ex2.approx.ftz.f32") == (1 if "IfLi" in name else 2) * elements, name
+        assert body.count("rcp.approx.ftz.f32") == 2 * (width if width > 1 else 4) + 2, name
 
 
 @needs_nvcc

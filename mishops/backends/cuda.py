@@ -48,7 +48,7 @@ MODULE_NAME = "mishops_mish2_cuda"
 #: (``mishops.plans.cudnn_epilogue``) and their Python entry points.
 SOURCES = (csrc_path("mish2.cu"), csrc_path("epilogue_nchw.cu"), csrc_path("mish2_binding.cpp"))
 #: included by the sources: hashed with them, never compiled on their own.
-HEADERS = (csrc_path("mish.cuh"),)
+HEADERS = (csrc_path("mish.cuh"), csrc_path("mish_math.cuh"))
 #: beside torch's own flags. No --use_fast_math: the kernel picks its fast intrinsics one by one.
 EXTRA_CUDA_CFLAGS = ("-O3",)
 EXTRA_CFLAGS = ("-O3",)
