@@ -46,7 +46,8 @@ log = logging.getLogger("mishops")
 MODULE_NAME = "mishops_mish2_cuda"
 #: compiled into the one extension: the double-Mish passes, the block's NCHW epilogue
 #: (``mishops.plans.cudnn_epilogue``) and their Python entry points.
-SOURCES = (csrc_path("mish2.cu"), csrc_path("epilogue_nchw.cu"), csrc_path("mish2_binding.cpp"))
+SOURCES = (csrc_path("mish2.cu"), csrc_path("grad_bias.cu"), csrc_path("epilogue_nchw.cu"),
+           csrc_path("mish2_binding.cpp"))
 #: included by the sources: hashed with them, never compiled on their own.
 HEADERS = (csrc_path("mish.cuh"), csrc_path("mish_math.cuh"))
 #: beside torch's own flags. No --use_fast_math: the kernel picks its fast intrinsics one by one.
@@ -338,3 +339,66 @@ def extension_for(device: torch.device) -> ModuleType:
                 raise
         _by_device[device.index] = _by_arch[arch]
         return _by_device[device.index]
+
+
+# --- the block's backward: activation gradient and bias gradient in one pass ----------------------
+
+#: threads per block and packs per thread of csrc/grad_bias.cu (kThreads, kPacksPerThread).
+_GB_THREADS, _GB_PACKS = 256, 4
+
+
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def grad_bias_layout(z: torch.Tensor) -> tuple[int, int] | None:
+    """(channels, inner) of the walk csrc/grad_bias.cu takes over a 4-D ``z``: NCHW planes
+    (inner = H W) or channels_last rows (inner = 1); None where neither fits."""
+    if z.dim() != 4:
+        return None
+    n, c, h, w = z.shape
+    if z.is_contiguous() and h * w > 1:
+        return c, h * w
+    if z.is_contiguous(memory_format=torch.channels_last) or z.is_contiguous():
+        width = 16 // z.element_size()
+        if c > _GB_THREADS and (c % width or c // width > _GB_THREADS):
+            return None
+        return c, 1
+    return None
+
+
+def grad_bias(z: torch.Tensor, grad: torch.Tensor, mish_count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(dz, dbias): ``grad * d/dz act(z)`` with z's strides, and its sum per channel (over N, H, W)
+    in float32, from one pass over z and grad (csrc/grad_bias.cu). ``act`` is Mish twice
+    (``mish_count=2``) or once. None where the layout has no kernel (the caller sums itself)."""
+    found = grad_bias_layout(z)
+    if found is None:
+        return None
+    channels, inner = found
+    if grad.stride() != z.stride():
+        grad = grad.contiguous(memory_format=torch.channels_last if inner == 1 else torch.contiguous_format)
+    dz = torch.empty_like(z)
+    width = 16 // z.element_size()
+    aligned = all(t.data_ptr() % 16 == 0 for t in (z, grad, dz))
+    if inner > 1:
+        if not (aligned and inner % width == 0):
+            width = 1
+        blocks = max(1, -(-(inner // width) // (_GB_THREADS * _GB_PACKS)))
+        planes = z.numel() // inner
+        partial = torch.empty(planes * blocks, dtype=torch.float32, device=z.device)
+    else:
+        if not (aligned and channels % width == 0 and channels // width <= _GB_THREADS):
+            width = 1
+        rows_at_once = _GB_THREADS // (channels // width)
+        rows = z.numel() // channels
+        blocks = max(1, min(-(-rows // rows_at_once), 8 * _multiprocessors(z.device)))
+        partial = torch.empty(blocks * channels, dtype=torch.float32, device=z.device)
+    if z.numel() == 0:
+        return dz, torch.zeros(z.shape[1], dtype=torch.float32, device=z.device)
+    tensors = layout.flat(z), layout.flat(grad), layout.flat(dz)
+    checked(extension_for(z.device).grad_bias(*tensors, partial, channels, inner, blocks, mish_count), *tensors)
+    if inner > 1:
+        dbias = partial.view(z.shape[0], channels, blocks).sum(dim=(0, 2))
+    else:
+        dbias = partial.view(blocks, channels).sum(dim=0)
+    return dz, dbias

@@ -146,10 +146,59 @@ def _backward_kernel(x_ptr, grad_out_ptr, grad_in_ptr, n_elements, BLOCK: tl.con
         tl.store(grad_in_ptr + offsets, grad.to(grad_in_ptr.dtype.element_ty), mask=mask)
 
 
+def _act_grad(v, grad, MISH: tl.constexpr, FULL: tl.constexpr, USE_ASM: tl.constexpr):
+    """grad * d/dv act(v), act = Mish twice (MISH = 2) or once."""
+    if MISH == 2:
+        return _mish2_grad_values(v, grad, FULL, USE_ASM)
+    else:
+        _, slope = _mish_slope(v, False, FULL, USE_ASM)
+        return grad * slope
+
+
+def _grad_bias_planes_kernel(z_ptr, g_ptr, dz_ptr, partial_ptr, plane_len, chunks, BLOCK: tl.constexpr,
+                             MISH: tl.constexpr, USE_ASM: tl.constexpr):
+    # program (chunk, plane): BLOCK elements of one NCHW plane (one channel); its sum of dz goes to
+    # partial[plane * chunks + chunk]. csrc/grad_bias.cu's planes walk.
+    chunk = tl.program_id(0)
+    plane = tl.program_id(1).to(tl.int64)
+    FULL: tl.constexpr = z_ptr.dtype.element_ty == tl.float32
+    offsets = chunk * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < plane_len
+    base = plane * plane_len
+    v = tl.load(z_ptr + base + offsets, mask=mask).to(tl.float32)
+    grad = tl.load(g_ptr + base + offsets, mask=mask).to(tl.float32)
+    dz = _act_grad(v, grad, MISH, FULL, USE_ASM).to(dz_ptr.dtype.element_ty)
+    tl.store(dz_ptr + base + offsets, dz, mask=mask)
+    tl.store(partial_ptr + plane * chunks + chunk, tl.sum(tl.where(mask, dz.to(tl.float32), 0.0), axis=0))
+
+
+def _grad_bias_rows_kernel(z_ptr, g_ptr, dz_ptr, partial_ptr, rows, channels, rows_per_program,
+                           ROWS: tl.constexpr, CHANNELS: tl.constexpr, MISH: tl.constexpr, USE_ASM: tl.constexpr):
+    # program p: rows [p * rows_per_program, ...) of a channels_last [rows][channels] tensor, ROWS at
+    # a time; its per-channel sums of dz go to partial[p, :]. csrc/grad_bias.cu's rows walk.
+    program = tl.program_id(0).to(tl.int64)
+    FULL: tl.constexpr = z_ptr.dtype.element_ty == tl.float32
+    cols = tl.arange(0, CHANNELS)
+    col_mask = cols < channels
+    begin = program * rows_per_program
+    end = tl.minimum(begin + rows_per_program, rows)
+    acc = tl.zeros([ROWS, CHANNELS], dtype=tl.float32)
+    for first in range(0, rows_per_program, ROWS):
+        r = begin + first + tl.arange(0, ROWS)
+        mask = (r < end)[:, None] & col_mask[None, :]
+        at = r[:, None] * channels + cols[None, :]
+        v = tl.load(z_ptr + at, mask=mask).to(tl.float32)
+        grad = tl.load(g_ptr + at, mask=mask).to(tl.float32)
+        dz = _act_grad(v, grad, MISH, FULL, USE_ASM).to(dz_ptr.dtype.element_ty)
+        tl.store(dz_ptr + at, dz, mask=mask)
+        acc += tl.where(mask, dz.to(tl.float32), 0.0)
+    tl.store(partial_ptr + program * channels + cols, tl.sum(acc, axis=0), mask=col_mask)
+
+
 #: the device functions the kernels call, by name through this module's globals: ``_launch`` binds
 #: them to the current mode's wrapping (a compiled kernel may call only jitted functions, an
 #: interpreted one only interpreted ones).
-_HELPERS = (_reciprocal, _exp_fma, _mish_parts, _mish_slope, _mish2_values, _mish2_grad_values)
+_HELPERS = (_reciprocal, _exp_fma, _mish_parts, _mish_slope, _mish2_values, _mish2_grad_values, _act_grad)
 
 
 @functools.cache
@@ -161,7 +210,9 @@ def _kernels(interpret: bool) -> SimpleNamespace:
     import triton.language as tl
 
     helpers = {f.__name__: triton.jit(f) for f in _HELPERS}
-    return SimpleNamespace(forward=triton.jit(_forward_kernel), backward=triton.jit(_backward_kernel), helpers=helpers)
+    return SimpleNamespace(forward=triton.jit(_forward_kernel), backward=triton.jit(_backward_kernel),
+                           grad_bias_planes=triton.jit(_grad_bias_planes_kernel),
+                           grad_bias_rows=triton.jit(_grad_bias_rows_kernel), helpers=helpers)
 
 
 def _launch_config(n_elements: int) -> tuple[int, int]:
@@ -203,6 +254,54 @@ def mish2_forward(x: torch.Tensor) -> torch.Tensor:
 def mish2_backward(x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
     """``grad_out * d/dx mish(mish(x))``, recomputed from ``x``; ``grad_out`` has x's strides."""
     return _launch("backward", torch.empty_like(x), x, grad_out)
+
+
+def grad_bias(z: torch.Tensor, grad: torch.Tensor, mish_count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(dz, dbias): ``grad * d/dz act(z)`` with z's strides and its per-channel sum in float32, in
+    one pass (the Triton twin of ``mishops.backends.cuda.grad_bias``); None where z is neither NCHW
+    nor channels_last, or has more channels than one program holds."""
+    if z.dim() != 4:
+        return None
+    n, c, h, w = z.shape
+    planes = z.is_contiguous() and h * w > 1
+    if not planes and not z.is_contiguous(memory_format=torch.channels_last) and not z.is_contiguous():
+        return None
+    if not planes and c > 512:
+        return None
+    if grad.stride() != z.stride():
+        grad = grad.contiguous(memory_format=torch.contiguous_format if planes else torch.channels_last)
+    dz = torch.empty_like(z)
+    if z.numel() == 0:
+        return dz, torch.zeros(c, dtype=torch.float32, device=z.device)
+    kernels = _kernels(_interpreting())
+    globals().update(kernels.helpers)
+    use_asm = not _interpreting()
+    with _on_device_of(z):
+        if planes:
+            block = 4096 if h * w >= 4096 else 1024
+            chunks = -(-(h * w) // block)
+            partial = torch.empty(n * c * chunks, dtype=torch.float32, device=z.device)
+            kernels.grad_bias_planes[(chunks, n * c)](z, grad, dz, partial, h * w, chunks, BLOCK=block, MISH=mish_count,
+                                                      USE_ASM=use_asm, num_warps=8 if block == 4096 else 4,
+                                                      enable_fp_fusion=True)
+            return dz, partial.view(n, c, chunks).sum(dim=(0, 2))
+        channels = triton_next_power_of_2(c)
+        rows_at_once = max(1, 4096 // channels)
+        rows = n * h * w
+        sms = torch.cuda.get_device_properties(z.device).multi_processor_count if z.is_cuda else 2
+        programs = max(1, min(-(-rows // rows_at_once), 4 * sms))
+        rows_per_program = -(-rows // programs)
+        rows_per_program = -(-rows_per_program // rows_at_once) * rows_at_once
+        programs = -(-rows // rows_per_program)
+        partial = torch.empty(programs * c, dtype=torch.float32, device=z.device)
+        kernels.grad_bias_rows[(programs,)](z, grad, dz, partial, rows, c, rows_per_program, ROWS=rows_at_once,
+                                            CHANNELS=channels, MISH=mish_count, USE_ASM=use_asm, num_warps=8,
+                                            enable_fp_fusion=True)
+        return dz, partial.view(programs, c).sum(dim=0)
+
+
+def triton_next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
 
 
 @register

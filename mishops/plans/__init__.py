@@ -555,8 +555,9 @@ def _grads_wanted(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def _forward(plan: Plan, x, weight, bias, spec: ConvSpec, training: bool) -> torch.Tensor:
     """The plan's output, with a backward when ``training``: its own where it is differentiable
     (``torch_conv`` stores the pre-activation) or ``_PlanFunction``'s (which recomputes it)."""
-    if training and not plan.differentiable:
-        return _PlanFunction.apply(x, weight, bias, plan, spec)
+    if training:  # the fused backward (mishops.plans.training); the lead re-wires this on merge
+        from mishops.plans import training as _training
+        return _training.forward(plan, x, weight, bias, spec)
     return plan.forward(x, weight, bias, spec)
 
 
@@ -647,6 +648,8 @@ def run_block(x: torch.Tensor, conv: torch.nn.Conv2d, backend: str = "auto", mis
             pending = isinstance(x, _PendingCast)
             plan = choose(x.like() if pending else x, weight, bias, spec, amp, grads_of, uncast if pending else None)
             if plan.name == "torch_conv":
+                if grads_of is not None:  # training: the fused backward (mishops.plans.training)
+                    return _forward(plan, _cast_now(x), weight, bias, spec, True)
                 return plan.forward(_cast_now(x), weight, bias, spec, backend)
             try:
                 return _forward(plan, uncast if plan.casts_input else _cast_now(x), weight, bias, spec,

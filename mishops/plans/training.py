@@ -1,0 +1,162 @@
+"""The block's training path: a forward that keeps what the backward needs, and a fused backward.
+
+Backward, whatever the forward saved:
+1. one pass over the pre-activation ``z`` and the upstream gradient ``g`` writes
+   ``dz = g * d/dz act(z)`` and sums it per channel into the bias gradient (``grad_bias``: the
+   ``cuda`` backend's kernel, else Triton's, else two eager steps). cuDNN's own bias gradient would
+   be a second pass over the 2 GB ``dz`` at the reference shape;
+2. cuDNN's weight and input gradients (``aten.convolution_backward`` with the bias left out of its
+   output mask, so nothing is summed twice), optionally after moving ``dz`` and ``x`` to
+   channels_last (``MISHOPS_TRAIN_BACKWARD_LAYOUT``): cuDNN's NHWC kernels are about twice as fast
+   as its NCHW ones on Hopper, which may or may not repay the two copies; measured, not assumed.
+
+Forward, by plan (``forward``):
+- ``torch_conv`` (in ``STORES_PREACTIVATION``) runs PyTorch's conv and the fastest double-Mish
+  backend and saves ``z``: the backward reads it and recomputes nothing;
+- a fused plan that is not differentiable saves nothing but its inputs and recomputes ``z`` with
+  one conv in the backward, which costs a conv and saves 2 GB of memory;
+- a differentiable plan other than those trains through its own autograd graph.
+Which of the first two is faster at a shape is the tuner's call: training candidates are timed as
+forward + backward (``mishops.plans``' ``|train=`` keys).
+
+Double backward goes through neither: these functions are ``once_differentiable``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from mishops import registry
+from mishops.plans import ConvSpec, Plan, activation_backward, conv2d
+
+log = logging.getLogger("mishops")
+
+#: plans whose training forward is PyTorch's conv + the activation, saving the pre-activation.
+STORES_PREACTIVATION = frozenset({"torch_conv"})
+#: backends with a fused activation + bias gradient kernel, in preference order.
+GRAD_BIAS_BACKENDS = ("cuda", "triton")
+_broken: dict[str, str] = {}
+
+
+def forward(plan: Plan, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            spec: ConvSpec) -> torch.Tensor:
+    """The block's output by ``plan``, tracked by autograd with the fused backward above."""
+    if plan.name in STORES_PREACTIVATION:
+        return _Block.apply(x, weight, bias, None, spec)
+    if plan.differentiable:
+        return plan.forward(x, weight, bias, spec)
+    return _Block.apply(x, weight, bias, plan, spec)
+
+
+def grad_bias(z: torch.Tensor, grad: torch.Tensor, spec: ConvSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dz, dbias in float32, or float64 for float64): ``grad * d/dz act(z)`` with z's strides, and its sum over N, H, W per
+    channel, by the first fused kernel that takes the input, else by two eager steps."""
+    if z.is_cuda:
+        for name in GRAD_BIAS_BACKENDS:
+            if name in _broken or not registry.availability(name):
+                continue
+            module = _grad_bias_module(name)
+            try:
+                found = module.grad_bias(z, grad, spec.mish_count)
+            except Exception as exc:  # a kernel that cannot run is skipped from now on, with its reason
+                _broken[name] = f"{type(exc).__name__}: {exc}"
+                log.warning("mishops: the %s activation + bias gradient kernel failed, using the next: %s",
+                            name, _broken[name])
+                continue
+            if found is not None:
+                return found
+    dz = activation_backward(z, grad, spec)
+    return dz, dz.sum(dim=(0, 2, 3), dtype=torch.promote_types(dz.dtype, torch.float32))
+
+
+def _grad_bias_module(name: str):
+    if name == "cuda":
+        from mishops.backends import cuda as module
+    else:
+        from mishops.backends import triton as module
+    return module
+
+
+def backward_layout() -> str:
+    """``MISHOPS_TRAIN_BACKWARD_LAYOUT`` (read at call time): ``as_is`` runs cuDNN's weight and
+    input gradients in the layout the tensors have; ``channels_last`` first copies an NCHW ``dz``
+    and ``x`` to NHWC."""
+    value = os.environ.get("MISHOPS_TRAIN_BACKWARD_LAYOUT", "as_is").strip().lower()
+    if value not in ("as_is", "channels_last"):
+        raise ValueError(f"MISHOPS_TRAIN_BACKWARD_LAYOUT must be as_is or channels_last, not {value!r}")
+    return value
+
+
+def conv_backward(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, spec: ConvSpec,
+                  need_x: bool, need_weight: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dx, dweight) of the conv for its output gradient ``dz``, each None where not needed."""
+    if not (need_x or need_weight):
+        return None, None
+    if spec.padding_mode != "zeros" or isinstance(spec.padding, str) or dz.dim() != 4:
+        return _conv_backward_by_autograd(dz, x, weight, spec, need_x, need_weight)
+    if backward_layout() == "channels_last" and dz.is_cuda and not dz.is_contiguous(memory_format=torch.channels_last):
+        dz = dz.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    dx, dweight, _ = torch.ops.aten.convolution_backward(
+        dz, x, weight, None, list(spec.stride), list(spec.padding), list(spec.dilation), False, [0, 0],
+        spec.groups, [need_x, need_weight, False])
+    return dx, dweight
+
+
+def _conv_backward_by_autograd(dz, x, weight, spec, need_x, need_weight):
+    """Any padding ``nn.Conv2d`` accepts (``"same"``, reflect, ...): autograd through the conv."""
+    with torch.enable_grad():
+        xs = x.detach().requires_grad_(need_x)
+        ws = weight.detach().requires_grad_(need_weight)
+        z = conv2d(xs, ws, None, spec)
+        leaves = [t for t, need in ((xs, need_x), (ws, need_weight)) if need]
+        found = iter(torch.autograd.grad(z, leaves, dz))
+    return (next(found) if need_x else None), (next(found) if need_weight else None)
+
+
+def _activation(z: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
+    from mishops import dispatch
+
+    if spec.mish_count == 2:
+        return dispatch.run("forward", z)
+    return torch.nn.functional.mish(z)
+
+
+class _Block(torch.autograd.Function):
+    """Forward: ``plan`` (None: PyTorch's conv + the activation, saving ``z``). Backward: the fused
+    activation + bias gradient, then cuDNN's weight and input gradients."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, plan: Plan | None, spec: ConvSpec):
+        ctx.spec = spec
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        if plan is None:
+            z = conv2d(x, weight, bias, spec)
+            ctx.save_for_backward(x, weight, z)
+            ctx.stored = True
+            return _activation(z, spec)
+        ctx.save_for_backward(x, weight, bias)
+        ctx.stored = False
+        return plan.forward(x, weight, bias, spec)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight, third = ctx.saved_tensors
+        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+        x_conv = x.to(weight.dtype)  # a plan that casts its input got it uncast (casts_input)
+        if ctx.stored:
+            z = third
+        else:
+            with torch.no_grad():
+                z = conv2d(x_conv, weight, third, ctx.spec)
+        dz, dbias = grad_bias(z, grad, ctx.spec)
+        del z
+        dx, dweight = conv_backward(dz, x_conv, weight, ctx.spec, need_x, need_weight)
+        if dx is not None and dx.dtype != x.dtype:
+            dx = dx.to(x.dtype)
+        dbias = dbias.to(ctx.bias_dtype) if ctx.bias_dtype is not None and need_bias else None
+        return dx, dweight, dbias, None, None
