@@ -69,8 +69,8 @@ def test_registered_with_declared_capabilities():
     backend = registry.get("cuda")
     assert isinstance(backend, CudaBackend)
     assert backend.devices == frozenset({"cuda"}) and backend.dtypes == KERNEL_DTYPES and backend.priority == 10
-    assert {Path(p).name for p in backend.source_files} == {"mish2.cu", "epilogue_nchw.cu", "mish2_binding.cpp",
-                                                            "mish.cuh"}
+    assert {Path(p).name for p in backend.source_files} == {"mish2.cu", "grad_bias.cu", "epilogue_nchw.cu",
+                                                            "mish2_binding.cpp", "mish.cuh", "mish_math.cuh"}
     assert all(Path(p).is_file() for p in backend.source_files)
 
 

@@ -73,7 +73,9 @@ def _mish_parts(v, OUTER: tl.constexpr, FULL: tl.constexpr, USE_ASM: tl.constexp
     """(e, n, r, t) of mish(v) = v t: e = exp(min(v, clamp)), n = e (e + 2), r = 1 / (n + 2),
     t = tanh(softplus(v)) = n r, formed as 1 - 2 r where n >= 2 for fp32 storage (FULL). The outer
     Mish (OUTER: v >= -0.31) of fp32 storage takes its exp on the FMA pipe."""
-    c = tl.minimum(v, 10.5)  # csrc/mish_math.cuh's kMishClamp; tl.minimum(NaN, c) is c on the GPU (minnum); the NaN flows on through v
+    # csrc/mish_math.cuh's kMishClamp. On the GPU tl.minimum(NaN, c) is c (minnum), so no NaN
+    # reaches a shared reciprocal; the NaN flows on through v.
+    c = tl.minimum(v, 10.5)
     if OUTER and FULL:
         e = _exp_fma(tl.maximum(c, -80.0))
     else:
@@ -94,12 +96,11 @@ def _mish2_values(v, FULL: tl.constexpr, USE_ASM: tl.constexpr):
     return v * t
 
 
-def _forward_kernel(x_ptr, y_ptr, n_elements, BLOCK: tl.constexpr, USE_ASM: tl.constexpr):
+def _forward_kernel(x_ptr, y_ptr, n_elements, BLOCK: tl.constexpr, FULL: tl.constexpr, USE_ASM: tl.constexpr):
     # Every program but the last is whole and runs unmasked: per-element 64-bit bounds checks cost
     # the 16-bit passes about a fifth of their instructions.
     start = tl.program_id(0).to(tl.int64) * BLOCK  # 64-bit: > 2^31 elements
     offsets = tl.arange(0, BLOCK)
-    FULL: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
     x_ptr += start
     y_ptr += start
     if start + BLOCK <= n_elements:
@@ -127,10 +128,10 @@ def _mish2_grad_values(v, grad, FULL: tl.constexpr, USE_ASM: tl.constexpr):
     return grad * outer * inner
 
 
-def _backward_kernel(x_ptr, grad_out_ptr, grad_in_ptr, n_elements, BLOCK: tl.constexpr, USE_ASM: tl.constexpr):
+def _backward_kernel(x_ptr, grad_out_ptr, grad_in_ptr, n_elements, BLOCK: tl.constexpr, FULL: tl.constexpr,
+                     USE_ASM: tl.constexpr):
     start = tl.program_id(0).to(tl.int64) * BLOCK
     offsets = tl.arange(0, BLOCK)
-    FULL: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
     x_ptr += start
     grad_out_ptr += start
     grad_in_ptr += start
@@ -156,12 +157,11 @@ def _act_grad(v, grad, MISH: tl.constexpr, FULL: tl.constexpr, USE_ASM: tl.const
 
 
 def _grad_bias_planes_kernel(z_ptr, g_ptr, dz_ptr, partial_ptr, plane_len, chunks, BLOCK: tl.constexpr,
-                             MISH: tl.constexpr, USE_ASM: tl.constexpr):
+                             MISH: tl.constexpr, FULL: tl.constexpr, USE_ASM: tl.constexpr):
     # program (chunk, plane): BLOCK elements of one NCHW plane (one channel); its sum of dz goes to
     # partial[plane * chunks + chunk]. csrc/grad_bias.cu's planes walk.
     chunk = tl.program_id(0)
     plane = tl.program_id(1).to(tl.int64)
-    FULL: tl.constexpr = z_ptr.dtype.element_ty == tl.float32
     offsets = chunk * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < plane_len
     base = plane * plane_len
@@ -173,11 +173,11 @@ def _grad_bias_planes_kernel(z_ptr, g_ptr, dz_ptr, partial_ptr, plane_len, chunk
 
 
 def _grad_bias_rows_kernel(z_ptr, g_ptr, dz_ptr, partial_ptr, rows, channels, rows_per_program,
-                           ROWS: tl.constexpr, CHANNELS: tl.constexpr, MISH: tl.constexpr, USE_ASM: tl.constexpr):
+                           ROWS: tl.constexpr, CHANNELS: tl.constexpr, MISH: tl.constexpr, FULL: tl.constexpr,
+                           USE_ASM: tl.constexpr):
     # program p: rows [p * rows_per_program, ...) of a channels_last [rows][channels] tensor, ROWS at
     # a time; its per-channel sums of dz go to partial[p, :]. csrc/grad_bias.cu's rows walk.
     program = tl.program_id(0).to(tl.int64)
-    FULL: tl.constexpr = z_ptr.dtype.element_ty == tl.float32
     cols = tl.arange(0, CHANNELS)
     col_mask = cols < channels
     begin = program * rows_per_program
@@ -241,7 +241,8 @@ def _launch(kernel_name: str, out: torch.Tensor, *inputs: torch.Tensor) -> torch
         grid = ((n + block - 1) // block,)
         with _on_device_of(out):
             # FMA contraction named, not defaulted: Triton 3.9 warns that 3.10 changes the default.
-            kernel[grid](*map(flat, inputs), flat(out), n, BLOCK=block, USE_ASM=not _interpreting(), num_warps=num_warps,
+            kernel[grid](*map(flat, inputs), flat(out), n, BLOCK=block, FULL=out.dtype == torch.float32,
+                         USE_ASM=not _interpreting(), num_warps=num_warps,
                          enable_fp_fusion=True)
     return out
 
@@ -282,6 +283,7 @@ def grad_bias(z: torch.Tensor, grad: torch.Tensor, mish_count: int) -> tuple[tor
             chunks = -(-(h * w) // block)
             partial = torch.empty(n * c * chunks, dtype=torch.float32, device=z.device)
             kernels.grad_bias_planes[(chunks, n * c)](z, grad, dz, partial, h * w, chunks, BLOCK=block, MISH=mish_count,
+                                                      FULL=z.dtype == torch.float32,
                                                       USE_ASM=use_asm, num_warps=8 if block == 4096 else 4,
                                                       enable_fp_fusion=True)
             return dz, partial.view(n, c, chunks).sum(dim=(0, 2))
@@ -295,7 +297,8 @@ def grad_bias(z: torch.Tensor, grad: torch.Tensor, mish_count: int) -> tuple[tor
         programs = -(-rows // rows_per_program)
         partial = torch.empty(programs * c, dtype=torch.float32, device=z.device)
         kernels.grad_bias_rows[(programs,)](z, grad, dz, partial, rows, c, rows_per_program, ROWS=rows_at_once,
-                                            CHANNELS=channels, MISH=mish_count, USE_ASM=use_asm, num_warps=8,
+                                            CHANNELS=channels, MISH=mish_count, FULL=z.dtype == torch.float32,
+                                            USE_ASM=use_asm, num_warps=8,
                                             enable_fp_fusion=True)
         return dz, partial.view(programs, c).sum(dim=0)
 
