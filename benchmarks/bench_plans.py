@@ -18,10 +18,13 @@ bandwidth measured in the same run (a ``torch.empty_like(out).copy_(out)`` of th
 shape): no implementation of the block can beat it, so "% of floor" says how much is left. The error is
 max |y - y64| on the first two images against the float64 block.
 
-``--train`` adds forward + backward rows (an upstream gradient, the conv's weight and bias differentiated, x not):
-eager, each plan forced, and auto, so storing the pre-activation (``torch_conv``, "store") and recomputing it
-(the fused plans, "recompute") can be compared per shape, with the peak memory above the inputs (CUDA) and the
-weight gradient's error relative to its float64 value. Standalone: not collected by pytest.
+``--train`` adds forward + backward rows (an upstream gradient given) in both training configurations
+(``--train-configs``): ``w,b`` (the conv's weight and bias differentiated, x not: a first layer) and ``x,w,b``
+(x too: a layer inside a network). Each has eager, ``torch.compile(Model)``, each plan forced (``--plans``) and
+auto, so storing the pre-activation (``torch_conv``, "store"; also with cuDNN's weight and input gradients run on
+channels_last copies) and recomputing it (the fused plans, "recompute") can be compared per shape, with the peak
+memory above the inputs (CUDA) and the weight gradient's error relative to its float64 value. ``--train-only``
+leaves out the inference rows. Standalone: not collected by pytest.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import argparse
 import contextlib
 import os
 import platform
-import statistics
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -87,7 +90,8 @@ def parse_shapes(text: str, kernel: int) -> list[Shape]:
 
 
 class Clock:
-    """Whole-call timings: CUDA events on a GPU, ``perf_counter`` on CPU."""
+    """Whole-call timings: the first call by the host clock, then the project's one timer
+    (``mishops.tuning.time_ms``: CUDA events, L2 flushed before each call; ``perf_counter`` on CPU)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -103,22 +107,8 @@ class Clock:
         fn()
         self.sync()
         first = (time.perf_counter() - t0) * 1e3
-        for _ in range(2):
-            fn()
-        if self.device.type != "cuda":
-            times = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-            return first, statistics.median(times)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-        for start, end in events:
-            start.record()
-            fn()
-            end.record()
-        self.sync()
-        return first, statistics.median(s.elapsed_time(e) for s, e in events)
+        fn()
+        return first, tuning.time_ms(fn, self.device, budget_s=math.inf, max_reps=reps, min_reps=reps).median_ms
 
 
 def copy_bandwidth_gbps(clock: Clock, shape: Shape, reps: int) -> float:
@@ -254,7 +244,18 @@ class CaseRun:
     # --- training ------------------------------------------------------------------------------
 
     def training_rows(self) -> list[str]:
-        params = [self.model.conv.weight, self.model.conv.bias]
+        rows = []
+        for config in self.args.train_configs.split("|"):
+            rows += self.training_rows_for(config)
+        return rows
+
+    def training_rows_for(self, config: str) -> list[str]:
+        """One training configuration: ``w,b`` (x does not require grad: the first layer) or ``x,w,b``
+        (a layer inside a network). Eager, torch.compile, each plan forced (torch_conv also with its
+        backward in channels_last), and auto, all on the same upstream gradient."""
+        x = self.x.detach().requires_grad_(config == "x,w,b")
+        params = [x, self.model.conv.weight, self.model.conv.bias] if x.requires_grad else \
+            [self.model.conv.weight, self.model.conv.bias]
         with torch.no_grad(), self.autocast():
             grad = torch.randn_like(self.model(self.x))
         try:  # the whole batch in float64: the weight gradient sums over all of it
@@ -274,23 +275,40 @@ class CaseRun:
                 self.reset_peak()
                 first, ms = self.clock.time(lambda: step(forward), self.args.reps)
                 peak = self.peak_memory() - baseline_bytes
-                dw, _ = step(forward)
+                dw = step(forward)[-2]
             except Exception as exc:
-                rows.append(self.row(label(name), "n/a", "", "", "", "", why_not(exc)))
+                rows.append(self.row(config, label(name), "n/a", "", "", "", "", "", why_not(exc)))
                 return
             if baseline_of:
                 baseline[baseline_of] = ms
             error = "n/a" if dw64 is None else f"{float((dw.double() - dw64).abs().max() / dw64.abs().max()):.2e}"
             peak_cell = f"{peak / 2**20:.0f}" if self.clock.device.type == "cuda" else ""
-            over_eager = f"{baseline['eager'] / ms:.2f}x" if "eager" in baseline else ""
-            rows.append(self.row(label(name), f"{ms:.3f}", f"{first / 1e3:.2f}", over_eager, peak_cell, error, ""))
+            over = [f"{baseline[k] / ms:.2f}x" if k in baseline else "" for k in ("eager", "compile")]
+            rows.append(self.row(config, label(name), f"{ms:.3f}", f"{first / 1e3:.2f}", *over, peak_cell, error, ""))
 
-        measure("eager Model", lambda: self.model(self.x), "eager")
+        measure("eager Model", lambda: self.model(x), "eager")
+        if not self.args.no_compile:
+            torch._dynamo.reset()
+            torch._inductor.config.fx_graph_cache = False
+            torch._functorch.config.enable_autograd_cache = False
+            compiled = torch.compile(self.model)
+            measure("torch.compile(Model)", lambda: compiled(x), "compile")
+        wanted = None if self.args.plans == "all" else set(self.args.plans.split(","))
         for name in plans.plans():
+            if wanted is not None and name not in wanted:
+                continue
             with forced_plan(name):
-                measure(f"plan {name} ({plan_kind(name)})", lambda: plans.run_block(self.x, self.model.conv))
-        tuning.TUNER.clear()
-        measure(lambda: f"run_block auto: {last_block_choice()}", lambda: plans.run_block(self.x, self.model.conv))
+                measure(f"plan {name} ({plan_kind(name)})", lambda: plans.run_block(x, self.model.conv))
+                if name == "torch_conv" and self.clock.device.type == "cuda":
+                    os.environ["MISHOPS_TRAIN_BACKWARD_LAYOUT"] = "channels_last"
+                    try:
+                        measure("plan torch_conv (store), backward in channels_last",
+                                lambda: plans.run_block(x, self.model.conv))
+                    finally:
+                        del os.environ["MISHOPS_TRAIN_BACKWARD_LAYOUT"]
+        if not self.args.no_auto:
+            tuning.TUNER.clear()
+            measure(lambda: f"run_block auto: {last_block_choice()}", lambda: plans.run_block(x, self.model.conv))
         return rows
 
     def memory_allocated(self) -> int:
@@ -306,8 +324,8 @@ class CaseRun:
 
 INFERENCE_HEADER = ["| case | what | ms | first call s | vs eager | vs compile | % of floor | error | output |",
                     "|---|---|---|---|---|---|---|---|---|"]
-TRAINING_HEADER = ["| case | what | fwd+bwd ms | first call s | vs eager | peak MiB | dW rel. error | note |",
-                   "|---|---|---|---|---|---|---|---|"]
+TRAINING_HEADER = ["| case | grads of | what | fwd+bwd ms | first call s | vs eager | vs compile | peak MiB "
+                   "| dW rel. error | note |", "|---|---|---|---|---|---|---|---|---|---|"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -320,6 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--train", action="store_true", help="also time forward + backward")
     parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile(Model)")
+    parser.add_argument("--train-only", action="store_true", help="with --train: leave out the inference rows")
+    parser.add_argument("--train-configs", default="w,b|x,w,b",
+                        help="'|'-separated: w,b (x not differentiated) and/or x,w,b")
+    parser.add_argument("--plans", default="all", help="comma-separated plans to force, or 'all'")
+    parser.add_argument("--no-auto", action="store_true", help="leave out run_block's own choice")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-cudnn-benchmark", action="store_true", help="leave torch.backends.cudnn.benchmark off")
     parser.add_argument("--out", help="also write the markdown here")
@@ -340,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         training = ["", f"### {shape}: training step", "", *TRAINING_HEADER]
         for case in picked:
             run = CaseRun(case, shape, clock, args, bandwidth)
-            section += run.inference_rows()
+            if not (args.train and args.train_only):
+                section += run.inference_rows()
             if args.train:
                 if len(training) == 4:
                     print("\n".join(training), flush=True)

@@ -66,6 +66,10 @@ REFERENCE_SHAPE = (64, 128, 254, 254)
 REFERENCE_NUMEL = 64 * 128 * 254 * 254
 #: from launch-bound to the reference conv output.
 SIZES = (100_000, 1_000_000) if QUICK else (100_000, 1_000_000, 10_000_000, 100_000_000, REFERENCE_NUMEL)
+#: ``MISHOPS_BENCH_SIZES=ref`` (or a comma-separated list of element counts) cuts the sweep down.
+if os.environ.get("MISHOPS_BENCH_SIZES"):
+    SIZES = tuple(REFERENCE_NUMEL if item == "ref" else int(item)
+                  for item in os.environ["MISHOPS_BENCH_SIZES"].split(","))
 #: elements of each output checked against float64 (the first ones in row-major order).
 ERROR_ELEMENTS = 1 << 22
 

@@ -2,7 +2,7 @@
 //
 // The pass is memory-bound (fp32: 8 bytes per element forward, 12 backward), so the kernels move
 // 16-byte packs, put several loads in flight per thread before any math, and spend one exp and
-// one reciprocal per Mish. Arithmetic is fp32 whatever the storage type. Tensors arrive as flat
+// a quarter of a reciprocal per Mish (mish_math.cuh). Arithmetic is fp32 whatever the storage type. Tensors arrive as flat
 // 1-D views of dense storage (mishops.layout.flat), so the kernels never see shapes or strides.
 
 #include <ATen/core/Tensor.h>
@@ -21,44 +21,57 @@ constexpr int kThreads = 256;
 // 16-byte packs each thread loads before computing on any: 64 bytes (128 backward) in flight per
 // thread covers HBM latency at full occupancy without pushing registers into spills.
 constexpr int kPacksPerThread = 4;
+// 16-bit packs hold 8 elements: 2 of them a thread (32 bytes in flight) keeps the unrolled fp32
+// arithmetic within 64 registers, so 4 blocks (1024 threads) fit an SM and hide the latency.
+// With 4 packs the bf16 backward took 95 registers, 2 blocks an SM, and fell well behind the copy.
+template <typename T>
+constexpr int kPacksFor = sizeof(T) == 4 ? kPacksPerThread : 2;
+constexpr int kMinBlocksPerSM = 4;
 
 using namespace mishops;
 
+// Each op maps G elements of x (and of grad) to G outputs, in place in x: G elements share each
+// Mish's reciprocal (mish_math.cuh).
 struct Forward {
   static constexpr bool kReadsGrad = false;
-  template <typename T>
-  static __device__ __forceinline__ float apply(float x, float) {
-    return mish<T>(mish<T>(x).value).value;
+  template <typename T, int G>
+  static __device__ __forceinline__ void apply(float (&x)[G], const float (&)[G]) {
+    mish2_group<kFullPrecision<T>, G>(x);
   }
 };
 
 struct Backward {
   static constexpr bool kReadsGrad = true;
-  template <typename T>
-  static __device__ __forceinline__ float apply(float x, float grad) {
-    const MishAt inner = mish<T>(x);
-    return grad * mish<T>(inner.value).slope * inner.slope;
+  template <typename T, int G>
+  static __device__ __forceinline__ void apply(float (&x)[G], const float (&grad)[G]) {
+    float g[G];
+#pragma unroll
+    for (int i = 0; i < G; ++i) g[i] = grad[i];
+    mish2_grad_group<kFullPrecision<T>, G>(x, g);
+#pragma unroll
+    for (int i = 0; i < G; ++i) x[i] = g[i];
   }
 };
 
 // out[i] = Op(x[i], grad[i]) for i < n. Grid-stride over whole packs, 64-bit indices; the last
 // n % kWidth elements, fewer than one pack, go one per thread.
 template <typename T, int kWidth, typename Op>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     mish2_kernel(const T* __restrict__ x, const T* __restrict__ grad, T* __restrict__ out, int64_t n) {
   using P = Pack<T, kWidth>;
+  constexpr int kGroup = kWidth < kRcpGroup ? kWidth : kRcpGroup;
   const auto* xp = reinterpret_cast<const P*>(x);
   const auto* gp = reinterpret_cast<const P*>(grad);
   auto* op = reinterpret_cast<P*>(out);
   const int64_t packs = n / kWidth;
-  const int64_t block_packs = int64_t(kThreads) * kPacksPerThread;
+  const int64_t block_packs = int64_t(kThreads) * kPacksFor<T>;
   const int64_t step = int64_t(gridDim.x) * block_packs;
 
   for (int64_t first = blockIdx.x * block_packs + threadIdx.x; first < packs; first += step) {
-    P xs[kPacksPerThread];
-    P gs[kPacksPerThread];
+    P xs[kPacksFor<T>];
+    P gs[kPacksFor<T>];
 #pragma unroll
-    for (int u = 0; u < kPacksPerThread; ++u) {
+    for (int u = 0; u < kPacksFor<T>; ++u) {
       const int64_t i = first + u * kThreads;
       if (i < packs) {
         xs[u] = xp[i];
@@ -66,13 +79,20 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
 #pragma unroll
-    for (int u = 0; u < kPacksPerThread; ++u) {
+    for (int u = 0; u < kPacksFor<T>; ++u) {
       const int64_t i = first + u * kThreads;
       if (i < packs) {
 #pragma unroll
-        for (int k = 0; k < kWidth; ++k) {
-          const float g = Op::kReadsGrad ? to_float(gs[u].v[k]) : 0.f;
-          xs[u].v[k] = from_float<T>(Op::template apply<T>(to_float(xs[u].v[k]), g));
+        for (int k0 = 0; k0 < kWidth; k0 += kGroup) {
+          float v[kGroup], g[kGroup];
+#pragma unroll
+          for (int k = 0; k < kGroup; ++k) {
+            v[k] = to_float(xs[u].v[k0 + k]);
+            g[k] = Op::kReadsGrad ? to_float(gs[u].v[k0 + k]) : 0.f;
+          }
+          Op::template apply<T, kGroup>(v, g);
+#pragma unroll
+          for (int k = 0; k < kGroup; ++k) xs[u].v[k0 + k] = from_float<T>(v[k]);
         }
         op[i] = xs[u];
       }
@@ -81,17 +101,19 @@ __global__ void __launch_bounds__(kThreads)
 
   const int64_t i = packs * kWidth + blockIdx.x * int64_t(kThreads) + threadIdx.x;
   if (i < n) {
-    const float g = Op::kReadsGrad ? to_float(grad[i]) : 0.f;
-    out[i] = from_float<T>(Op::template apply<T>(to_float(x[i]), g));
+    float v[1] = {to_float(x[i])};
+    const float g[1] = {Op::kReadsGrad ? to_float(grad[i]) : 0.f};
+    Op::template apply<T, 1>(v, g);
+    out[i] = from_float<T>(v[0]);
   }
 }
 
-// One block per kPacksPerThread * kThreads packs: on H100 a full grid of short-lived blocks kept the
+// One block per kPacksFor<T> * kThreads packs: on H100 a full grid of short-lived blocks kept the
 // copy engine's pace where a persistent one-wave grid lost ~10% of bandwidth. The kernel still
 // strides, so tensors needing more than 2^31 - 1 blocks stay correct.
 template <typename T, int kWidth, typename Op>
 std::string launch(const T* x, const T* grad, T* out, int64_t n) {
-  const int64_t block_packs = int64_t(kThreads) * kPacksPerThread;
+  const int64_t block_packs = int64_t(kThreads) * kPacksFor<T>;
   const int64_t wanted = std::max<int64_t>(1, (n / kWidth + block_packs - 1) / block_packs);
   const int blocks = int(std::min<int64_t>(wanted, 0x7fffffff));
   mish2_kernel<T, kWidth, Op><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(x, grad, out, n);

@@ -1,4 +1,4 @@
-// Python entry points of csrc/mish2.cu and csrc/epilogue_nchw.cu, for torch.utils.cpp_extension.load.
+// Python entry points of csrc/mish2.cu, csrc/grad_bias.cu and csrc/epilogue_nchw.cu, for torch.utils.cpp_extension.load.
 //
 // torch/csrc/utils/pybind.h brings pybind11 with torch's Tensor conversions and nothing else:
 // this file compiles in about 10 s, where torch/extension.h (all of libtorch's C++ API) takes 80.
@@ -14,6 +14,9 @@
 std::string mish2_forward_unchecked(const at::Tensor& x, const at::Tensor& out);
 std::string mish2_backward_unchecked(const at::Tensor& x, const at::Tensor& grad_out, const at::Tensor& grad_in);
 std::string bias_mish2_nhwc_to_nchw_unchecked(const at::Tensor& y, const at::Tensor* bias, const at::Tensor& out);
+std::string grad_bias_unchecked(const at::Tensor& z, const at::Tensor& g, const at::Tensor& dz,
+                                const at::Tensor& partial, int64_t channels, int64_t inner, int64_t blocks,
+                                int64_t mish_count);
 
 namespace {
 
@@ -88,6 +91,32 @@ std::string bias_mish2_nhwc_to_nchw(const at::Tensor& y, const std::optional<at:
   return bias_mish2_nhwc_to_nchw_unchecked(y, bias ? &*bias : nullptr, out);
 }
 
+// dz = g * d/dz act(z) and per-block partial sums of dz per channel (csrc/grad_bias.cu). The
+// layout arithmetic (how many blocks, how large partial is) is the caller's, mirrored here only
+// as far as needed to keep every access in bounds.
+std::string grad_bias(const at::Tensor& z, const at::Tensor& g, const at::Tensor& dz, const at::Tensor& partial,
+                      int64_t channels, int64_t inner, int64_t blocks, int64_t mish_count) {
+  for (const auto& message : {check_flat(z, "z"), check_like(g, "g", z), check_like(dz, "dz", z)}) {
+    if (!message.empty()) return message;
+  }
+  const std::string what = "grad_bias: ";
+  if (mish_count != 1 && mish_count != 2) return what + "mish_count must be 1 or 2";
+  if (channels < 1 || inner < 1 || blocks < 1 || z.numel() % (channels * inner) != 0) {
+    return what + "z must hold whole [channels][inner] slabs, and blocks must be positive";
+  }
+  if (!partial.is_cuda() || partial.device() != z.device() || partial.scalar_type() != at::kFloat ||
+      partial.dim() != 1 || !partial.is_contiguous()) {
+    return what + "partial must be a contiguous 1-D float32 tensor on z's device";
+  }
+  const int64_t wanted = inner > 1 ? z.numel() / inner * blocks : blocks * channels;
+  if (partial.numel() != wanted) return what + "partial must have one element per (block, channel)";
+  if (inner == 1 && channels > 256 && (channels % (16 / int64_t(z.element_size())) != 0 ||
+                                       channels / (16 / int64_t(z.element_size())) > 256)) {
+    return what + "channels_last with more than 256 channels needs whole 16-byte packs of at most 256 per row";
+  }
+  return grad_bias_unchecked(z, g, dz, partial, channels, inner, blocks, mish_count);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mish2_forward", &mish2_forward, "out = mish(mish(x)); flat 1-D CUDA views of dense storage; returns an error message or ''",
         py::arg("x"), py::arg("out"));
@@ -97,4 +126,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bias_mish2_nhwc_to_nchw", &bias_mish2_nhwc_to_nchw,
         "out (NCHW) = mish(mish(y + bias)) for a channels_last y; bias may be None; returns an error message or ''",
         py::arg("y"), py::arg("bias"), py::arg("out"));
+  m.def("grad_bias", &grad_bias,
+        "dz = g * d/dz act(z) and fp32 partial sums of dz per (block, channel); returns an error message or ''",
+        py::arg("z"), py::arg("g"), py::arg("dz"), py::arg("partial"), py::arg("channels"), py::arg("inner"),
+        py::arg("blocks"), py::arg("mish_count"));
 }

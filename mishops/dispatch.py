@@ -21,7 +21,7 @@ from mishops import layout, registry, tuning
 from mishops.registry import BACKENDS, Backend
 from mishops.tuning import TUNER, Measurement, Problem
 
-OPS = ("forward", "backward")
+OPS = ("forward", "backward", "grad_bias")
 #: how close a candidate must be to the eager backend: (rtol, atol) per dtype.
 TOLERANCE = {
     torch.float64: (1e-10, 1e-12),
@@ -38,8 +38,9 @@ class NoBackendError(RuntimeError):
     reasons follow, one per line."""
 
 
-def key_string(op: str, x: torch.Tensor) -> str:
-    return f"{op}|{str(x.dtype).removeprefix('torch.')}|{tuple(x.shape)}|{tuple(x.stride())}"
+def key_string(op: str, x: torch.Tensor, mish_count: int = 2) -> str:
+    name = op if op != "grad_bias" else f"grad_bias|mish={mish_count}"
+    return f"{name}|{str(x.dtype).removeprefix('torch.')}|{tuple(x.shape)}|{tuple(x.stride())}"
 
 
 def describe(x: torch.Tensor) -> str:
@@ -75,9 +76,13 @@ def require_floating(x: torch.Tensor, what: str) -> None:
         raise NoBackendError(f"mishops: {str(x.dtype).removeprefix('torch.')} input: {what} needs a floating-point tensor")
 
 
-def reasons(backend: Backend, x: torch.Tensor) -> list[str]:
-    """Why ``backend`` cannot take ``x`` (empty when it can)."""
+def reasons(backend: Backend, x: torch.Tensor, op: str = "forward") -> list[str]:
+    """Why ``backend`` cannot take ``x`` for ``op`` (empty when it can)."""
     unsupported = backend.not_supported_reasons(x)
+    if op not in backend.ops:
+        unsupported = [f"offers no {op} kernel", *unsupported]
+    elif op == "grad_bias" and x.dim() != 4:
+        unsupported = ["the bias gradient is per channel of a 4-D tensor", *unsupported]
     if backend.devices is not None and x.device.type not in backend.devices:
         return unsupported  # its availability (importing triton, say) cannot change the answer
     return BACKENDS.reasons(backend.name, x.device) + unsupported
@@ -131,58 +136,75 @@ def trial_input(x: torch.Tensor) -> torch.Tensor:
     return fresh
 
 
-def _run(backend: Backend, op: str, x: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
-    return backend.forward(x) if op == "forward" else backend.backward(x, grad)
+def _run(backend: Backend, op: str, x: torch.Tensor, grad: torch.Tensor | None, mish_count: int = 2):
+    if op == "forward":
+        return backend.forward(x)
+    if op == "backward":
+        return backend.backward(x, grad)
+    return backend.grad_bias(x, grad, mish_count)
+
+
+def per_channel_sum_mismatch(result: torch.Tensor, expected: torch.Tensor) -> str:
+    """``wrong_answer`` relative to the largest element: each element sums over N, H and W, so its
+    rounding grows with them, while a wrong formula is off by the sums' own size."""
+    scale = max(1.0, float(expected.abs().nan_to_num(0.0, posinf=0.0, neginf=0.0).max())) if expected.numel() else 1.0
+    return wrong_answer(result / scale, expected / scale)
 
 
 class Mish2Trial:
     """A candidate backend runs ``op`` on fresh data and is judged against the eager backend."""
 
-    def __init__(self, op: str, like: torch.Tensor):
-        self.op = op
+    def __init__(self, op: str, like: torch.Tensor, mish_count: int = 2):
+        self.op, self.mish_count = op, mish_count
         self.x = trial_input(like)
-        self.grad = torch.empty_like(self.x).normal_() if op == "backward" else None
-        self.expected = _run(registry.get("eager"), op, self.x, self.grad)
+        self.grad = torch.empty_like(self.x).normal_() if op != "forward" else None
+        self.expected = _run(registry.get("eager"), op, self.x, self.grad, mish_count)
 
-    def run(self, backend: Backend) -> torch.Tensor:
-        return _run(backend, self.op, self.x, self.grad)
+    def run(self, backend: Backend):
+        return _run(backend, self.op, self.x, self.grad, self.mish_count)
 
-    def wrong(self, outcome: torch.Tensor) -> str:
-        return wrong_answer(outcome, self.expected)
+    def wrong(self, outcome) -> str:
+        if self.op != "grad_bias":
+            return wrong_answer(outcome, self.expected)
+        (dz, dbias), (want_dz, want_dbias) = outcome, self.expected
+        wrong = wrong_answer(dz, want_dz)
+        return f"dz: {wrong}" if wrong else (f"dbias: {why}" if (why := per_channel_sum_mismatch(dbias, want_dbias)) else "")
 
 
-def problem(op: str, x: torch.Tensor) -> Problem:
+def problem(op: str, x: torch.Tensor, mish_count: int = 2) -> Problem:
     """What the tuner needs to choose ``op``'s backend for inputs like ``x``."""
     usable, rejected = [], {}
     for name, backend in registry.backends().items():
-        why = reasons(backend, x)
+        why = reasons(backend, x, op)
         if why:
             rejected[name] = why
         else:
             usable.append(backend)
     if not usable:
         raise no_backend_error(x, op, rejected)
-    return Problem(f"mish2 {op}", key_string(op, x), x.device, usable, lambda: Mish2Trial(op, x),
+    return Problem(f"mish2 {op}", key_string(op, x, mish_count), x.device, usable, lambda: Mish2Trial(op, x, mish_count),
                    {n: "; ".join(r) for n, r in rejected.items()}, on_failure=registry.mark_failed,
                    fallback="eager", worth_timing=x.numel() > 0)
 
 
-def choose(op: str, x: torch.Tensor, backend: str = "auto") -> Backend:
+def choose(op: str, x: torch.Tensor, backend: str = "auto", mish_count: int = 2) -> Backend:
     """The backend that runs ``op`` on ``x``: the one ``MISHOPS_BACKEND`` or ``backend`` names, else
-    the tuner's choice for the key."""
+    the tuner's choice for the key. A named backend without a ``grad_bias`` kernel leaves that op
+    to the tuner: naming a double-Mish backend says nothing about bias gradients."""
     named, source = requested_backend(backend)
-    if named is not None:
+    if named is not None and (op != "grad_bias" or op in registry.get(check_backend_name(named, source)).ops):
         chosen = registry.get(check_backend_name(named, source))
-        why = reasons(chosen, x)
+        why = reasons(chosen, x, op)
         if why:
             require_floating(x, "mish2")
-            raise no_backend_error(x, op, {n: reasons(b, x) for n, b in registry.backends().items()}, named, source)
+            raise no_backend_error(x, op, {n: reasons(b, x, op) for n, b in registry.backends().items()}, named,
+                                   source)
         return chosen
-    mkey = ("mish2", op, x.is_cuda, x.get_device(), x.dtype, x.shape, x.stride())  # cheaper than x.device
+    mkey = ("mish2", op, mish_count, x.is_cuda, x.get_device(), x.dtype, x.shape, x.stride())  # cheaper than x.device
     choice = TUNER.memory.get(mkey)
     if choice is None:
         require_floating(x, "mish2")
-        choice = TUNER.choose(mkey, lambda: problem(op, x))
+        choice = TUNER.choose(mkey, lambda: problem(op, x, mish_count))
     return BACKENDS.items[choice.winner]
 
 
@@ -192,23 +214,24 @@ def decide(op: str, x: torch.Tensor) -> tuning.Choice | None:
     if requested_backend("auto")[0] is not None:
         return None
     require_floating(x, "mish2")
-    mkey = ("mish2", op, x.is_cuda, x.get_device(), x.dtype, x.shape, x.stride())
+    mkey = ("mish2", op, 2, x.is_cuda, x.get_device(), x.dtype, x.shape, x.stride())
     return TUNER.choose(mkey, lambda: problem(op, x))
 
 
-def run(op: str, x: torch.Tensor, grad: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
-    """Run ``op`` with the chosen backend; an automatically chosen one that breaks is replaced."""
+def run(op: str, x: torch.Tensor, grad: torch.Tensor | None = None, backend: str = "auto", mish_count: int = 2):
+    """Run ``op`` with the chosen backend; an automatically chosen one that breaks is replaced.
+    ``grad_bias`` returns (dz, dbias) for a 4-D ``x``, the activation Mish ``mish_count`` times."""
     if op not in OPS:
         raise ValueError(f"mishops: op must be one of {OPS}, not {op!r}")
     while True:
-        chosen = choose(op, x, backend)
+        chosen = choose(op, x, backend, mish_count)
         xin, gin = x, grad
         if not chosen.any_strides and not x.is_contiguous() and not layout.is_dense(x):
             xin = layout.densify(x)
         if grad is not None and (grad.stride() != xin.stride() or not chosen.any_strides and not layout.is_dense(grad)):
             gin = torch.empty_like(xin).copy_(grad)
         try:
-            return chosen.forward(xin) if gin is None else chosen.backward(xin, gin)
+            return _run(chosen, op, xin, gin, mish_count)
         except torch.OutOfMemoryError:
             raise
         except Exception as exc:

@@ -3,7 +3,9 @@
 The custom op is opaque to ``torch.compile``: the dispatcher chooses at run time inside it, never
 in traced code, and its fake implementation gives the output's shape and strides. Its backward is
 a second custom op that recomputes from the saved input alone (d/dx mish(mish(x)) needs nothing
-else), in one fused pass on the kernel backends.
+else), in one fused pass on the kernel backends. That op is differentiable too (double backward,
+``torch.autograd.gradgradcheck``): its own gradient is the fused op again for the upstream
+gradient, and torch ops for the second derivative in x.
 
 Calls that need neither autograd nor tracing skip the custom-op machinery: its Python overhead is
 several times the dispatcher's, and a cached call must stay within a few microseconds of calling
@@ -17,6 +19,7 @@ tracing needs (it also works under ``torch.func.grad``, which the custom op does
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from mishops import dispatch
 
@@ -55,6 +58,38 @@ def _backward(ctx, grad_out):
 _mish2_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _mish_slopes(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mish(v), mish'(v), mish''(v)) in differentiable torch ops, with t = tanh(softplus(v)) and
+    s = sigmoid(v): mish' = t + v s (1 - t^2), and since dt/dv = s (1 - t^2),
+    mish'' = s (1 - t^2) (2 + v (1 - s) - 2 v t s)."""
+    t = torch.tanh(F.softplus(v))
+    s = torch.sigmoid(v)
+    sech2 = 1 - t * t
+    return v * t, t + v * s * sech2, s * sech2 * (2 + v * (1 - s) - 2 * v * t * s)
+
+
+def _setup_backward_context(ctx, inputs, output):
+    x, grad_out, backend = inputs
+    ctx.save_for_backward(x, grad_out)
+    ctx.backend = backend
+
+
+def _backward_of_backward(ctx, grad_grad_in):
+    """Double backward. mish2_backward(x, g) = g f'(x) with f = mish o mish, so its gradient is
+    f'(x) gg for g (the fused op again) and g f''(x) gg for x, where
+    f'' = mish''(mish(x)) mish'(x)^2 + mish'(mish(x)) mish''(x). Torch ops, so higher orders follow."""
+    x, grad_out = ctx.saved_tensors
+    inner, inner_slope, inner_curve = _mish_slopes(x)
+    _, outer_slope, outer_curve = _mish_slopes(inner)
+    curve = outer_curve * inner_slope * inner_slope + outer_slope * inner_curve
+    grad_x = grad_grad_in * grad_out * curve if ctx.needs_input_grad[0] else None
+    grad_g = _mish2_backward_op(x, grad_grad_in, ctx.backend) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_g, None
+
+
+_mish2_backward_op.register_autograd(_backward_of_backward, setup_context=_setup_backward_context)
+
+
 class _Mish2Eager(torch.autograd.Function):
     """``mishops::mish2`` and its registered backward, for eager autograd without the custom op."""
 
@@ -69,9 +104,10 @@ class _Mish2Eager(torch.autograd.Function):
         ctx.backend = backend
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         (x,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: the backward op, whose own backward is registered
+            return _mish2_backward_op(x, grad_out, ctx.backend), None
         return dispatch.run("backward", x, grad_out, backend=ctx.backend), None
 
 

@@ -67,6 +67,8 @@ class Backend:
     any_strides: ClassVar[bool] = False
     #: preference when autotuning is off or timings tie: lower wins.
     priority: ClassVar[int] = 100
+    #: the ops it offers: ``forward`` and ``backward`` always; ``grad_bias`` where it has that fused kernel.
+    ops: ClassVar[frozenset[str]] = frozenset({"forward", "backward"})
     #: kernel sources (relative to the repository root's ``csrc/`` or absolute) whose text is part
     #: of the tuning-cache key, beside this class's own module source.
     source_files: ClassVar[tuple[Path, ...]] = ()
@@ -89,6 +91,13 @@ class Backend:
 
     def backward(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
         """d/dx mish(mish(x)) * grad_out, recomputed from the saved input ``x``."""
+        raise NotImplementedError
+
+    def grad_bias(self, z: torch.Tensor, grad_out: torch.Tensor, mish_count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dz, dbias): ``grad_out * d/dz act(z)`` with z's strides, ``act`` Mish ``mish_count`` times,
+        and its sum per channel of a 4-D ``z`` (over N, H, W) in float32 (float64 for float64), in one
+        pass: the conv block's bias gradient without a second read of ``dz``. Offered where ``ops``
+        says so; raises ``mishops.tuning.CannotTake`` for a layout its kernel does not walk."""
         raise NotImplementedError
 
     def source_hash(self) -> str:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import mishops
 from mishops import registry
@@ -68,8 +69,8 @@ def test_registered_with_declared_capabilities():
     backend = registry.get("cuda")
     assert isinstance(backend, CudaBackend)
     assert backend.devices == frozenset({"cuda"}) and backend.dtypes == KERNEL_DTYPES and backend.priority == 10
-    assert {Path(p).name for p in backend.source_files} == {"mish2.cu", "epilogue_nchw.cu", "mish2_binding.cpp",
-                                                            "mish.cuh"}
+    assert {Path(p).name for p in backend.source_files} == {"mish2.cu", "grad_bias.cu", "epilogue_nchw.cu",
+                                                            "mish2_binding.cpp", "mish.cuh", "mish_math.cuh"}
     assert all(Path(p).is_file() for p in backend.source_files)
 
 
@@ -175,6 +176,31 @@ def test_kernel_compiles_for_sm90_without_spills(tmp_path):
     for name, body in kernels.items():
         assert not re.search(r"\bdiv\.(rn|full)", body), name
         assert "rcp.approx.ftz.f32" in body and "ex2.approx.ftz.f32" in body, name
+        # special-function instructions (csrc/mish_math.cuh): per element one exp (fp32: the
+        # inner Mish's; the outer's runs on the FMA pipe) or two (16-bit), and a quarter of a
+        # reciprocal per Mish in 16-byte packs. A loop step is 4 packs and the one-element tail.
+        # 4 packs a thread in fp32, 2 in fp16/bf16 (which keeps them within 64 registers).
+        width = 4 if "fLi4E" in name else 8 if "Li8E" in name else 1
+        packs = 4 if "IfLi" in name else 2
+        elements = packs * width + 1
+        assert body.count("ex2.approx.ftz.f32") == (1 if "IfLi" in name else 2) * elements, name
+        assert body.count("rcp.approx.ftz.f32") == 2 * (packs * width // 4 if width > 1 else packs) + 2, name
+
+
+@needs_nvcc
+def test_grad_bias_kernel_compiles_for_sm90_without_spills(tmp_path):
+    """``csrc/grad_bias.cu``: 2 walks x 2 access widths x 3 dtypes x 1 or 2 Mish, none spilling,
+    the wide ones moving 16 bytes per access, sharing reciprocals as mish2.cu does."""
+    _, kernels = _compile_for_sm90(REPO / "csrc" / "grad_bias.cu", tmp_path)
+    assert len(kernels) == 24, list(kernels)
+    for name, body in kernels.items():
+        assert not re.search(r"\bdiv\.(rn|full)", body), name
+        if re.search(r"fLi4E|Li8E", name):
+            assert "ld.global.nc.v4" in body and "st.global.v4" in body, name
+            width = 4 if "fLi4E" in name else 8
+            packs = 4 if "IfLi" in name else 2 if "halfLi" in name else 1
+            mish = 2 if re.search(r"Li[48]ELi2E", name) else 1
+            assert body.count("rcp.approx.ftz.f32") == mish * packs * width // 4, name
 
 
 @needs_nvcc
@@ -792,3 +818,57 @@ def test_two_cold_processes_share_one_build(tmp_path):
         results.append(json.loads(out.strip().splitlines()[-1]))
     assert sorted(r["builds"] for r in results) == [0, 1]
     assert all(r["finite"] for r in results)
+
+
+# --- the block's fused activation + bias gradient (csrc/grad_bias.cu) -----------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mish_count", [2, 1])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "misaligned"])
+@pytest.mark.parametrize("shape", ["odd", "aligned", "wide_rows", "pixel"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_grad_bias_matches_float64(backend, dtype, shape, layout, mish_count):
+    """Both walks (NCHW planes, channels_last rows), 16-byte packs and single elements (odd plane
+    lengths, a view one element off alignment), one and two Mish."""
+    from tests.test_backend_triton import GRAD_BIAS_SHAPES, check_grad_bias, grad_bias_inputs
+
+    dims = GRAD_BIAS_SHAPES[shape]
+    if layout == "misaligned":
+        n = 1
+        for d in dims:
+            n *= d
+        z_flat, g_flat = grad_bias_inputs((n + 1, 1, 1, 1), dtype, "nchw", "cuda")
+        z, g = z_flat.view(-1)[1:].view(dims), g_flat.view(-1)[1:].view(dims)
+    else:
+        z, g = grad_bias_inputs(dims, dtype, layout, "cuda")
+    found = cuda.grad_bias(z, g, mish_count)
+    if found is None:  # only channels_last rows of > 256 single elements have no kernel
+        assert shape == "wide_rows" and dims[1] % (16 // z.element_size()) != 0
+        return
+    check_grad_bias(found, z, g, mish_count)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_grad_bias_reference_shape(backend, layout):
+    """The reference block's conv output, 528M fp32 elements: the bias sums over 4.1M positions."""
+    require_free_gib(40)
+    torch.manual_seed(0)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    z = (torch.randn(64, 128, 254, 254, device="cuda") * 3).contiguous(memory_format=fmt)
+    g = torch.randn_like(z)
+    found = cuda.grad_bias(z, g, 2)
+    dz, dbias = found
+    ref_bias = torch.zeros(128, dtype=torch.float64, device="cuda")
+    ref_abs = torch.zeros(128, dtype=torch.float64, device="cuda")
+    for i in range(0, 64, 8):  # float64 in slices, to fit
+        part = slice(i, i + 8)
+        zd = z[part].double().requires_grad_(True)
+        (ref,) = torch.autograd.grad(F.mish(F.mish(zd)), zd, g[part].double())
+        assert float((dz[part].double() - ref).abs().max()) <= 2e-6 * float(ref.abs().max() + 1)
+        ref_bias += ref.sum(dim=(0, 2, 3))
+        ref_abs += ref.abs().sum(dim=(0, 2, 3))
+        del zd, ref
+    assert bool(((dbias.double() - ref_bias).abs() <= 1e-6 * ref_abs + 1e-3).all())

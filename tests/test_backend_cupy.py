@@ -164,7 +164,7 @@ def test_cuda_major_mismatch_reaches_is_available(monkeypatch):
 
 def test_compile_failure_is_the_reason(monkeypatch):
     def raw_module(**kwargs):
-        assert kwargs["code"] == cupy_backend.SOURCE and kwargs["options"] == cupy_backend.COMPILE_OPTIONS
+        assert kwargs["code"] == cupy_backend.kernel_source() and kwargs["options"] == cupy_backend.COMPILE_OPTIONS
         raise RuntimeError("nvrtc: error: failed to open libnvrtc-builtins.so.13.0\nmore detail")
 
     monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(raw_module=raw_module))
@@ -204,10 +204,12 @@ NVCC = shutil.which("nvcc") or next((p for p in ["/usr/local/cuda/bin/nvcc"] if 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found (the kernel source is compiled by NVRTC on GPU machines)")
 def test_kernel_source_compiles_to_16_byte_accesses_and_fast_math(tmp_path):
     """nvcc's front end is NVRTC's: the source must build as-is, with no header, and the 16-byte
-    instantiations must move whole 16-byte vectors while the math uses the fast exp and division."""
+    instantiations must move whole 16-byte vectors while the math uses the fast exp and reciprocal,
+    as few of them as csrc/mish_math.cuh promises: per element one exp (fp32: the inner Mish's; the
+    outer's is a polynomial) or two (16-bit), and a quarter of a reciprocal per Mish in a pack."""
     instantiate = "\n".join(f"void* kernel_{i} = (void*)&{name};" for i, name in enumerate(cupy_backend.KERNEL_NAMES))
     source = tmp_path / "mish2.cu"
-    source.write_text(cupy_backend.SOURCE + "\n" + instantiate + "\n")
+    source.write_text(cupy_backend.kernel_source() + "\n" + instantiate + "\n")
     ptx = tmp_path / "mish2.ptx"
     options = [*cupy_backend.COMPILE_OPTIONS, "-ftz=true"]  # CuPy always adds -ftz=true
     done = subprocess.run([NVCC, "-ptx", "-arch=sm_90", *options, str(source), "-o", str(ptx)],
@@ -217,10 +219,13 @@ def test_kernel_source_compiles_to_16_byte_accesses_and_fast_math(tmp_path):
     entries = text.split(".visible .entry ")[1:]
     assert len(entries) == len(cupy_backend.KERNEL_NAMES)
     for body in entries:
-        vectorized = "Li4E" in body[:60] or "Li8E" in body[:60]
-        assert (".v4." in body) == vectorized, body[:60]
-        assert "ex2.approx.ftz.f32" in body and "div.approx.ftz.f32" in body
-        assert "div.rn.f32" not in body and "div.full" not in body
+        vec = 4 if "Li4E" in body[:60] else 8 if "Li8E" in body[:60] else 1
+        assert (".v4." in body) == (vec > 1), body[:60]
+        assert "div.rn.f32" not in body and "div.full" not in body and "div.approx" not in body
+        elements = vec + (vec > 1)  # a pack, and the one-element tail
+        exps_per_element = 1 if "Float32" in body[:60] else 2
+        assert body.count("ex2.approx.ftz.f32") == exps_per_element * elements, body[:60]
+        assert body.count("rcp.approx.ftz.f32") == 2 * (max(vec // 4, 1) + (vec > 1)), body[:60]
 
 
 # --- GPU: the kernels --------------------------------------------------------------------------

@@ -520,3 +520,60 @@ def test_gpu_mish2_autograd(compiled, dtype):
     else:
         assert_low_precision_close(y.detach(), mish2_f64(x.detach()), F.mish(F.mish(x.detach())), dtype, interpreted=False)
         assert_low_precision_close(x.grad, mish2_grad_f64(x, grad_out), eager_backward(x, grad_out), dtype, interpreted=False)
+
+
+# --- the block's fused activation + bias gradient (grad_bias) ------------------------------------
+
+GRAD_BIAS_SHAPES = {"odd": (2, 5, 7, 9), "aligned": (3, 16, 8, 8), "wide_rows": (2, 300, 3, 5), "pixel": (4, 6, 1, 1)}
+
+
+def check_grad_bias(found, z, g, mish_count):
+    """dz against float64 autograd through the activation, and dbias against the float64 sum of
+    dz, within the dtype's rounding: dz is rounded once from fp32, and dbias sums those rounded
+    values in fp32 (each within half an ulp), so its error is bounded by eps/2 of sum |dz|."""
+    dz, dbias = found
+    zd = z.detach().double().requires_grad_(True)
+    act = F.mish(F.mish(zd)) if mish_count == 2 else F.mish(zd)
+    (ref,) = torch.autograd.grad(act, zd, g.double())
+    assert dz.dtype == z.dtype and dz.stride() == z.stride() and dbias.dtype == torch.float32
+    eps = torch.finfo(z.dtype).eps
+    bound = (2e-6 if z.dtype == torch.float32 else eps) * torch.maximum(g.double().abs(), ref.abs()) + 1e-30
+    assert bool(((dz.double() - ref).abs() <= bound).all()), float(((dz.double() - ref).abs() / bound).max())
+    ref_bias = ref.sum(dim=(0, 2, 3))
+    bias_bound = (1e-5 if z.dtype == torch.float32 else eps) * ref.abs().sum(dim=(0, 2, 3)) + 1e-6
+    assert bool(((dbias.double() - ref_bias).abs() <= bias_bound).all()), (dbias, ref_bias)
+
+
+def grad_bias_inputs(shape, dtype, layout, device):
+    gen = torch.Generator().manual_seed(0)
+    z = (torch.randn(shape, generator=gen) * 3).to(device=device, dtype=dtype)
+    g = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    if layout == "channels_last":
+        z, g = (t.contiguous(memory_format=torch.channels_last) for t in (z, g))
+    return z, g
+
+
+@needs_triton
+@interpreter_warnings
+@pytest.mark.parametrize("mish_count", [2, 1])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [GRAD_BIAS_SHAPES["odd"], GRAD_BIAS_SHAPES["pixel"]], ids=["odd", "pixel"])
+def test_interpreter_grad_bias(interpreter, shape, layout, mish_count):
+    from mishops.backends import triton as triton_backend
+
+    z, g = grad_bias_inputs(shape, torch.float32, layout, "cpu")
+    check_grad_bias(triton_backend.grad_bias(z, g, mish_count), z, g, mish_count)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mish_count", [2, 1])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", GRAD_BIAS_SHAPES.values(), ids=GRAD_BIAS_SHAPES.keys())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_grad_bias(compiled, dtype, shape, layout, mish_count):
+    from mishops.backends import triton as triton_backend
+
+    z, g = grad_bias_inputs(shape, dtype, layout, "cuda")
+    found = triton_backend.grad_bias(z, g, mish_count)
+    assert found is not None
+    check_grad_bias(found, z, g, mish_count)

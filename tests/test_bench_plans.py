@@ -46,6 +46,9 @@ def test_bench_plans_smoke_on_cpu(tmp_path):
         "bfloat16 channels_last"
 
     training = _rows(text, "N2, 3->4, 12x12, k3: training step")
-    assert {row[1] for row in training} >= {"eager Model", "plan torch_conv (store)", "plan cudnn_fused (recompute)"}
-    store = next(row for row in training if row[1] == "plan torch_conv (store)")
-    assert float(store[2]) > 0 and float(store[6]) < 1e-2
+    for config in ("w,b", "x,w,b"):  # both training configurations, each with its own eager baseline
+        rows = {row[2]: row for row in training if row[1] == config}
+        assert set(rows) >= {"eager Model", "plan torch_conv (store)", "plan cudnn_fused (recompute)"}, rows
+        assert rows["eager Model"][5] == "1.00x"
+        store = rows["plan torch_conv (store)"]
+        assert float(store[3]) > 0 and float(store[8]) < 1e-2

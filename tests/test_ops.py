@@ -94,3 +94,31 @@ def test_autocast_behaves_like_reference():
 def test_functional_rejects_non_tensors():
     with pytest.raises(TypeError, match="expects a torch.Tensor"):
         mishops.mish2([1.0, 2.0])
+
+
+def test_double_backward_passes_gradgradcheck():
+    """mish2's backward is differentiable: second derivatives in x and in the upstream gradient."""
+    x = (torch.randn(3, 7, dtype=torch.float64) * 3).requires_grad_(True)
+    assert torch.autograd.gradgradcheck(mishops.mish2, (x,))
+
+
+def test_double_backward_matches_autograd_through_f_mish():
+    x = (torch.randn(4, 9, dtype=torch.float64) * 3).requires_grad_(True)
+    g = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    gg = torch.randn(4, 9, dtype=torch.float64)
+    results = []
+    for f in (mishops.mish2, lambda t: F.mish(F.mish(t))):
+        (dx,) = torch.autograd.grad(f(x), x, g, create_graph=True)
+        results.append(torch.autograd.grad(dx, (x, g), gg))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+
+
+def test_triple_backward_through_x():
+    x = (torch.randn(5, dtype=torch.float64) * 2).requires_grad_(True)
+    results = []
+    for f in (mishops.mish2, lambda t: F.mish(F.mish(t))):
+        (d1,) = torch.autograd.grad(f(x).sum(), x, create_graph=True)
+        (d2,) = torch.autograd.grad(d1.sum(), x, create_graph=True)
+        results.append(torch.autograd.grad(d2.sum(), x)[0])
+    torch.testing.assert_close(*results)

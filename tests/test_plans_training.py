@@ -186,3 +186,167 @@ def test_model_new_training_steps_equal_reference_model(extra_plan):
     assert len(choices) == 1 and choices[0].key.endswith("|train=w,b")
     if extra_plan is not None:
         assert choices[0].how == "profiled" and choices[0].measurements[extra_plan.name].ok
+
+
+# --- the fused training path (mishops.plans.training) ---------------------------------------------
+
+from mishops.plans import ConvSpec, training  # noqa: E402
+
+
+@pytest.mark.parametrize("plan_name", ["torch_conv", "test_recompute"], ids=["store", "recompute"])
+@pytest.mark.parametrize("x_grad", [False, True], ids=["w,b", "x,w,b"])
+@pytest.mark.parametrize("mish_count", [2, 1])
+def test_gradcheck_float64(plan_name, x_grad, mish_count):
+    """The fused backward's gradients of x, the weight and the bias, numerically checked: stored
+    pre-activation (torch_conv) and recomputed (a plan that is not differentiable)."""
+    register(_Recompute)
+    plan = plans.get_plan(plan_name)
+    conv = torch.nn.Conv2d(2, 3, 3, stride=(1, 2), padding=1).double()
+    spec = ConvSpec.of(conv, mish_count)
+    if mish_count == 1 and plan_name == "test_recompute":
+        pytest.skip("the test plan applies Mish twice")
+    x = (torch.randn(2, 2, 5, 6, dtype=torch.float64) * 2).requires_grad_(x_grad)
+    weight = conv.weight.detach().clone().requires_grad_(True)
+    bias = conv.bias.detach().clone().requires_grad_(True)
+    inputs = (x, weight, bias) if x_grad else (weight, bias)
+
+    def block(*args):
+        xs, w, b = args if x_grad else (x, *args)
+        return training.forward(plan, xs, w, b, spec, True)
+
+    assert torch.autograd.gradcheck(block, inputs)
+
+
+def test_grad_bias_fallback_matches_autograd_in_each_layout():
+    torch.manual_seed(0)
+    spec = ConvSpec.of(torch.nn.Conv2d(1, 1, 1))
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        z = (torch.randn(2, 5, 3, 4, dtype=torch.float64) * 3).contiguous(memory_format=fmt)
+        g = torch.randn_like(z)
+        dz, db = training.grad_bias(z, g, spec)
+        zd = z.clone().requires_grad_(True)
+        (expected,) = torch.autograd.grad(F.mish(F.mish(zd)), zd, g)
+        torch.testing.assert_close(dz, expected)
+        torch.testing.assert_close(db, expected.sum(dim=(0, 2, 3)))
+        assert db.dtype == torch.float64
+
+
+def _two_block_nets(seed=0):
+    """The same two-block net (3 -> 4 -> 5 channels) built from ModelNew and from the reference."""
+    torch.manual_seed(seed)
+    reference = torch.nn.Sequential(Model(3, 4, 3), Model(4, 5, 3))
+    ours = torch.nn.Sequential(ModelNew(3, 4, 3), ModelNew(4, 5, 3))
+    ours.load_state_dict(reference.state_dict())
+    return ours, reference
+
+
+def _sgd_run(net, steps=20, seed=1):
+    """Losses of ``steps`` SGD steps on fixed random batches; the second block differentiates its input."""
+    gen = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(2, 3, 11, 10, generator=gen) * 2
+        target = torch.randn(2, 5, 7, 6, generator=gen)
+        optimizer.zero_grad()
+        loss = F.mse_loss(net(x), target)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compile"])
+def test_twenty_sgd_steps_of_a_two_block_net_match_the_reference(compiled):
+    ours, reference = _two_block_nets()
+    if compiled:
+        torch._dynamo.reset()
+        run = torch.compile(ours, fullgraph=True)
+    else:
+        run = ours
+    ours_losses, reference_losses = _sgd_run(run), _sgd_run(reference)
+    torch.testing.assert_close(ours_losses, reference_losses, rtol=1e-4, atol=1e-6)
+    for (name, a), b in zip(ours.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    if not compiled:  # the first block trains w,b; the second, whose input is the first's output, x,w,b
+        keys = [c.key for c in block_choices()]
+        assert any(k.endswith("|train=w,b") for k in keys) and any(k.endswith("|train=x,w,b") for k in keys), keys
+
+
+def test_backward_layout_is_read_at_call_time(monkeypatch):
+    monkeypatch.setenv("MISHOPS_TRAIN_BACKWARD_LAYOUT", "channels_last")
+    assert training.backward_layout() == "channels_last"
+    monkeypatch.setenv("MISHOPS_TRAIN_BACKWARD_LAYOUT", "sideways")
+    with pytest.raises(ValueError, match="as_is or channels_last"):
+        training.backward_layout()
+
+
+# --- GPU: the block's gradients against float64 ---------------------------------------------------
+
+GPU_TRAIN_SHAPES = {  # (batch, cin, cout, h, w, kernel, conv args)
+    "reference": (64, 64, 128, 256, 256, 3, {}),
+    "batch1": (1, 64, 128, 256, 256, 3, {}),
+    "odd": (3, 5, 7, 9, 41, 3, {}),
+    "stride2-pad1": (2, 16, 24, 17, 13, 5, {"stride": 2, "padding": 1}),
+    "pad1": (2, 8, 16, 15, 17, 3, {"padding": 1}),
+}
+
+
+def _gpu_block_gradients(monkeypatch, plan, setting, layout, shape_name):
+    """dx, dweight and dbias of the block through ``plan`` (forced), eager's, and float64's."""
+    from tests.blocks import Model as Block, in_setting, max_err
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)
+    monkeypatch.setenv("MISHOPS_PLAN", plan)
+    n, cin, cout, h, w, k, conv_args = GPU_TRAIN_SHAPES[shape_name]
+    torch.manual_seed(0)
+    model = Block(cin, cout, k, **conv_args).cuda()
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    x = torch.rand(n, cin, h, w, device="cuda").contiguous(memory_format=fmt)
+    with torch.no_grad():
+        grad = torch.randn_like(model(x))
+
+    def grads(m, inp, fn, name):
+        inp = inp.clone().requires_grad_(True)
+        with in_setting(name):
+            out = fn(m, inp)
+        return torch.autograd.grad(out, [inp, m.conv.weight, m.conv.bias], grad.to(out.dtype))
+
+    ref = grads(model.double(), x.double(), lambda m, t: m(t), "fp32")
+    model = model.float()
+    torch.backends.cudnn.allow_tf32 = True
+    ours = grads(model, x, lambda m, t: run_block(t, m.conv), setting)
+    eager = grads(model, x, lambda m, t: m(t), setting)
+    return ours, eager, ref, max_err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape_name", list(GPU_TRAIN_SHAPES))
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("setting", ["tf32", "bf16-autocast", "fp16-autocast"])
+@pytest.mark.parametrize("plan", ["torch_conv", "triton_conv", "cudnn_fused", "cudnn_conv_epilogue_cuda"])
+def test_gpu_training_gradients_vs_float64(monkeypatch, plan, setting, layout, shape_name):
+    """Every gradient within 2x eager's own error against float64 (plus 1e-5 of its largest element)."""
+    if shape_name in ("reference", "batch1") and (setting == "fp16-autocast" or plan not in ("torch_conv", "triton_conv")):
+        pytest.skip("the reference-sized shapes run the store plan and one recompute plan, TF32 and bf16")
+    try:
+        ours, eager, ref, max_err = _gpu_block_gradients(monkeypatch, plan, setting, layout, shape_name)
+    except plans.NoPlanError as exc:
+        pytest.skip(f"{plan} does not take this block: {str(exc)[:200]}")
+    for what, a, e, r in zip(["x", "weight", "bias"], ours, eager, ref):
+        assert a.dtype == e.dtype and a.shape == e.shape
+        err, eager_err = max_err(a, r), max_err(e, r)
+        assert err <= 2 * eager_err + 1e-5 * float(r.abs().max()), f"d{what}: {err:.3g} vs eager {eager_err:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_gpu_backward_layouts_agree(monkeypatch, layout):
+    """cuDNN's weight and input gradients from NCHW tensors and from channels_last copies."""
+    found = []
+    for choice in ("as_is", "channels_last"):
+        monkeypatch.setenv("MISHOPS_TRAIN_BACKWARD_LAYOUT", choice)
+        found.append(_gpu_block_gradients(monkeypatch, "torch_conv", "tf32", layout, "odd"))
+    for a, b, r in zip(found[0][0], found[1][0], found[0][2]):
+        assert found[0][3](a, r) < 1e-3 * float(r.abs().max()) and found[0][3](b, r) < 1e-3 * float(r.abs().max())

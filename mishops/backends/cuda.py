@@ -40,6 +40,7 @@ import torch
 
 from mishops import cache, layout
 from mishops.registry import KERNEL_DTYPES, Availability, Backend, csrc_path, register
+from mishops.tuning import CannotTake
 
 log = logging.getLogger("mishops")
 
@@ -49,9 +50,10 @@ stats = {"builds": 0}
 MODULE_NAME = "mishops_mish2_cuda"
 #: compiled into the one extension: the double-Mish passes, the block's NCHW epilogue
 #: (``mishops.plans.cudnn_epilogue``) and their Python entry points.
-SOURCES = (csrc_path("mish2.cu"), csrc_path("epilogue_nchw.cu"), csrc_path("mish2_binding.cpp"))
+SOURCES = (csrc_path("mish2.cu"), csrc_path("grad_bias.cu"), csrc_path("epilogue_nchw.cu"),
+           csrc_path("mish2_binding.cpp"))
 #: included by the sources: hashed with them, never compiled on their own.
-HEADERS = (csrc_path("mish.cuh"),)
+HEADERS = (csrc_path("mish.cuh"), csrc_path("mish_math.cuh"))
 #: beside torch's own flags. No --use_fast_math: the kernel picks its fast intrinsics one by one.
 EXTRA_CUDA_CFLAGS = ("-O3",)
 EXTRA_CFLAGS = ("-O3",)
@@ -68,6 +70,7 @@ class CudaBuildError(RuntimeError):
 @register
 class CudaBackend(Backend):
     name = "cuda"
+    ops = frozenset({"forward", "backward", "grad_bias"})
     devices = frozenset({"cuda"})
     dtypes = KERNEL_DTYPES
     priority = 10
@@ -92,6 +95,12 @@ class CudaBackend(Backend):
         tensors = layout.flat(x), layout.flat(grad_out), layout.flat(grad_in)
         checked(extension_for(x.device).mish2_backward(*tensors), *tensors)
         return grad_in
+
+    def grad_bias(self, z: torch.Tensor, grad_out: torch.Tensor, mish_count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        found = grad_bias(z, grad_out, mish_count)
+        if found is None:
+            raise CannotTake("z is neither NCHW nor channels_last in a form this kernel walks")
+        return found
 
 
 def checked(message: str, *tensors: torch.Tensor) -> None:
@@ -340,3 +349,68 @@ def extension_for(device: torch.device) -> ModuleType:
                 raise
         _by_device[device.index] = _by_arch[arch]
         return _by_device[device.index]
+
+
+# --- the block's backward: activation gradient and bias gradient in one pass ----------------------
+
+#: threads per block and 16-byte packs per thread by element size, as csrc/grad_bias.cu has them
+#: (kThreads, kPacksFor): fp32 4, fp16 2, bf16 1.
+_GB_THREADS = 256
+_GB_PACKS = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 1}
+
+
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def grad_bias_layout(z: torch.Tensor) -> tuple[int, int] | None:
+    """(channels, inner) of the walk csrc/grad_bias.cu takes over a 4-D ``z``: NCHW planes
+    (inner = H W) or channels_last rows (inner = 1); None where neither fits."""
+    if z.dim() != 4:
+        return None
+    n, c, h, w = z.shape
+    if z.is_contiguous() and h * w > 1:
+        return c, h * w
+    if z.is_contiguous(memory_format=torch.channels_last) or z.is_contiguous():
+        width = 16 // z.element_size()
+        if c > _GB_THREADS and (c % width or c // width > _GB_THREADS):
+            return None
+        return c, 1
+    return None
+
+
+def grad_bias(z: torch.Tensor, grad: torch.Tensor, mish_count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(dz, dbias): ``grad * d/dz act(z)`` with z's strides, and its sum per channel (over N, H, W)
+    in float32, from one pass over z and grad (csrc/grad_bias.cu). ``act`` is Mish twice
+    (``mish_count=2``) or once. None where the layout has no kernel (the caller sums itself)."""
+    found = grad_bias_layout(z)
+    if found is None:
+        return None
+    channels, inner = found
+    if grad.stride() != z.stride():
+        grad = grad.contiguous(memory_format=torch.channels_last if inner == 1 else torch.contiguous_format)
+    dz = torch.empty_like(z)
+    width = 16 // z.element_size()
+    aligned = all(t.data_ptr() % 16 == 0 for t in (z, grad, dz))
+    if inner > 1:
+        if not (aligned and inner % width == 0):
+            width = 1
+        blocks = max(1, -(-(inner // width) // (_GB_THREADS * _GB_PACKS[z.dtype])))
+        planes = z.numel() // inner
+        partial = torch.empty(planes * blocks, dtype=torch.float32, device=z.device)
+    else:
+        if not (aligned and channels % width == 0 and channels // width <= _GB_THREADS):
+            width = 1
+        rows_at_once = _GB_THREADS // (channels // width)
+        rows = z.numel() // channels
+        blocks = max(1, min(-(-rows // rows_at_once), 8 * _multiprocessors(z.device)))
+        partial = torch.empty(blocks * channels, dtype=torch.float32, device=z.device)
+    if z.numel() == 0:
+        return dz, torch.zeros(z.shape[1], dtype=torch.float32, device=z.device)
+    tensors = layout.flat(z), layout.flat(grad), layout.flat(dz)
+    checked(extension_for(z.device).grad_bias(*tensors, partial, channels, inner, blocks, mish_count), *tensors)
+    if inner > 1:
+        dbias = partial.view(z.shape[0], channels, blocks).sum(dim=(0, 2))
+    else:
+        dbias = partial.view(blocks, channels).sum(dim=0)
+    return dz, dbias

@@ -17,11 +17,12 @@ import functools
 import importlib
 import importlib.metadata
 import re
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from mishops.registry import KERNEL_DTYPES, Availability, Backend, register
+from mishops.registry import KERNEL_DTYPES, Availability, Backend, csrc_path, register
 
 NOT_INSTALLED = "cupy is not installed: pip install mishops[cupy13] (CUDA 13) or mishops[cupy12]"
 
@@ -62,39 +63,11 @@ struct BFloat16 {
     }
 };
 
-// tanh(softplus(v)) = n / (n + 2) with n = e^v (e^v + 2): one exp and one division. Clamping v at
-// 20, where the ratio is already 1 in fp32, keeps n finite; a NaN v clamps to 20 too, and v * t
-// keeps it NaN. mish(+inf) = +inf, mish(-inf) = -inf * 0 = NaN, as F.mish gives.
-__device__ __forceinline__ float mish(float v) {
-    float e = __expf(fminf(v, 20.f));
-    float n = e * (e + 2.f);
-    return v * __fdividef(n, n + 2.f);
-}
-
-struct MishAt { float value, slope; };
-
-// mish(v) and mish'(v) = t + v sigmoid(v) (1 - t^2), t = tanh(softplus(v)). One reciprocal
-// r = 1 / ((n + 2)(e + 1)) yields t, sigmoid(v) = e / (e + 1) and 1 - t^2 = 4(n + 1) / (n + 2)^2,
-// the last free of the cancellation in 1 - t*t. From v = 20 on, 1 - t^2 < 2e-17 is taken as 0,
-// as autograd's fp32 t = 1 gives: the slope is t there and v = +inf gives +inf * 0 = NaN, exactly
-// what autograd gives (and v = -inf gives -inf * sigmoid = -inf * 0 = NaN, as autograd does).
-__device__ __forceinline__ MishAt mish_at(float v) {
-    float e = __expf(fminf(v, 20.f));
-    float n = e * (e + 2.f);
-    float r = __fdividef(1.f, (n + 2.f) * (e + 1.f));
-    float inv_n_plus_2 = (e + 1.f) * r;
-    float t = n * inv_n_plus_2;
-    float sigmoid = e * (n + 2.f) * r;
-    float one_minus_t2 = v < 20.f ? 4.f * (n + 1.f) * inv_n_plus_2 * inv_n_plus_2 : 0.f;
-    MishAt at = {v * t, t + v * sigmoid * one_minus_t2};
-    return at;
-}
-
-// d/dx mish(mish(x)) * g, recomputed from x.
-__device__ __forceinline__ float mish2_grad(float x, float g) {
-    MishAt inner = mish_at(x);
-    return g * mish_at(inner.value).slope * inner.slope;
-}
+// The math is csrc/mish_math.cuh, prepended to this text (MATH below): mish2_group and
+// mish2_grad_group over G elements that share each Mish's reciprocal. fp32 storage takes its
+// accurate form (expf, the FMA-pipe exp, the careful t), 16-bit storage the bare ex2.approx.
+template <class Format> struct Full { static const bool value = false; };
+template <> struct Full<Float32> { static const bool value = true; };
 
 // kVec elements moved as one access: 16 bytes when every pointer is 16-byte aligned, else 1.
 template <class Format, int kVec>
@@ -107,17 +80,29 @@ template <class Format, int kVec>
 __global__ void mish2_forward(const typename Format::bits* __restrict__ x,
                               typename Format::bits* __restrict__ y, long long n) {
     typedef Pack<Format, kVec> P;
+    const int kGroup = kVec < mishops::kRcpGroup ? kVec : mishops::kRcpGroup;
     const long long packs = n / kVec;
     const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = first; i < packs; i += stride) {
         P p = reinterpret_cast<const P*>(x)[i];
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) p.v[k] = Format::store(mish(mish(Format::load(p.v[k]))));
+        for (int k0 = 0; k0 < kVec; k0 += kGroup) {
+            float v[kGroup];
+#pragma unroll
+            for (int k = 0; k < kGroup; ++k) v[k] = Format::load(p.v[k0 + k]);
+            mishops::mish2_group<Full<Format>::value, kGroup>(v);
+#pragma unroll
+            for (int k = 0; k < kGroup; ++k) p.v[k0 + k] = Format::store(v[k]);
+        }
         reinterpret_cast<P*>(y)[i] = p;
     }
     const long long rest = packs * kVec + first;
-    if (rest < n) y[rest] = Format::store(mish(mish(Format::load(x[rest]))));
+    if (rest < n) {
+        float v[1] = {Format::load(x[rest])};
+        mishops::mish2_group<Full<Format>::value, 1>(v);
+        y[rest] = Format::store(v[0]);
+    }
 }
 
 template <class Format, int kVec>
@@ -125,6 +110,7 @@ __global__ void mish2_backward(const typename Format::bits* __restrict__ x,
                                const typename Format::bits* __restrict__ grad_out,
                                typename Format::bits* __restrict__ grad_in, long long n) {
     typedef Pack<Format, kVec> P;
+    const int kGroup = kVec < mishops::kRcpGroup ? kVec : mishops::kRcpGroup;
     const long long packs = n / kVec;
     const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const long long stride = (long long)gridDim.x * blockDim.x;
@@ -132,15 +118,31 @@ __global__ void mish2_backward(const typename Format::bits* __restrict__ x,
         P px = reinterpret_cast<const P*>(x)[i];
         P pg = reinterpret_cast<const P*>(grad_out)[i];
 #pragma unroll
-        for (int k = 0; k < kVec; ++k)
-            px.v[k] = Format::store(mish2_grad(Format::load(px.v[k]), Format::load(pg.v[k])));
+        for (int k0 = 0; k0 < kVec; k0 += kGroup) {
+            float v[kGroup], g[kGroup];
+#pragma unroll
+            for (int k = 0; k < kGroup; ++k) {
+                v[k] = Format::load(px.v[k0 + k]);
+                g[k] = Format::load(pg.v[k0 + k]);
+            }
+            mishops::mish2_grad_group<Full<Format>::value, kGroup>(v, g);
+#pragma unroll
+            for (int k = 0; k < kGroup; ++k) px.v[k0 + k] = Format::store(g[k]);
+        }
         reinterpret_cast<P*>(grad_in)[i] = px;
     }
     const long long rest = packs * kVec + first;
-    if (rest < n)
-        grad_in[rest] = Format::store(mish2_grad(Format::load(x[rest]), Format::load(grad_out[rest])));
+    if (rest < n) {
+        const float v[1] = {Format::load(x[rest])};
+        float g[1] = {Format::load(grad_out[rest])};
+        mishops::mish2_grad_group<Full<Format>::value, 1>(v, g);
+        grad_in[rest] = Format::store(g[0]);
+    }
 }
 """
+
+#: the Mish arithmetic, the CUDA backend's own (compiled ahead of SOURCE, which uses it).
+MATH_FILE = csrc_path("mish_math.cuh")
 
 _FORMATS = {torch.float32: "Float32", torch.float16: "Float16", torch.bfloat16: "BFloat16"}
 _THREADS = 256
@@ -165,10 +167,15 @@ def _cupy():
     return importlib.import_module("cupy")  # the real package, not this module
 
 
+def kernel_source() -> str:
+    """What NVRTC compiles: the shared Mish arithmetic, then this module's kernels."""
+    return Path(MATH_FILE).read_text() + SOURCE
+
+
 @functools.cache
 def _module():
     cp = _cupy()
-    return cp.RawModule(code=SOURCE, options=COMPILE_OPTIONS, name_expressions=KERNEL_NAMES)
+    return cp.RawModule(code=kernel_source(), options=COMPILE_OPTIONS, name_expressions=KERNEL_NAMES)
 
 
 @functools.cache
@@ -241,6 +248,7 @@ class CupyBackend(Backend):
     devices = frozenset({"cuda"})
     dtypes = KERNEL_DTYPES
     priority = 30
+    source_files = (MATH_FILE,)
 
     def is_available(self) -> Availability:
         try:

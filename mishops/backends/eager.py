@@ -15,6 +15,7 @@ class EagerBackend(Backend):
     dtypes = FLOAT_DTYPES
     any_strides = True
     priority = 1000  # the fallback: any kernel that ties with it is preferred
+    ops = frozenset({"forward", "backward", "grad_bias"})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.mish(F.mish(x))
@@ -24,3 +25,10 @@ class EagerBackend(Backend):
         # also runs inside the custom op's backward, where autograd itself is switched off.
         grad_mid = torch.ops.aten.mish_backward(grad_out, F.mish(x))
         return torch.ops.aten.mish_backward(grad_mid, x)
+
+    def grad_bias(self, z: torch.Tensor, grad_out: torch.Tensor, mish_count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if mish_count == 2:
+            dz = self.backward(z, grad_out)
+        else:
+            dz = torch.ops.aten.mish_backward(grad_out, z)
+        return dz, dz.sum(dim=(0, 2, 3), dtype=torch.promote_types(dz.dtype, torch.float32))

@@ -91,8 +91,11 @@ class Plan:
     #: memory formats its output can have; it is a candidate only where PyTorch's is among them.
     output_formats: ClassVar[frozenset[torch.memory_format]] = frozenset(
         {torch.contiguous_format, torch.channels_last})
-    #: False: its forward is not tracked by autograd; the dispatcher supplies the backward.
+    #: False: its forward is not tracked by autograd; ``mishops.plans.training`` supplies the backward.
     differentiable: ClassVar[bool] = False
+    #: True: its forward is PyTorch's conv then the activation, and in training it saves the conv's
+    #: output for ``mishops.plans.training``'s fused backward instead of recomputing it.
+    stores_preactivation: ClassVar[bool] = False
     #: True: under autocast its forward takes the input as the caller gave it (e.g. fp32 with bf16
     #: weights) and casts it while reading it, which saves autocast's own pass over the input.
     casts_input: ClassVar[bool] = False

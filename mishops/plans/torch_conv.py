@@ -18,6 +18,7 @@ class TorchConvPlan(Plan):
     name = "torch_conv"
     priority = 100
     differentiable = True
+    stores_preactivation = True
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec,
                 backend: str = "auto") -> torch.Tensor:

@@ -1,39 +1,49 @@
-"""The block's backward: a plan's own (``differentiable``), or one supplied around a plan that has none.
+"""The block's training path: a forward that keeps what the backward needs, and a fused backward.
 
-``torch_conv`` and ``eager`` are tracked by autograd and store the pre-activation (the conv output).
-The fused plans write only the block's output, so ``PlanFunction``'s backward recomputes the conv,
-applies the activation's backward, and runs autograd through that conv -- the gradients autograd
-would give, for every padding (``"same"``, reflect, ...) ``nn.Conv2d`` accepts. Which of storing and
-recomputing is faster at a shape is measured by the tuner (training keys time forward + backward).
+Backward, whatever the forward saved:
+1. one pass over the pre-activation ``z`` and the upstream gradient ``g`` writes
+   ``dz = g * d/dz act(z)`` and sums it per channel into the bias gradient (``grad_bias``: the
+   ``cuda`` backend's kernel, else Triton's, else two eager steps). cuDNN's own bias gradient would
+   be a second pass over the 2 GB ``dz`` at the reference shape;
+2. cuDNN's weight and input gradients (``aten.convolution_backward`` with the bias left out of its
+   output mask, so nothing is summed twice), optionally after moving ``dz`` and ``x`` to
+   channels_last (``MISHOPS_TRAIN_BACKWARD_LAYOUT``): cuDNN's NHWC kernels are about twice as fast
+   as its NCHW ones on Hopper, which may or may not repay the two copies; measured, not assumed.
+
+Forward, by plan (``forward``):
+- a plan that ``stores_preactivation`` (``torch_conv``) runs PyTorch's conv and the fastest
+  double-Mish backend and saves ``z``: the backward reads it and recomputes nothing;
+- a fused plan that is not differentiable saves nothing but its inputs and recomputes ``z`` with
+  one conv in the backward, which costs a conv and saves 2 GB of memory;
+- a differentiable plan (``eager``) trains through its own autograd graph.
+Which is faster at a shape is the tuner's call: training candidates are timed as forward +
+backward (``mishops.plans.block``'s ``|train=`` keys).
+
+Double backward goes through neither: these functions are ``once_differentiable``.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from mishops.plans.base import ConvSpec, Plan, activation_backward, conv2d
+from mishops import dispatch
+from mishops.plans.base import ConvSpec, Plan, activation, conv2d
 
 
-class PlanFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, plan: Plan, spec: ConvSpec):
-        ctx.save_for_backward(x, weight, bias)
-        ctx.spec = spec
+def forward(plan: Plan, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            spec: ConvSpec, training: bool) -> torch.Tensor:
+    """The block's output by ``plan``; when ``training``, tracked by autograd with the fused backward above."""
+    if not training or (plan.differentiable and not plan.stores_preactivation):
         return plan.forward(x, weight, bias, spec)
+    return _Block.apply(x, weight, bias, None if plan.stores_preactivation else plan, spec)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        x, weight, bias = ctx.saved_tensors
-        wanted = [t is not None and need for t, need in zip((x, weight, bias), ctx.needs_input_grad[:3])]
-        with torch.enable_grad():
-            inputs = [t.detach().requires_grad_(w) if t is not None else None for t, w in zip((x, weight, bias), wanted)]
-            x_conv = inputs[0].to(weight.dtype)  # a plan that casts its input got it uncast (casts_input)
-            z = conv2d(x_conv, *inputs[1:], ctx.spec)
-            grad_z = activation_backward(z.detach(), grad, ctx.spec)
-            leaves = [t for t, w in zip(inputs, wanted) if w]
-            found = iter(torch.autograd.grad(z, leaves, grad_z)) if leaves else iter(())
-        return (*(next(found) if w else None for w in wanted), None, None)
+
+def grad_bias(z: torch.Tensor, grad: torch.Tensor, spec: ConvSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dz, dbias in float32, float64 for float64): ``grad * d/dz act(z)`` with z's strides, and its
+    sum over N, H, W per channel, by the backend the tuner chose for the ``grad_bias`` op."""
+    return dispatch.run("grad_bias", z, grad, mish_count=spec.mish_count)
 
 
 def differentiated(*tensors: torch.Tensor | None) -> list[torch.Tensor]:
@@ -49,17 +59,83 @@ def grads_wanted(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return wanted if any(wanted) else None
 
 
-def forward(plan: Plan, x, weight, bias, spec: ConvSpec, training: bool) -> torch.Tensor:
-    """The plan's output, with a backward when ``training``: its own where it is differentiable,
-    else ``PlanFunction``'s."""
-    if training and not plan.differentiable:
-        return PlanFunction.apply(x, weight, bias, plan, spec)
-    return plan.forward(x, weight, bias, spec)
-
-
 def forward_backward(plan: Plan, x, weight, bias, spec: ConvSpec, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """One training step of the block by ``plan``: the output, then the gradients of the inputs
     that require them for the upstream gradient ``grad``."""
     with torch.enable_grad():
         y = forward(plan, x, weight, bias, spec, training=True)
         return (y.detach(), *torch.autograd.grad(y, differentiated(x, weight, bias), grad))
+
+
+def backward_layout() -> str:
+    """``MISHOPS_TRAIN_BACKWARD_LAYOUT`` (read at call time): ``as_is`` runs cuDNN's weight and
+    input gradients in the layout the tensors have; ``channels_last`` first copies an NCHW ``dz``
+    and ``x`` to NHWC."""
+    value = os.environ.get("MISHOPS_TRAIN_BACKWARD_LAYOUT", "as_is").strip().lower()
+    if value not in ("as_is", "channels_last"):
+        raise ValueError(f"MISHOPS_TRAIN_BACKWARD_LAYOUT must be as_is or channels_last, not {value!r}")
+    return value
+
+
+def conv_backward(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, spec: ConvSpec,
+                  need_x: bool, need_weight: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dx, dweight) of the conv for its output gradient ``dz``, each None where not needed."""
+    if not (need_x or need_weight):
+        return None, None
+    if spec.padding_mode != "zeros" or isinstance(spec.padding, str) or dz.dim() != 4:
+        return _conv_backward_by_autograd(dz, x, weight, spec, need_x, need_weight)
+    if backward_layout() == "channels_last" and dz.is_cuda and not dz.is_contiguous(memory_format=torch.channels_last):
+        dz = dz.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    dx, dweight, _ = torch.ops.aten.convolution_backward(
+        dz, x, weight, None, list(spec.stride), list(spec.padding), list(spec.dilation), False, [0, 0],
+        spec.groups, [need_x, need_weight, False])
+    return dx, dweight
+
+
+def _conv_backward_by_autograd(dz, x, weight, spec, need_x, need_weight):
+    """Any padding ``nn.Conv2d`` accepts (``"same"``, reflect, ...): autograd through the conv."""
+    with torch.enable_grad():
+        xs = x.detach().requires_grad_(need_x)
+        ws = weight.detach().requires_grad_(need_weight)
+        z = conv2d(xs, ws, None, spec)
+        leaves = [t for t, need in ((xs, need_x), (ws, need_weight)) if need]
+        found = iter(torch.autograd.grad(z, leaves, dz))
+    return (next(found) if need_x else None), (next(found) if need_weight else None)
+
+
+class _Block(torch.autograd.Function):
+    """Forward: ``plan`` (None: PyTorch's conv + the activation, saving ``z``). Backward: the fused
+    activation + bias gradient, then cuDNN's weight and input gradients."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, plan: Plan | None, spec: ConvSpec):
+        ctx.spec = spec
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        if plan is None:
+            z = conv2d(x, weight, bias, spec)
+            ctx.save_for_backward(x, weight, z)
+            ctx.stored = True
+            return activation(z, spec)
+        ctx.save_for_backward(x, weight, bias)
+        ctx.stored = False
+        return plan.forward(x, weight, bias, spec)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight, third = ctx.saved_tensors
+        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+        x_conv = x.to(weight.dtype)  # a plan that casts its input got it uncast (casts_input)
+        if ctx.stored:
+            z = third
+        else:
+            with torch.no_grad():
+                z = conv2d(x_conv, weight, third, ctx.spec)
+        dz, dbias = grad_bias(z, grad, ctx.spec)
+        del z
+        dx, dweight = conv_backward(dz, x_conv, weight, ctx.spec, need_x, need_weight)
+        if dx is not None and dx.dtype != x.dtype:
+            dx = dx.to(x.dtype)
+        dbias = dbias.to(ctx.bias_dtype) if ctx.bias_dtype is not None and need_bias else None
+        return dx, dweight, dbias, None, None
