@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # The one GPU entry point: the environment, every GPU test file in its own process, the benchmark suite
-# with its report, the whole-block plans and fuse() on a timm model. Logs and results go to $OUT.
+# with its report, the whole-block plans (inference and training), the Hopper conv kernel's checks and
+# configs, the host cost of a cached call, and fuse() on a timm model. Logs and results go to $OUT.
 #
 #     bash benchmarks/run_gpu.sh                       # everything; OUT=dir (default benchmarks/results/latest)
-#     STEPS="tests fuse" bash benchmarks/run_gpu.sh    # some of: env tests bench plans fuse
+#     STEPS="tests fuse" bash benchmarks/run_gpu.sh    # some of: env tests bench plans hopper overhead fuse pack
 #     TESTS="tests/test_plans.py tests/test_fuse.py" bash benchmarks/run_gpu.sh
+#     PLANS_ARGS="--shapes ref --cases 1 --train" bash benchmarks/run_gpu.sh   # bench_plans' arguments
+#
+# ``pack`` (last) puts every log and result under $OUT into one archive, for machines that return few files.
 #
 # Wheels in .whl/ (a machine without internet) are installed into /tmp/site first. Each step runs under
 # its own time limit (SIGINT first, so pytest still writes what it has): one slow JIT build, hang or
@@ -14,7 +18,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/latest}"
 PYTHON="${PYTHON:-python3}"
-STEPS="${STEPS:-env tests bench plans fuse}"
+STEPS="${STEPS:-env tests bench plans hopper overhead fuse}"
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
     "$PYTHON" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -n 1
@@ -59,7 +63,7 @@ fi
 if step bench; then
     mkdir -p "$OUT/bench"
     jsons=()
-    for spec in mish2:180 backward:60 model:100 overhead:20; do
+    for spec in ${BENCH_SPECS:-mish2:180 backward:60 grad_bias:60 model:100 overhead:20}; do
         name=${spec%%:*}
         limited "${spec##*:}" "$OUT/bench/$name.log" "$PYTHON" -m pytest "benchmarks/test_bench_$name.py" \
             --benchmark-only -q -rs -p no:cacheprovider --benchmark-columns=min,median,max,rounds \
@@ -74,9 +78,24 @@ if step bench; then
 fi
 
 if step plans; then
-    limited 400 "$OUT/plans.log" "$PYTHON" benchmarks/bench_plans.py --shapes ref --out "$OUT/plans-ref.md"
+    # shellcheck disable=SC2086  # PLANS_ARGS is a list of arguments
+    limited "${PLANS_TIMEOUT:-400}" "$OUT/plans.log" "$PYTHON" benchmarks/bench_plans.py ${PLANS_ARGS:---shapes ref --train} \
+        --out "$OUT/plans.md"
+fi
+
+if step hopper; then
+    limited "${HOPPER_TIMEOUT:-150}" "$OUT/hopper-conv.log" "$PYTHON" benchmarks/bench_hopper_conv.py --json "$OUT/hopper-conv.json"
+fi
+
+if step overhead; then
+    limited 120 "$OUT/host-overhead.log" "$PYTHON" benchmarks/bench_host_overhead.py --out "$OUT/host-overhead.md"
 fi
 
 if step fuse; then
     limited 500 "$OUT/fuse-timm.log" "$PYTHON" benchmarks/bench_fuse_timm.py --out "$OUT/fuse-timm.md"
+fi
+
+if step pack; then
+    tar -czf /tmp/results.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/results.tgz "$OUT/results.tgz"
+    ls -la "$OUT"
 fi

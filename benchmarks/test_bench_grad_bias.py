@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from benchmarks.conftest import DEVICE, DTYPES, QUICK, REFERENCE_SHAPE
-from mishops import registry
+from mishops import dispatch, registry
+from mishops.tuning import CannotTake
 
 SHAPE = (2, 8, 30, 30) if QUICK else REFERENCE_SHAPE
-IMPLS = ["copy", "cuda", "triton", "eager"]
+IMPLS = ["copy", "auto", "cuda", "triton", "eager"]
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -26,19 +27,23 @@ def test_grad_bias(benchmark, bench, dtype, impl, layout):
     g = torch.randn_like(z)
     if impl == "copy":
         fn = lambda: torch.add(z, g)  # noqa: E731
-    elif impl == "eager":
-        eager = registry.get("eager")
-        fn = lambda: (lambda dz: (dz, dz.sum(dim=(0, 2, 3), dtype=torch.float32)))(eager.backward(z, g))  # noqa: E731
+    elif impl == "auto":  # as the block's backward calls it: the tuner's choice, tuned during warm-up
+        fn = lambda: dispatch.run("grad_bias", z, g)  # noqa: E731
     else:
+        backend = registry.get(impl)
         if not registry.availability(impl):
             pytest.skip(f"{impl}: {registry.availability(impl).reason}")
-        if impl == "cuda":
-            from mishops.backends.cuda import grad_bias
-        else:
-            from mishops.backends.triton import grad_bias
-        fn = lambda: grad_bias(z, g, 2)  # noqa: E731
-        if fn() is None:
-            pytest.skip(f"{impl} has no kernel for this layout")
+        fn = lambda: backend.grad_bias(z, g, 2)  # noqa: E731
+        try:
+            fn()
+        except CannotTake as exc:
+            pytest.skip(f"{impl}: {exc}")
+    error = {}
+    if impl != "copy":
+        dz, _ = fn()
+        want, _ = registry.get("eager").grad_bias(z.double(), g.double(), 2)
+        error = {"max_abs_err": float((dz.double() - want).abs().max())}
+        del dz, want
 
     touched = 3 * z.nbytes
     benchmark.group = f"grad_bias {dtype} {layout}"
@@ -49,4 +54,4 @@ def test_grad_bias(benchmark, bench, dtype, impl, layout):
     yardstick_ms = bench.yardstick(key, lambda: torch.add(z, g), touched)
     benchmark.extra_info.update({"op": "grad_bias", "impl": impl, "dtype": dtype, "layout": layout,
                                  "numel": z.numel(), "shape": list(z.shape), "device": str(z.device)}
-                                | timing.as_info() | bench.bandwidth_info(timing, touched, yardstick_ms))
+                                | error | timing.as_info() | bench.bandwidth_info(timing, touched, yardstick_ms))

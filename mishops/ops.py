@@ -106,7 +106,8 @@ class _Mish2Eager(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (x,) = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: the backward op, whose own backward is registered
+        if torch.is_grad_enabled() and not _functorch_active():
+            # create_graph (double backward): the backward op, whose own backward is registered
             return _mish2_backward_op(x, grad_out, ctx.backend), None
         return dispatch.run("backward", x, grad_out, backend=ctx.backend), None
 

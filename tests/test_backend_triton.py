@@ -353,7 +353,8 @@ def test_unavailable_without_gpu_or_interpreter():
     """, TRITON_INTERPRET=None, CUDA_VISIBLE_DEVICES="")
     assert result.returncode == 0, result.stderr
     assert "no CUDA GPU (set TRITON_INTERPRET=1 to run Triton's interpreter on CPU tensors)" in result.stdout
-    assert "triton (requested): unavailable: no CUDA GPU" in result.stdout
+    assert "mishops: backend 'triton' cannot run mish2 forward on cpu" in result.stdout
+    assert "triton (requested): device type 'cpu' not supported" in result.stdout
 
 
 def test_unavailable_without_triton(monkeypatch):
