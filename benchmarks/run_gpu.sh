@@ -53,11 +53,20 @@ if step env; then
 fi
 
 if step tests; then
+    # TEST_JOBS files at a time (they share the GPU; the timing-sensitive ones are in test_integration_gpu.py,
+    # which runs alone after the others)
     mkdir -p "$OUT/tests"
-    for f in ${TESTS:-tests/test_*.py}; do
-        limited "${TEST_TIMEOUT:-300}" "$OUT/tests/$(basename "$f" .py).log" \
-            "$PYTHON" -X faulthandler -m pytest "$f" -m gpu -q -p no:cacheprovider -rfEs --durations=5
-    done | tee "$OUT/gpu-tests.txt"
+    run_test() {
+        limited "${TEST_TIMEOUT:-300}" "$OUT/tests/$(basename "$1" .py).log" \
+            "$PYTHON" -X faulthandler -m pytest "$1" -m gpu -q -p no:cacheprovider -rfEs --durations=5
+    }
+    export -f limited run_test
+    export OUT PYTHON TEST_TIMEOUT
+    files=$(for f in ${TESTS:-tests/test_*.py}; do [ "$f" != tests/test_integration_gpu.py ] && echo "$f"; done)
+    {
+        printf '%s\n' $files | xargs -P "${TEST_JOBS:-1}" -I{} bash -c 'run_test {}'
+        for f in ${TESTS:-tests/test_*.py}; do [ "$f" = tests/test_integration_gpu.py ] && run_test "$f"; done
+    } | tee "$OUT/gpu-tests.txt"
 fi
 
 if step bench; then
