@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from mishops.tuning import TUNER, CannotTake, Problem
-from mishops.plans import (ConvSpec, Plan, availability, conv2d, get_plan, mismatch, operand_reasons,
+from mishops.plans import (ConvSpec, NoPlanError, Plan, availability, conv2d, get_plan, mismatch, operand_reasons,
                            reference, register_plan, synthetic_inputs)
 from mishops.registry import Availability
 
@@ -121,6 +121,11 @@ class _Engine:
     index: int
     workspace: int
     config: str
+
+
+class NoCorrectConfig(NoPlanError, CannotTake):
+    """cuDNN offers no engine config that computes this key correctly: the plan cannot take it (the
+    tuner skips it for the key; a plan named by MISHOPS_PLAN fails with this)."""
 
 
 @register_plan
@@ -271,7 +276,7 @@ class CudnnFusedPlan(Plan):
         key = self._disk_key(x, weight, bias, spec, epilogue)
         offered = self._configs_offered(cudnn, handle, x, weight, bias, spec, epilogue)
         if not offered:
-            raise CannotTake(f"cuDNN's heuristics offered no engine config for this {what}")
+            raise NoCorrectConfig(f"cuDNN's heuristics offered no engine config for this {what}")
         candidates = [EngineConfig(name, rank, index, self) for rank, (name, index) in enumerate(offered.items())]
         choice = TUNER.choose(("cudnn config", key, x.device.index), lambda: Problem(
             f"cuDNN {what} config", key, x.device, candidates,
@@ -279,7 +284,7 @@ class CudnnFusedPlan(Plan):
         winner = choice.measurements.get(choice.winner)
         if winner is None or not winner.ok:
             reasons = "; ".join(f"{n}: {m.reason}" for n, m in choice.measurements.items())
-            raise CannotTake(f"no engine config computed the {what} correctly ({reasons})")
+            raise NoCorrectConfig(f"no engine config computed the {what} correctly ({reasons})")
         return self._build_alone(cudnn, handle, x, weight, bias, spec, epilogue, choice.winner)
 
     @staticmethod
