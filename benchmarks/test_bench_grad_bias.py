@@ -40,6 +40,9 @@ def test_grad_bias(benchmark, bench, dtype, impl, layout):
         if fn() is None:
             pytest.skip(f"{impl} has no kernel for this layout")
 
+    info = {}
+    if impl != "copy":  # dz against float64 on the first elements (logical order), as the backward rows
+        info["max_abs_err"] = bench.backward_error(fn()[0], z, g)
     touched = 3 * z.nbytes
     benchmark.group = f"grad_bias {dtype} {layout}"
     timing = bench.time(benchmark, fn, touched)
@@ -49,4 +52,4 @@ def test_grad_bias(benchmark, bench, dtype, impl, layout):
     yardstick_ms = bench.yardstick(key, lambda: torch.add(z, g), touched)
     benchmark.extra_info.update({"op": "grad_bias", "impl": impl, "dtype": dtype, "layout": layout,
                                  "numel": z.numel(), "shape": list(z.shape), "device": str(z.device)}
-                                | timing.as_info() | bench.bandwidth_info(timing, touched, yardstick_ms))
+                                | info | timing.as_info() | bench.bandwidth_info(timing, touched, yardstick_ms))

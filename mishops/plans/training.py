@@ -8,7 +8,10 @@ Backward, whatever the forward saved:
 2. cuDNN's weight and input gradients (``aten.convolution_backward`` with the bias left out of its
    output mask, so nothing is summed twice), optionally after moving ``dz`` and ``x`` to
    channels_last (``MISHOPS_TRAIN_BACKWARD_LAYOUT``): cuDNN's NHWC kernels are about twice as fast
-   as its NCHW ones on Hopper, which may or may not repay the two copies; measured, not assumed.
+   as its NCHW ones on Hopper in the forward, which may or may not repay the two copies; measured,
+   not assumed. The weight gradient may instead come from a Triton kernel of ours
+   (``MISHOPS_TRAIN_WGRAD=triton``): with 128 x 576 outputs and a 4M-long reduction it is a skinny
+   GEMM, the shape cuDNN's weight-gradient kernels handle worst.
 
 Forward, by plan (``forward``):
 - ``torch_conv`` (in ``STORES_PREACTIVATION``) runs PyTorch's conv and the fastest double-Mish
@@ -100,10 +103,37 @@ def conv_backward(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, spec:
     if backward_layout() == "channels_last" and dz.is_cuda and not dz.is_contiguous(memory_format=torch.channels_last):
         dz = dz.contiguous(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    dx, dweight, _ = torch.ops.aten.convolution_backward(
-        dz, x, weight, None, list(spec.stride), list(spec.padding), list(spec.dilation), False, [0, 0],
-        spec.groups, [need_x, need_weight, False])
+    dweight = None
+    if need_weight and weight_grad_by() == "triton" and _triton_weight_grad_applies(dz, spec):
+        from mishops.backends import triton as triton_backend
+
+        dweight = triton_backend.conv_weight_grad(x, dz, weight.shape, spec.stride, spec.padding, spec.dilation)
+        if dweight is not None:
+            dweight = dweight.to(weight.dtype)
+            need_weight = False
+    if need_x or need_weight:
+        dx, found, _ = torch.ops.aten.convolution_backward(
+            dz, x, weight, None, list(spec.stride), list(spec.padding), list(spec.dilation), False, [0, 0],
+            spec.groups, [need_x, need_weight, False])
+        dweight = found if need_weight else dweight
+    else:
+        dx = None
     return dx, dweight
+
+
+def weight_grad_by() -> str:
+    """``MISHOPS_TRAIN_WGRAD`` (read at call time): ``cudnn`` (``aten.convolution_backward``) or
+    ``triton`` (``mishops.backends.triton.conv_weight_grad``, fp32 with TF32 on, where it applies)."""
+    value = os.environ.get("MISHOPS_TRAIN_WGRAD", "cudnn").strip().lower()
+    if value not in ("cudnn", "triton"):
+        raise ValueError(f"MISHOPS_TRAIN_WGRAD must be cudnn or triton, not {value!r}")
+    return value
+
+
+def _triton_weight_grad_applies(dz: torch.Tensor, spec: ConvSpec) -> bool:
+    """The Triton weight gradient rounds fp32 to TF32, as cuDNN does only while TF32 is allowed."""
+    return (dz.is_cuda and spec.groups == 1 and dz.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+            and "triton" not in _broken and bool(registry.availability("triton")))
 
 
 def _conv_backward_by_autograd(dz, x, weight, spec, need_x, need_weight):
