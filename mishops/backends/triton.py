@@ -239,6 +239,10 @@ def _conv_wgrad_kernel(x_ptr, dz_ptr, partial_ptr, segments, cin, cout, h, w, ho
         b = tl.load(x_ptr + n.to(tl.int64) * sxn + ih[:, None] * sxh + iw[:, None] * sxw + ci[None, :] * sxc,
                     mask=x_ok[:, None] & (ci[None, :] < cin), other=0.0)
         if FP32:
+            # TF32 operands rounded to nearest, as cuDNN's (the MMA alone would truncate them, a bias
+            # of 2^-11 in every product, which a 4M-long sum turns into a relative error of 1e-3)
+            a = ((a.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
+            b = ((b.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
             acc = tl.dot(a, b, acc, input_precision="tf32")
         else:
             acc = tl.dot(a, b, acc)
@@ -362,7 +366,7 @@ def conv_weight_grad(x: torch.Tensor, dz: torch.Tensor, weight_shape, stride, pa
     padding, fp32 tensors; None otherwise or where the channels do not fit one tile (16-128 out,
     16-64 in). A skinny GEMM with
     a reduction over every output pixel (4M at the reference shape) is what cuDNN's weight-gradient
-    kernels handle worst. fp32 operands are TF32, as in cuDNN's TF32 convs (Triton truncates).
+    kernels handle worst. fp32 operands are rounded to TF32, as cuDNN's TF32 convs round them.
     ``MISHOPS_TRITON_WGRAD_STAGES`` (read at call time, default 3) sets the software pipeline's depth:
     3 stages of 48 KB hold one program an SM, 2 fit two."""
     cout, cin, kh, kw = weight_shape

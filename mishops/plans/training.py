@@ -107,7 +107,11 @@ def conv_backward(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, spec:
     if need_weight and weight_grad_by() == "triton" and _triton_weight_grad_applies(dz, spec):
         from mishops.backends import triton as triton_backend
 
-        dweight = triton_backend.conv_weight_grad(x, dz, weight.shape, spec.stride, spec.padding, spec.dilation)
+        try:
+            dweight = triton_backend.conv_weight_grad(x, dz, weight.shape, spec.stride, spec.padding, spec.dilation)
+        except Exception as exc:  # cuDNN's from now on, with the reason logged once
+            _broken["triton-wgrad"] = f"{type(exc).__name__}: {exc}"
+            log.warning("mishops: the Triton weight gradient failed, using cuDNN's: %s", _broken["triton-wgrad"])
         if dweight is not None:
             dweight = dweight.to(weight.dtype)
             need_weight = False
@@ -133,7 +137,7 @@ def weight_grad_by() -> str:
 def _triton_weight_grad_applies(dz: torch.Tensor, spec: ConvSpec) -> bool:
     """The Triton weight gradient rounds fp32 to TF32, as cuDNN does only while TF32 is allowed."""
     return (dz.is_cuda and spec.groups == 1 and dz.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
-            and "triton" not in _broken and bool(registry.availability("triton")))
+            and "triton-wgrad" not in _broken and bool(registry.availability("triton")))
 
 
 def _conv_backward_by_autograd(dz, x, weight, spec, need_x, need_weight):
