@@ -387,9 +387,12 @@ def test_weight_grad_choice_is_read_at_call_time(monkeypatch):
 @pytest.mark.parametrize("shape_name", ["stride2-pad1", "reference"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_gpu_triton_weight_grad_vs_float64(monkeypatch, layout, shape_name):
-    """torch_conv's training backward with the Triton weight gradient (MISHOPS_TRAIN_WGRAD=triton)."""
+    """torch_conv's training backward with the Triton weight gradient (MISHOPS_TRAIN_WGRAD=triton):
+    within 2x eager's error, or within TF32's own (5e-4 of the largest element) where eager's is
+    smaller than that, as on the H200 at stride2-pad1, where cuDNN's weight gradient was more exact."""
     monkeypatch.setenv("MISHOPS_TRAIN_WGRAD", "triton")
     ours, eager, ref, max_err = _gpu_block_gradients(monkeypatch, "torch_conv", "tf32", layout, shape_name)
     for what, a, e, r in zip(["x", "weight", "bias"], ours, eager, ref):
         err, eager_err = max_err(a, r), max_err(e, r)
-        assert err <= 2 * eager_err + 1e-5 * float(r.abs().max()), f"d{what}: {err:.3g} vs eager {eager_err:.3g}"
+        bound = max(2 * eager_err, 5e-4 * float(r.abs().max())) + 1e-5 * float(r.abs().max())
+        assert err <= bound, f"d{what}: {err:.3g} vs eager {eager_err:.3g}"
