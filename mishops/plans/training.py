@@ -20,7 +20,9 @@ Forward, by plan (``forward``):
   one conv in the backward, which costs a conv and saves 2 GB of memory;
 - a differentiable plan other than those trains through its own autograd graph.
 Which of the first two is faster at a shape is the tuner's call: training candidates are timed as
-forward + backward (``mishops.plans``' ``|train=`` keys).
+forward + backward (``mishops.plans``' ``|train=`` keys). At the reference shape on the H200 storing
+won, and neither the channels_last copies nor the Triton weight gradient paid for themselves, so
+both stay opt-in (``benchmarks/results/h200/train.md``).
 
 Double backward goes through neither: these functions are ``once_differentiable``.
 """
