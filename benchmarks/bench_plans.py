@@ -22,7 +22,7 @@ max |y - y64| on the first two images against the float64 block.
 (``--train-configs``): ``w,b`` (the conv's weight and bias differentiated, x not: a first layer) and ``x,w,b``
 (x too: a layer inside a network). Each has eager, ``torch.compile(Model)``, each plan forced (``--plans``) and
 auto, so storing the pre-activation (``torch_conv``, "store"; also with cuDNN's weight and input gradients run on
-channels_last copies) and recomputing it (the fused plans, "recompute") can be compared per shape, with the peak
+channels_last copies, and with the Triton weight gradient: ``--backward-variants``) and recomputing it (the fused plans, "recompute") can be compared per shape, with the peak
 memory above the inputs (CUDA) and the weight gradient's error relative to its float64 value. ``--train-only``
 leaves out the inference rows. Standalone: not collected by pytest.
 """
@@ -299,17 +299,27 @@ class CaseRun:
                 continue
             with forced_plan(name):
                 measure(f"plan {name} ({plan_kind(name)})", lambda: plans.run_block(x, self.model.conv))
-                if name == "torch_conv" and self.clock.device.type == "cuda":
-                    os.environ["MISHOPS_TRAIN_BACKWARD_LAYOUT"] = "channels_last"
+                if name != "torch_conv" or self.clock.device.type != "cuda":
+                    continue
+                for settings, what in self.backward_variants():
+                    os.environ.update(settings)
                     try:
-                        measure("plan torch_conv (store), backward in channels_last",
-                                lambda: plans.run_block(x, self.model.conv))
+                        measure(f"plan torch_conv (store), {what}", lambda: plans.run_block(x, self.model.conv))
                     finally:
-                        del os.environ["MISHOPS_TRAIN_BACKWARD_LAYOUT"]
+                        for variable in settings:
+                            del os.environ[variable]
         if not self.args.no_auto:
             tuning.TUNER.clear()
             measure(lambda: f"run_block auto: {last_block_choice()}", lambda: plans.run_block(x, self.model.conv))
         return rows
+
+    def backward_variants(self) -> list[tuple[dict[str, str], str]]:
+        """The training backward's alternatives (``mishops.plans.training``) that ``--backward-variants`` names."""
+        known = {"cl": ({"MISHOPS_TRAIN_BACKWARD_LAYOUT": "channels_last"}, "backward in channels_last"),
+                 "triton-wgrad": ({"MISHOPS_TRAIN_WGRAD": "triton"}, "Triton weight gradient"),
+                 "triton-wgrad-s2": ({"MISHOPS_TRAIN_WGRAD": "triton", "MISHOPS_TRITON_WGRAD_STAGES": "2"},
+                                     "Triton weight gradient, 2 stages")}
+        return [known[v] for v in self.args.backward_variants.split(",") if v]
 
     def memory_allocated(self) -> int:
         return torch.cuda.memory_allocated(self.clock.device) if self.clock.device.type == "cuda" else 0
@@ -343,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="'|'-separated: w,b (x not differentiated) and/or x,w,b")
     parser.add_argument("--plans", default="all", help="comma-separated plans to force, or 'all'")
     parser.add_argument("--no-auto", action="store_true", help="leave out run_block's own choice")
+    parser.add_argument("--backward-variants", default="cl,triton-wgrad",
+                        help="comma-separated extra torch_conv training rows: cl (cuDNN's backward on channels_last "
+                             "copies), triton-wgrad (the Triton weight gradient); '' for none")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-cudnn-benchmark", action="store_true", help="leave torch.backends.cudnn.benchmark off")
     parser.add_argument("--out", help="also write the markdown here")

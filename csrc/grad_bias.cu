@@ -26,15 +26,16 @@ namespace {
 using namespace mishops;
 
 constexpr int kThreads = 256;
-// Packs of each input a thread keeps in flight, and the register cap that buys occupancy: the
-// tightest ptxas meets without spilling. fp32: 4 packs, no cap (about 75 registers, 3 blocks an
-// SM). fp16: 2 packs, 64 registers (4 blocks). bf16: 1 pack, 64 registers (4 blocks); its
-// conversions hold more values live, and with 2 packs it needed 80 (3 blocks) or spilled. With 4
-// packs the 16-bit kernels took 127 registers, 2 blocks an SM, and fell far behind the copy.
+// Packs of each input a thread keeps in flight, and a register cap that buys occupancy, per walk,
+// as measured on the H200 at the reference shape. Planes: 4 packs, no cap (fewer packs make more,
+// smaller blocks, whose reductions then dominate). Rows: fp32 4 packs, no cap; fp16 2 packs under
+// 64 registers (4 blocks an SM); bf16 1 pack under 64 (its conversions hold more values live; with
+// 2 it spilled or needed 80). With 4 packs the 16-bit rows kernels took 127 registers, 2 blocks an SM.
+constexpr int kPlanePacks = 4;
 template <typename T>
-constexpr int kPacksFor = sizeof(T) == 4 ? 4 : std::is_same_v<T, __half> ? 2 : 1;
+constexpr int kRowPacks = sizeof(T) == 4 ? 4 : std::is_same_v<T, __half> ? 2 : 1;
 template <typename T>
-constexpr int kMinBlocksFor = std::is_same_v<T, __half> ? 4 : std::is_same_v<T, __nv_bfloat16> ? 4 : 0;
+constexpr int kRowMinBlocks = sizeof(T) == 4 ? 0 : 4;
 constexpr int64_t kMaxGridY = 65535;
 
 // g[i] <- g[i] * d/dz act(z[i]) for G elements sharing each Mish's reciprocal.
@@ -90,7 +91,7 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 // planes x plane_len elements; block (x, y) takes chunk x of planes y, y + gridDim.y, ...;
 // partial[plane * gridDim.x + chunk] = that chunk's sum of dz.
 template <typename T, int kWidth, int kMish>
-__global__ void __launch_bounds__(kThreads, kMinBlocksFor<T>)
+__global__ void __launch_bounds__(kThreads)
     grad_bias_planes_kernel(const T* __restrict__ z, const T* __restrict__ g, T* __restrict__ dz,
                             float* __restrict__ partial, int64_t planes, int64_t plane_len) {
   using P = Pack<T, kWidth>;
@@ -101,10 +102,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksFor<T>)
     const auto* gp = reinterpret_cast<const P*>(g + plane * plane_len);
     auto* dp = reinterpret_cast<P*>(dz + plane * plane_len);
     float acc[kWidth] = {};
-    const int64_t first = int64_t(blockIdx.x) * kThreads * kPacksFor<T> + threadIdx.x;
-    P zs[kPacksFor<T>], gs[kPacksFor<T>];
+    const int64_t first = int64_t(blockIdx.x) * kThreads * kPlanePacks + threadIdx.x;
+    P zs[kPlanePacks], gs[kPlanePacks];
 #pragma unroll
-    for (int u = 0; u < kPacksFor<T>; ++u) {
+    for (int u = 0; u < kPlanePacks; ++u) {
       const int64_t i = first + u * kThreads;
       if (i < plane_packs) {
         zs[u] = zp[i];
@@ -112,7 +113,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksFor<T>)
       }
     }
 #pragma unroll
-    for (int u = 0; u < kPacksFor<T>; ++u) {
+    for (int u = 0; u < kPlanePacks; ++u) {
       const int64_t i = first + u * kThreads;
       if (i < plane_packs) {
         pack_grad<T, kWidth, kMish>(zs[u], gs[u], acc);
@@ -131,7 +132,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksFor<T>)
 // rows x channels elements (channels % kWidth == 0, channels / kWidth <= kThreads); block b takes
 // rows [b * rows_per_block, (b + 1) * rows_per_block); partial[b * channels + c] = its sum of dz.
 template <typename T, int kWidth, int kMish>
-__global__ void __launch_bounds__(kThreads, kMinBlocksFor<T>)
+__global__ void __launch_bounds__(kThreads, kRowMinBlocks<T>)
     grad_bias_rows_kernel(const T* __restrict__ z, const T* __restrict__ g, T* __restrict__ dz,
                           float* __restrict__ partial, int64_t rows, int64_t channels, int64_t rows_per_block) {
   using P = Pack<T, kWidth>;
@@ -147,10 +148,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksFor<T>)
     const auto* zp = reinterpret_cast<const P*>(z);
     const auto* gp = reinterpret_cast<const P*>(g);
     auto* dp = reinterpret_cast<P*>(dz);
-    for (int64_t row = begin + row_in_step; row < end; row += int64_t(rows_at_once) * kPacksFor<T>) {
-      P zs[kPacksFor<T>], gs[kPacksFor<T>];
+    for (int64_t row = begin + row_in_step; row < end; row += int64_t(rows_at_once) * kRowPacks<T>) {
+      P zs[kRowPacks<T>], gs[kRowPacks<T>];
 #pragma unroll
-      for (int u = 0; u < kPacksFor<T>; ++u) {
+      for (int u = 0; u < kRowPacks<T>; ++u) {
         const int64_t r = row + int64_t(u) * rows_at_once;
         if (r < end) {
           zs[u] = zp[r * cols + col];
@@ -158,7 +159,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksFor<T>)
         }
       }
 #pragma unroll
-      for (int u = 0; u < kPacksFor<T>; ++u) {
+      for (int u = 0; u < kRowPacks<T>; ++u) {
         const int64_t r = row + int64_t(u) * rows_at_once;
         if (r < end) {
           pack_grad<T, kWidth, kMish>(zs[u], gs[u], acc);

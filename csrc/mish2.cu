@@ -19,14 +19,10 @@ namespace {
 
 constexpr int kThreads = 256;
 // 16-byte packs each thread loads before computing on any: 64 bytes (128 backward) in flight per
-// thread covers HBM latency at full occupancy without pushing registers into spills.
+// thread covers HBM latency at full occupancy without pushing registers into spills. For fp16/bf16
+// this costs registers (the bf16 backward takes 95, so 2 blocks an SM), yet 2 packs under a
+// 64-register cap (4 blocks an SM) measured slower on the H200 in every 16-bit case.
 constexpr int kPacksPerThread = 4;
-// 16-bit packs hold 8 elements: 2 of them a thread (32 bytes in flight) keeps the unrolled fp32
-// arithmetic within 64 registers, so 4 blocks (1024 threads) fit an SM and hide the latency.
-// With 4 packs the bf16 backward took 95 registers, 2 blocks an SM, and fell well behind the copy.
-template <typename T>
-constexpr int kPacksFor = sizeof(T) == 4 ? kPacksPerThread : 2;
-constexpr int kMinBlocksPerSM = 4;
 
 using namespace mishops;
 
@@ -56,7 +52,7 @@ struct Backward {
 // out[i] = Op(x[i], grad[i]) for i < n. Grid-stride over whole packs, 64-bit indices; the last
 // n % kWidth elements, fewer than one pack, go one per thread.
 template <typename T, int kWidth, typename Op>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
+__global__ void __launch_bounds__(kThreads)
     mish2_kernel(const T* __restrict__ x, const T* __restrict__ grad, T* __restrict__ out, int64_t n) {
   using P = Pack<T, kWidth>;
   constexpr int kGroup = kWidth < kRcpGroup ? kWidth : kRcpGroup;
@@ -64,14 +60,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   const auto* gp = reinterpret_cast<const P*>(grad);
   auto* op = reinterpret_cast<P*>(out);
   const int64_t packs = n / kWidth;
-  const int64_t block_packs = int64_t(kThreads) * kPacksFor<T>;
+  const int64_t block_packs = int64_t(kThreads) * kPacksPerThread;
   const int64_t step = int64_t(gridDim.x) * block_packs;
 
   for (int64_t first = blockIdx.x * block_packs + threadIdx.x; first < packs; first += step) {
-    P xs[kPacksFor<T>];
-    P gs[kPacksFor<T>];
+    P xs[kPacksPerThread];
+    P gs[kPacksPerThread];
 #pragma unroll
-    for (int u = 0; u < kPacksFor<T>; ++u) {
+    for (int u = 0; u < kPacksPerThread; ++u) {
       const int64_t i = first + u * kThreads;
       if (i < packs) {
         xs[u] = xp[i];
@@ -79,7 +75,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
       }
     }
 #pragma unroll
-    for (int u = 0; u < kPacksFor<T>; ++u) {
+    for (int u = 0; u < kPacksPerThread; ++u) {
       const int64_t i = first + u * kThreads;
       if (i < packs) {
 #pragma unroll
@@ -108,12 +104,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   }
 }
 
-// One block per kPacksFor<T> * kThreads packs: on H100 a full grid of short-lived blocks kept the
+// One block per kPacksPerThread * kThreads packs: on H100 a full grid of short-lived blocks kept the
 // copy engine's pace where a persistent one-wave grid lost ~10% of bandwidth. The kernel still
 // strides, so tensors needing more than 2^31 - 1 blocks stay correct.
 template <typename T, int kWidth, typename Op>
 std::string launch(const T* x, const T* grad, T* out, int64_t n) {
-  const int64_t block_packs = int64_t(kThreads) * kPacksFor<T>;
+  const int64_t block_packs = int64_t(kThreads) * kPacksPerThread;
   const int64_t wanted = std::max<int64_t>(1, (n / kWidth + block_packs - 1) / block_packs);
   const int blocks = int(std::min<int64_t>(wanted, 0x7fffffff));
   mish2_kernel<T, kWidth, Op><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(x, grad, out, n);

@@ -353,10 +353,9 @@ def extension_for(device: torch.device) -> ModuleType:
 
 # --- the block's backward: activation gradient and bias gradient in one pass ----------------------
 
-#: threads per block and 16-byte packs per thread by element size, as csrc/grad_bias.cu has them
-#: (kThreads, kPacksFor): fp32 4, fp16 2, bf16 1.
-_GB_THREADS = 256
-_GB_PACKS = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 1}
+#: threads per block and 16-byte packs per thread of csrc/grad_bias.cu's planes walk (kThreads,
+#: kPlanePacks): a block takes _GB_THREADS * _GB_PLANE_PACKS packs of one plane.
+_GB_THREADS, _GB_PLANE_PACKS = 256, 4
 
 
 def _multiprocessors(device: torch.device) -> int:
@@ -395,7 +394,7 @@ def grad_bias(z: torch.Tensor, grad: torch.Tensor, mish_count: int) -> tuple[tor
     if inner > 1:
         if not (aligned and inner % width == 0):
             width = 1
-        blocks = max(1, -(-(inner // width) // (_GB_THREADS * _GB_PACKS[z.dtype])))
+        blocks = max(1, -(-(inner // width) // (_GB_THREADS * _GB_PLANE_PACKS)))
         planes = z.numel() // inner
         partial = torch.empty(planes * blocks, dtype=torch.float32, device=z.device)
     else:

@@ -49,17 +49,24 @@ struct Float16 {
     }
 };
 
-// bfloat16 is the high half of a float: widening is a shift; narrowing rounds to nearest even
-// (integer ops, so it also runs on GPUs older than sm_80, which lack a bf16 convert instruction).
+// bfloat16 is the high half of a float: widening is a shift; narrowing rounds to nearest even, by
+// the convert instruction from sm_80 on (one instruction where the integer form takes five, which
+// left the bf16 pass short of issue slots), else by integer ops.
 struct BFloat16 {
     typedef unsigned short bits;
     static __device__ __forceinline__ float load(unsigned short b) {
         return __uint_as_float((unsigned)b << 16);
     }
     static __device__ __forceinline__ unsigned short store(float v) {
+#if __CUDA_ARCH__ >= 800
+        unsigned short b;
+        asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b) : "f"(v));
+        return b;
+#else
         unsigned u = __float_as_uint(v);
         if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);  // quiet NaN
         return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+#endif
     }
 };
 
@@ -68,6 +75,10 @@ struct BFloat16 {
 // accurate form (expf, the FMA-pipe exp, the careful t), 16-bit storage the bare ex2.approx.
 template <class Format> struct Full { static const bool value = false; };
 template <> struct Full<Float32> { static const bool value = true; };
+
+// Packs a thread loads before computing on any: two 16-byte loads in flight per input instead of
+// one keeps HBM busy while the arithmetic of the previous ones runs.
+const int kPacks = 2;
 
 // kVec elements moved as one access: 16 bytes when every pointer is 16-byte aligned, else 1.
 template <class Format, int kVec>
@@ -82,22 +93,30 @@ __global__ void mish2_forward(const typename Format::bits* __restrict__ x,
     typedef Pack<Format, kVec> P;
     const int kGroup = kVec < mishops::kRcpGroup ? kVec : mishops::kRcpGroup;
     const long long packs = n / kVec;
-    const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const long long stride = (long long)gridDim.x * blockDim.x;
+    const long long thread = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long first = (long long)blockIdx.x * blockDim.x * kPacks + threadIdx.x;
+    const long long stride = (long long)gridDim.x * blockDim.x * kPacks;
     for (long long i = first; i < packs; i += stride) {
-        P p = reinterpret_cast<const P*>(x)[i];
+        P p[kPacks];
 #pragma unroll
-        for (int k0 = 0; k0 < kVec; k0 += kGroup) {
-            float v[kGroup];
+        for (int u = 0; u < kPacks; ++u)
+            if (i + u * blockDim.x < packs) p[u] = reinterpret_cast<const P*>(x)[i + u * blockDim.x];
 #pragma unroll
-            for (int k = 0; k < kGroup; ++k) v[k] = Format::load(p.v[k0 + k]);
-            mishops::mish2_group<Full<Format>::value, kGroup>(v);
+        for (int u = 0; u < kPacks; ++u) {
+            if (i + u * blockDim.x >= packs) continue;
 #pragma unroll
-            for (int k = 0; k < kGroup; ++k) p.v[k0 + k] = Format::store(v[k]);
+            for (int k0 = 0; k0 < kVec; k0 += kGroup) {
+                float v[kGroup];
+#pragma unroll
+                for (int k = 0; k < kGroup; ++k) v[k] = Format::load(p[u].v[k0 + k]);
+                mishops::mish2_group<Full<Format>::value, kGroup>(v);
+#pragma unroll
+                for (int k = 0; k < kGroup; ++k) p[u].v[k0 + k] = Format::store(v[k]);
+            }
+            reinterpret_cast<P*>(y)[i + u * blockDim.x] = p[u];
         }
-        reinterpret_cast<P*>(y)[i] = p;
     }
-    const long long rest = packs * kVec + first;
+    const long long rest = packs * kVec + thread;
     if (rest < n) {
         float v[1] = {Format::load(x[rest])};
         mishops::mish2_group<Full<Format>::value, 1>(v);
@@ -112,26 +131,37 @@ __global__ void mish2_backward(const typename Format::bits* __restrict__ x,
     typedef Pack<Format, kVec> P;
     const int kGroup = kVec < mishops::kRcpGroup ? kVec : mishops::kRcpGroup;
     const long long packs = n / kVec;
-    const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const long long stride = (long long)gridDim.x * blockDim.x;
+    const long long thread = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long first = (long long)blockIdx.x * blockDim.x * kPacks + threadIdx.x;
+    const long long stride = (long long)gridDim.x * blockDim.x * kPacks;
     for (long long i = first; i < packs; i += stride) {
-        P px = reinterpret_cast<const P*>(x)[i];
-        P pg = reinterpret_cast<const P*>(grad_out)[i];
+        P px[kPacks], pg[kPacks];
 #pragma unroll
-        for (int k0 = 0; k0 < kVec; k0 += kGroup) {
-            float v[kGroup], g[kGroup];
-#pragma unroll
-            for (int k = 0; k < kGroup; ++k) {
-                v[k] = Format::load(px.v[k0 + k]);
-                g[k] = Format::load(pg.v[k0 + k]);
+        for (int u = 0; u < kPacks; ++u) {
+            if (i + u * blockDim.x < packs) {
+                px[u] = reinterpret_cast<const P*>(x)[i + u * blockDim.x];
+                pg[u] = reinterpret_cast<const P*>(grad_out)[i + u * blockDim.x];
             }
-            mishops::mish2_grad_group<Full<Format>::value, kGroup>(v, g);
-#pragma unroll
-            for (int k = 0; k < kGroup; ++k) px.v[k0 + k] = Format::store(g[k]);
         }
-        reinterpret_cast<P*>(grad_in)[i] = px;
+#pragma unroll
+        for (int u = 0; u < kPacks; ++u) {
+            if (i + u * blockDim.x >= packs) continue;
+#pragma unroll
+            for (int k0 = 0; k0 < kVec; k0 += kGroup) {
+                float v[kGroup], g[kGroup];
+#pragma unroll
+                for (int k = 0; k < kGroup; ++k) {
+                    v[k] = Format::load(px[u].v[k0 + k]);
+                    g[k] = Format::load(pg[u].v[k0 + k]);
+                }
+                mishops::mish2_grad_group<Full<Format>::value, kGroup>(v, g);
+#pragma unroll
+                for (int k = 0; k < kGroup; ++k) px[u].v[k0 + k] = Format::store(g[k]);
+            }
+            reinterpret_cast<P*>(grad_in)[i + u * blockDim.x] = px[u];
+        }
     }
-    const long long rest = packs * kVec + first;
+    const long long rest = packs * kVec + thread;
     if (rest < n) {
         const float v[1] = {Format::load(x[rest])};
         float g[1] = {Format::load(grad_out[rest])};
@@ -146,6 +176,7 @@ MATH_FILE = csrc_path("mish_math.cuh")
 
 _FORMATS = {torch.float32: "Float32", torch.float16: "Float16", torch.bfloat16: "BFloat16"}
 _THREADS = 256
+_PACKS = 2  # SOURCE's kPacks
 #: NVRTC options. CuPy adds the rest itself: -arch=sm_XY of the current device (a cubin for that
 #: device only) and -ftz=true, which spares the exp and the reciprocal their denormal fix-ups
 #: (F.mish only yields denormals, below 1.2e-38, where this gives 0).
@@ -194,9 +225,9 @@ def _launch(op: str, tensors: tuple[torch.Tensor, ...]) -> None:
     device = x.device.index
     aligned = all(t.data_ptr() % 16 == 0 for t in tensors)
     vec = 16 // x.element_size() if aligned else 1
-    # One pack per thread and no cap on the grid: on H100 a one-wave persistent grid lost ~8% of
+    # _PACKS packs per thread and no cap on the grid: on H100 a one-wave persistent grid lost ~8% of
     # bandwidth to a full grid of short blocks. The kernels still stride, past 2^31 - 1 blocks.
-    blocks = min((max(n // vec, 1) + _THREADS - 1) // _THREADS, 2**31 - 1)
+    blocks = min((max(n // vec, 1) + _THREADS * _PACKS - 1) // (_THREADS * _PACKS), 2**31 - 1)
     pointers = tuple(cp.cuda.MemoryPointer(cp.cuda.UnownedMemory(t.data_ptr(), t.nbytes, t, device), 0)
                      for t in tensors)
     with cp.cuda.Device(device):

@@ -148,6 +148,16 @@ def _backward_kernel(x_ptr, grad_out_ptr, grad_in_ptr, n_elements, BLOCK: tl.con
         tl.store(grad_in_ptr + offsets, grad.to(grad_in_ptr.dtype.element_ty), mask=mask)
 
 
+def _add(a, b):
+    return a + b
+
+
+def _total(v, axis: tl.constexpr):
+    """tl.sum without tl.sum: the standard library's jitted helpers follow the mode Triton was
+    first imported in, so an interpreted kernel could not call them once a compiled one had run."""
+    return tl.reduce(v, axis, _add)
+
+
 def _act_grad(v, grad, MISH: tl.constexpr, FULL: tl.constexpr, USE_ASM: tl.constexpr):
     """grad * d/dv act(v), act = Mish twice (MISH = 2) or once."""
     if MISH == 2:
@@ -170,7 +180,7 @@ def _grad_bias_planes_kernel(z_ptr, g_ptr, dz_ptr, partial_ptr, plane_len, chunk
     grad = tl.load(g_ptr + base + offsets, mask=mask).to(tl.float32)
     dz = _act_grad(v, grad, MISH, FULL, USE_ASM).to(dz_ptr.dtype.element_ty)
     tl.store(dz_ptr + base + offsets, dz, mask=mask)
-    tl.store(partial_ptr + plane * chunks + chunk, tl.sum(tl.where(mask, dz.to(tl.float32), 0.0), axis=0))
+    tl.store(partial_ptr + plane * chunks + chunk, _total(tl.where(mask, dz.to(tl.float32), 0.0), 0))
 
 
 def _grad_bias_rows_kernel(z_ptr, g_ptr, dz_ptr, partial_ptr, rows, channels, rows_per_program,
@@ -183,7 +193,7 @@ def _grad_bias_rows_kernel(z_ptr, g_ptr, dz_ptr, partial_ptr, rows, channels, ro
     col_mask = cols < channels
     begin = program * rows_per_program
     end = tl.minimum(begin + rows_per_program, rows)
-    acc = tl.zeros([ROWS, CHANNELS], dtype=tl.float32)
+    acc = tl.full([ROWS, CHANNELS], 0.0, tl.float32)  # not tl.zeros: see _total
     for first in range(0, rows_per_program, ROWS):
         r = begin + first + tl.arange(0, ROWS)
         mask = (r < end)[:, None] & col_mask[None, :]
@@ -193,13 +203,59 @@ def _grad_bias_rows_kernel(z_ptr, g_ptr, dz_ptr, partial_ptr, rows, channels, ro
         dz = _act_grad(v, grad, MISH, FULL, USE_ASM).to(dz_ptr.dtype.element_ty)
         tl.store(dz_ptr + at, dz, mask=mask)
         acc += tl.where(mask, dz.to(tl.float32), 0.0)
-    tl.store(partial_ptr + program * channels + cols, tl.sum(acc, axis=0), mask=col_mask)
+    tl.store(partial_ptr + program * channels + cols, _total(acc, 0), mask=col_mask)
+
+
+def _conv_wgrad_kernel(x_ptr, dz_ptr, partial_ptr, segments, cin, cout, h, w, ho, wo,
+                       sxn, sxc, sxh, sxw, szn, szc, szh, szw,
+                       stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, kw, segments_per_program,
+                       BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr, FP32: tl.constexpr):
+    # program (tap, chunk): dW[:, :, r, s] over output row segments [chunk * segments_per_program,
+    # ...) -- a segment is BLOCK_P consecutive pixels of one output row, so loads run along rows --
+    # as one GEMM, dz^T (cout x pixels) @ x shifted by the tap (pixels x cin), accumulated in fp32
+    # on tensor cores; its sum goes to partial[chunk, tap]. The taps of one chunk run side by side,
+    # so dz and x come from DRAM about once and from L2 for the other taps.
+    tap = tl.program_id(0)
+    chunk = tl.program_id(1)
+    r = tap // kw
+    s = tap % kw
+    co = tl.arange(0, BLOCK_CO)
+    ci = tl.arange(0, BLOCK_CI)
+    lane = tl.arange(0, BLOCK_P)
+    acc = tl.full([BLOCK_CO, BLOCK_CI], 0.0, tl.float32)
+    per_row = (wo + BLOCK_P - 1) // BLOCK_P
+    first = chunk * segments_per_program
+    last = tl.minimum(first + segments_per_program, segments)
+    for segment in range(first, last):
+        row = segment // per_row
+        n = row // ho
+        oh = row % ho
+        ow = (segment % per_row) * BLOCK_P + lane
+        ih = oh * stride_h - pad_h + r * dil_h + lane * 0  # a vector, so the masks below are too
+        iw = ow * stride_w - pad_w + s * dil_w
+        ow_ok = ow < wo
+        x_ok = ow_ok & (ih >= 0) & (ih < h) & (iw >= 0) & (iw < w)
+        a = tl.load(dz_ptr + n.to(tl.int64) * szn + oh * szh + ow[None, :] * szw + co[:, None] * szc,
+                    mask=ow_ok[None, :] & (co[:, None] < cout), other=0.0)
+        b = tl.load(x_ptr + n.to(tl.int64) * sxn + ih[:, None] * sxh + iw[:, None] * sxw + ci[None, :] * sxc,
+                    mask=x_ok[:, None] & (ci[None, :] < cin), other=0.0)
+        if FP32:
+            # TF32 operands rounded to nearest, as cuDNN's (the MMA alone would truncate them, a bias
+            # of 2^-11 in every product, which a 4M-long sum turns into a relative error of 1e-3)
+            a = ((a.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
+            b = ((b.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
+            acc = tl.dot(a, b, acc, input_precision="tf32")
+        else:
+            acc = tl.dot(a, b, acc)
+    out = partial_ptr + (chunk.to(tl.int64) * tl.num_programs(0) + tap) * (BLOCK_CO * BLOCK_CI)
+    tl.store(out + co[:, None] * BLOCK_CI + ci[None, :], acc)
 
 
 #: the device functions the kernels call, by name through this module's globals: ``_launch`` binds
 #: them to the current mode's wrapping (a compiled kernel may call only jitted functions, an
 #: interpreted one only interpreted ones).
-_HELPERS = (_reciprocal, _exp_fma, _mish_parts, _mish_slope, _mish2_values, _mish2_grad_values, _act_grad)
+_HELPERS = (_reciprocal, _exp_fma, _mish_parts, _mish_slope, _mish2_values, _mish2_grad_values, _add, _total,
+            _act_grad)
 
 
 @functools.cache
@@ -213,7 +269,8 @@ def _kernels(interpret: bool) -> SimpleNamespace:
     helpers = {f.__name__: triton.jit(f) for f in _HELPERS}
     return SimpleNamespace(forward=triton.jit(_forward_kernel), backward=triton.jit(_backward_kernel),
                            grad_bias_planes=triton.jit(_grad_bias_planes_kernel),
-                           grad_bias_rows=triton.jit(_grad_bias_rows_kernel), helpers=helpers)
+                           grad_bias_rows=triton.jit(_grad_bias_rows_kernel),
+                           conv_wgrad=triton.jit(_conv_wgrad_kernel), helpers=helpers)
 
 
 def _launch_config(n_elements: int) -> tuple[int, int]:
@@ -302,6 +359,41 @@ def grad_bias(z: torch.Tensor, grad: torch.Tensor, mish_count: int) -> tuple[tor
                                             USE_ASM=use_asm, num_warps=8,
                                             enable_fp_fusion=True)
         return dz, partial.view(programs, c).sum(dim=0)
+
+
+def conv_weight_grad(x: torch.Tensor, dz: torch.Tensor, weight_shape, stride, padding, dilation) -> torch.Tensor | None:
+    """The conv's weight gradient (groups 1) from its input ``x`` and output gradient ``dz``, in
+    float32: one tensor-core GEMM per kernel tap over chunks of output rows, any strides and zero
+    padding, fp32 tensors; None otherwise or where the channels do not fit one tile (16-128 out,
+    16-64 in). A skinny GEMM with
+    a reduction over every output pixel (4M at the reference shape) is what cuDNN's weight-gradient
+    kernels handle worst. fp32 operands are rounded to TF32, as cuDNN's TF32 convs round them.
+    ``MISHOPS_TRITON_WGRAD_STAGES`` (read at call time, default 3) sets the software pipeline's depth:
+    3 stages of 48 KB hold one program an SM, 2 fit two."""
+    cout, cin, kh, kw = weight_shape
+    if x.dim() != 4 or not 16 <= cout <= 128 or not 16 <= cin <= 64 or x.dtype != torch.float32 \
+            or dz.dtype != torch.float32:
+        return None  # 16-bit operands: not checked yet (the interpreter cannot run a bf16 dot)
+    n, _, h, w = x.shape
+    ho, wo = dz.shape[2], dz.shape[3]
+    block_co, block_ci = triton_next_power_of_2(cout), triton_next_power_of_2(cin)
+    block_p = 32 if _interpreting() else 64
+    segments = n * ho * -(-wo // block_p)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+    chunks = max(1, min(segments, 2 * sms))
+    per_program = -(-segments // chunks)
+    chunks = -(-segments // per_program)
+    partial = torch.empty(chunks, kh * kw, block_co, block_ci, dtype=torch.float32, device=x.device)
+    kernels = _kernels(_interpreting())
+    globals().update(kernels.helpers)
+    with _on_device_of(x):
+        kernels.conv_wgrad[(kh * kw, chunks)](
+            x, dz, partial, segments, cin, cout, h, w, ho, wo, *x.stride(), *dz.stride(), *stride, *padding,
+            *dilation, kw, per_program, BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_P=block_p,
+            FP32=x.dtype == torch.float32, num_warps=4 if _interpreting() else 8,
+            num_stages=int(os.environ.get("MISHOPS_TRITON_WGRAD_STAGES", "3")))
+    total = partial.sum(dim=0)[:, :cout, :cin]  # (taps, cout, cin)
+    return total.permute(1, 2, 0).reshape(cout, cin, kh, kw)
 
 
 def triton_next_power_of_2(n: int) -> int:

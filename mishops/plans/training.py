@@ -8,7 +8,10 @@ Backward, whatever the forward saved:
 2. cuDNN's weight and input gradients (``aten.convolution_backward`` with the bias left out of its
    output mask, so nothing is summed twice), optionally after moving ``dz`` and ``x`` to
    channels_last (``MISHOPS_TRAIN_BACKWARD_LAYOUT``): cuDNN's NHWC kernels are about twice as fast
-   as its NCHW ones on Hopper, which may or may not repay the two copies; measured, not assumed.
+   as its NCHW ones on Hopper in the forward, which may or may not repay the two copies; measured,
+   not assumed. The weight gradient may instead come from a Triton kernel of ours
+   (``MISHOPS_TRAIN_WGRAD=triton``): with 128 x 576 outputs and a 4M-long reduction it is a skinny
+   GEMM, the shape cuDNN's weight-gradient kernels handle worst.
 
 Forward, by plan (``forward``):
 - a plan that ``stores_preactivation`` (``torch_conv``) runs PyTorch's conv and the fastest
@@ -18,18 +21,25 @@ Forward, by plan (``forward``):
 - a differentiable plan (``eager``) trains through its own autograd graph.
 Which is faster at a shape is the tuner's call: training candidates are timed as forward +
 backward (``mishops.plans.block``'s ``|train=`` keys).
+Storing won at the reference shape on the H200, and neither the channels_last copies nor the Triton
+weight gradient paid for themselves there, so both stay opt-in (``benchmarks/results/h200/train.md``).
 
 Double backward goes through neither: these functions are ``once_differentiable``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
-from mishops import dispatch
+from mishops import dispatch, registry
 from mishops.plans.base import ConvSpec, Plan, activation, conv2d
+
+log = logging.getLogger("mishops")
+#: opt-in kernels that failed in this process, with the reason (their callers fall back to cuDNN's)
+_broken: dict[str, str] = {}
 
 
 def forward(plan: Plan, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -87,10 +97,41 @@ def conv_backward(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, spec:
     if backward_layout() == "channels_last" and dz.is_cuda and not dz.is_contiguous(memory_format=torch.channels_last):
         dz = dz.contiguous(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    dx, dweight, _ = torch.ops.aten.convolution_backward(
-        dz, x, weight, None, list(spec.stride), list(spec.padding), list(spec.dilation), False, [0, 0],
-        spec.groups, [need_x, need_weight, False])
+    dweight = None
+    if need_weight and weight_grad_by() == "triton" and _triton_weight_grad_applies(dz, spec):
+        from mishops.backends import triton as triton_backend
+
+        try:
+            dweight = triton_backend.conv_weight_grad(x, dz, weight.shape, spec.stride, spec.padding, spec.dilation)
+        except Exception as exc:  # cuDNN's from now on, with the reason logged once
+            _broken["triton-wgrad"] = f"{type(exc).__name__}: {exc}"
+            log.warning("the Triton weight gradient failed, using cuDNN's: %s", _broken["triton-wgrad"])
+        if dweight is not None:
+            dweight = dweight.to(weight.dtype)
+            need_weight = False
+    if need_x or need_weight:
+        dx, found, _ = torch.ops.aten.convolution_backward(
+            dz, x, weight, None, list(spec.stride), list(spec.padding), list(spec.dilation), False, [0, 0],
+            spec.groups, [need_x, need_weight, False])
+        dweight = found if need_weight else dweight
+    else:
+        dx = None
     return dx, dweight
+
+
+def weight_grad_by() -> str:
+    """``MISHOPS_TRAIN_WGRAD`` (read at call time): ``cudnn`` (``aten.convolution_backward``) or
+    ``triton`` (``mishops.backends.triton.conv_weight_grad``, fp32 with TF32 on, where it applies)."""
+    value = os.environ.get("MISHOPS_TRAIN_WGRAD", "cudnn").strip().lower()
+    if value not in ("cudnn", "triton"):
+        raise ValueError(f"MISHOPS_TRAIN_WGRAD must be cudnn or triton, not {value!r}")
+    return value
+
+
+def _triton_weight_grad_applies(dz: torch.Tensor, spec: ConvSpec) -> bool:
+    """The Triton weight gradient rounds fp32 to TF32, as cuDNN does only while TF32 is allowed."""
+    return (dz.is_cuda and spec.groups == 1 and dz.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+            and "triton-wgrad" not in _broken and bool(registry.availability("triton")))
 
 
 def _conv_backward_by_autograd(dz, x, weight, spec, need_x, need_weight):
