@@ -47,6 +47,13 @@ class ConvSpec:
             _SPECS[(conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode, mish_count)] = spec
         return spec
 
+    def numeric_padding(self) -> tuple[int, int] | None:
+        """The zero padding as numbers (``"valid"`` is none), or None where it is not zeros of known
+        size (``"same"``, a non-zeros ``padding_mode``): what a kernel of ours can take."""
+        if self.padding_mode != "zeros" or (isinstance(self.padding, str) and self.padding != "valid"):
+            return None
+        return (0, 0) if self.padding == "valid" else tuple(self.padding)
+
 
 _SPECS: dict[tuple, ConvSpec] = {}
 

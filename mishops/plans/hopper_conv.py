@@ -242,16 +242,6 @@ def conv_mish(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     return out
 
 
-def _numeric_padding(spec: ConvSpec) -> tuple[int, int] | None:
-    if spec.padding_mode != "zeros":
-        return None
-    if spec.padding == "valid":
-        return (0, 0)
-    if isinstance(spec.padding, str):
-        return None
-    return tuple(spec.padding)
-
-
 @register_plan
 class HopperConvPlan(Plan):
     name = "hopper_conv"
@@ -292,7 +282,7 @@ class HopperConvPlan(Plan):
                            "this kernel is built for sm_90a (Hopper) only")
         if tuple(spec.stride) != (1, 1):
             reasons.append(f"stride {tuple(spec.stride)} (this kernel does stride 1)")
-        padding = _numeric_padding(spec)
+        padding = spec.numeric_padding()
         if padding is None:
             reasons.append(f"padding {spec.padding!r} with mode {spec.padding_mode!r} (needs numbers or 'valid', "
                            "zeros mode)")
@@ -328,5 +318,5 @@ class HopperConvPlan(Plan):
         if config is None:
             config = self.config_for(x, weight, bias, spec)
         with torch.no_grad(), torch.cuda.device(x.device):
-            return conv_mish(x, weight, bias, _numeric_padding(spec), tuple(spec.dilation), spec.mish_count,
+            return conv_mish(x, weight, bias, spec.numeric_padding(), tuple(spec.dilation), spec.mish_count,
                              expected_memory_format(x, weight), config)

@@ -260,16 +260,6 @@ def conv_mish2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return out
 
 
-def _numeric_padding(spec: ConvSpec) -> tuple[int, int] | None:
-    if spec.padding_mode != "zeros":
-        return None
-    if spec.padding == "valid":
-        return (0, 0)
-    if isinstance(spec.padding, str):
-        return None
-    return tuple(spec.padding)
-
-
 @register_plan
 class TritonConvPlan(Plan):
     name = "triton_conv"
@@ -305,7 +295,7 @@ class TritonConvPlan(Plan):
             return reasons
         if tuple(spec.stride) != (1, 1):
             reasons.append(f"stride {tuple(spec.stride)} (this kernel does stride 1)")
-        padding = _numeric_padding(spec)
+        padding = spec.numeric_padding()
         if padding is None:
             reasons.append(f"padding {spec.padding!r} with mode {spec.padding_mode!r} (needs numbers or 'valid', "
                            "zeros mode)")
@@ -328,13 +318,13 @@ class TritonConvPlan(Plan):
 
     def configs(self, x, weight, bias, spec: ConvSpec) -> list[TileConfig]:
         """One under the interpreter (which checks the code, not the speed), else ``tile_configs``."""
-        padding, (dh, dw) = _numeric_padding(spec), spec.dilation
+        padding, dw = spec.numeric_padding(), spec.dilation[1]
         out_w = x.shape[3] + 2 * padding[1] - dw * (weight.shape[3] - 1)
         found = tile_configs(weight.dtype, out_w, weight.shape[0])
         return found[:1] if _interpreting() else found
 
     def forward(self, x, weight, bias, spec: ConvSpec, config: TileConfig | None = None) -> torch.Tensor:
         with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-            return conv_mish2(x, weight, bias, _numeric_padding(spec), tuple(spec.dilation),
+            return conv_mish2(x, weight, bias, spec.numeric_padding(), tuple(spec.dilation),
                               expected_memory_format(x, weight), config or self.config_for(x, weight, bias, spec),
                               mish_count=spec.mish_count)
