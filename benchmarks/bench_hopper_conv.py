@@ -82,7 +82,7 @@ def check(name, n, cin, cout, h, w, k, padding=(0, 0), dilation=(1, 1), dtype=to
         eager_err = max_err(eager[:m], ref)
         floor = 0.0
         if dtype == torch.float32:  # what TF32 operands rounded to nearest cost, whatever eager picked
-            rx, rw = tc._round_tf32(xd[:m].contiguous()), tc._round_tf32(wd.contiguous())
+            rx, rw = tc.tf32_rounded(xd[:m].contiguous()), tc.tf32_rounded(wd.contiguous())
             floor = max_err(block_ref(rx.double(), rw.double(), None if bd is None else bd.double(), padding,
                                       dilation, mish_count), ref)
         unwritten = int(out.isnan().sum())

@@ -15,7 +15,7 @@ from torch import nn
 from mishops import plans
 from mishops.plans import ConvSpec, run_block
 from mishops.plans import hopper_conv as hc
-from mishops.plans.triton_conv import _round_tf32
+from mishops.plans.triton_conv import tf32_rounded
 from tests.blocks import isolated_plans  # noqa: F401 (fixture: no forced plan, a short budget, the registry restored)
 
 CL = torch.channels_last
@@ -156,9 +156,9 @@ def test_block_matches_float64_within_twice_eager(monkeypatch, shape, setting, i
         # convs run in plain fp32 there): the float64 block on the rounded operands
         rounded = nn.Conv2d(cin, cout, k, padding=pad).cuda()
         with torch.no_grad():
-            rounded.weight.copy_(_round_tf32(conv.weight))
+            rounded.weight.copy_(tf32_rounded(conv.weight))
             rounded.bias.copy_(conv.bias)
-            floor = float((_block64(_round_tf32(x[:m].contiguous()), rounded) - ref).abs().max())
+            floor = float((_block64(tf32_rounded(x[:m].contiguous()), rounded) - ref).abs().max())
     err = float((ours[:m].double() - ref).abs().max())
     eager_err = float((eager[:m].double() - ref).abs().max())
     assert not ours.isnan().any()

@@ -36,9 +36,9 @@ def test_triton_conv_kernel_applies_mish_count_times(interpreter, count):
     g = torch.Generator().manual_seed(count)
     x, w, b = torch.randn(2, 5, 6, 9, generator=g) * 2, torch.randn(7, 5, 3, 3, generator=g) / 4, torch.randn(7, generator=g)
     y = tc.conv_mish2(x, w, b, (1, 1), (1, 1), mish_count=count)
-    ref = _block64(tc._round_tf32(x.clone()), tc._round_tf32(w.clone()), b, count, padding=1)
+    ref = _block64(tc.tf32_rounded(x.clone()), tc.tf32_rounded(w.clone()), b, count, padding=1)
     assert max_err(y, ref) <= 2e-6 * float(ref.abs().max()) + 1e-6
-    other = _block64(tc._round_tf32(x.clone()), tc._round_tf32(w.clone()), b, 3 - count, padding=1)
+    other = _block64(tc.tf32_rounded(x.clone()), tc.tf32_rounded(w.clone()), b, 3 - count, padding=1)
     assert max_err(y, other) > 1e-2  # the other count is far off: the test can tell them apart
 
 

@@ -57,7 +57,7 @@ def _reference(x, w, b, padding, dilation, round_tf32):
     """float64 block on the operands the kernel multiplies (TF32-rounded for fp32)."""
     x, w = x.float(), w.float()
     if round_tf32:
-        x, w = tc._round_tf32(x.contiguous()), tc._round_tf32(w.contiguous())
+        x, w = tc.tf32_rounded(x.contiguous()), tc.tf32_rounded(w.contiguous())
     z = F.conv2d(x.double(), w.double(), None if b is None else b.double(), 1, padding, dilation)
     return F.mish(F.mish(z))
 
@@ -77,7 +77,7 @@ def test_round_tf32_is_round_to_nearest_ties_away():
     ulp = 2.0**-10  # TF32 keeps 10 mantissa bits
     values = torch.tensor([one + ulp / 2, one + ulp / 2 - 2**-23, -(one + ulp / 2), one + ulp * 1.5, 3.0e38,
                            float("inf"), -float("inf"), float("nan"), 0.0, -0.0, 1e-40])
-    got = tc._round_tf32(values.clone())
+    got = tc.tf32_rounded(values.clone())
     expected = torch.tensor([one + ulp, one, -(one + ulp), one + 2 * ulp, 3.0e38, float("inf"), -float("inf"),
                              float("nan"), 0.0, -0.0, 1e-40])
     assert torch.equal(got[:4], expected[:4])
@@ -98,7 +98,7 @@ def test_padded_input_is_padded_nhwc_rounded(device, input_cl, dtype):
     expected = torch.zeros(2, 10, 11, 16, dtype=dtype)
     expected[:, 2:8, 1:10, :5] = x.cpu().permute(0, 2, 3, 1)
     if dtype == torch.float32:
-        expected = tc._round_tf32(expected)
+        expected = tc.tf32_rounded(expected)
     assert xp.shape == expected.shape and xp.is_contiguous()
     assert torch.equal(xp.cpu().view(torch.int16 if dtype != torch.float32 else torch.int32),
                        expected.view(torch.int16 if dtype != torch.float32 else torch.int32))

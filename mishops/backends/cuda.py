@@ -126,7 +126,7 @@ def nvcc_path() -> Path | None:
     return nvcc if nvcc.is_file() else None
 
 
-def _ninja_on_path() -> bool:
+def ninja_on_path() -> bool:
     """cpp_extension runs plain ``ninja``; a pip-installed one sits beside this Python, which is
     not on PATH when the environment was never activated, so put it there."""
     if shutil.which("ninja"):
@@ -143,7 +143,7 @@ def toolchain_problem() -> str | None:
     if nvcc_path() is None:
         return ("nvcc not found: set CUDA_HOME to the CUDA toolkit (the directory holding bin/nvcc) "
                 "before starting Python, or put nvcc on PATH")
-    if not _ninja_on_path():
+    if not ninja_on_path():
         return "ninja not found: pip install ninja (torch.utils.cpp_extension builds with it)"
     return None
 
@@ -275,10 +275,10 @@ def build_extension(arch: str) -> ModuleType:
     build_dir = build_directory(facts)
     done = build_dir / DONE_MARKER
     if done.exists():
-        return _import_built(build_dir)
+        return import_built(build_dir)
     with build_lock(build_dir):
         if done.exists():  # another process finished it while we waited
-            return _import_built(build_dir)
+            return import_built(build_dir)
         module = _compile(arch, build_dir)
         partial = done.with_suffix(".tmp")
         partial.write_text(json.dumps({**facts, "library": Path(module.__file__).name}, indent=1, sort_keys=True))
@@ -289,7 +289,7 @@ def build_extension(arch: str) -> ModuleType:
 def _compile(arch: str, build_dir: Path) -> ModuleType:
     from torch.utils import cpp_extension
 
-    _ninja_on_path()
+    ninja_on_path()
     stats["builds"] += 1
     log.info("mishops: compiling the CUDA backend for sm_%s in %s; this takes up to a minute, "
              "once per environment", arch, build_dir)
@@ -310,7 +310,7 @@ def _compile(arch: str, build_dir: Path) -> ModuleType:
     return module
 
 
-def _import_built(build_dir: Path) -> ModuleType:
+def import_built(build_dir: Path) -> ModuleType:
     """The library a finished build's marker names, imported under its own module name."""
     try:
         library = build_dir / json.loads((build_dir / DONE_MARKER).read_text())["library"]

@@ -23,7 +23,7 @@ Where each concern lives:
 from __future__ import annotations
 
 from mishops import registry
-from mishops.plans.base import ConvSpec, Plan, activation, activation_backward, conv2d, operand_reasons
+from mishops.plans.base import ConvSpec, Plan, activation, conv2d, operand_reasons
 from mishops.plans.memory_format import expected_memory_format, format_name
 from mishops.tuning import TUNER
 
@@ -48,6 +48,6 @@ from mishops.plans.block import (  # noqa: E402  (block needs PLANS)
     synthetic_inputs)
 
 __all__ = ["ConvSpec", "ENTRY_POINT_GROUP", "NoPlanError", "PLANS", "Plan", "TOLERANCE", "activation",
-           "activation_backward", "availability", "choose", "conv2d", "expected_memory_format", "format_name",
+           "availability", "choose", "conv2d", "expected_memory_format", "format_name",
            "get_plan", "gradient_mismatch", "mark_failed", "mismatch", "operand_reasons", "plans", "reference",
            "reference_gradients", "register_plan", "run_block", "synthetic_inputs", "unregister_plan"]

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from mishops import dispatch, registry
+from mishops import registry
 from mishops.ops import mish2
 from mishops.plans.memory_format import expected_memory_format, format_name
 from mishops.registry import FLOAT_DTYPES, Availability
@@ -71,22 +71,12 @@ def activation(z: torch.Tensor, spec: ConvSpec, backend: str = "auto") -> torch.
     return mish2(z, backend) if spec.mish_count == 2 else F.mish(z)
 
 
-def activation_backward(z: torch.Tensor, grad: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
-    """d(activation)/dz * grad, from the conv output ``z`` alone: the dispatcher's fused double-Mish
-    backward, or autograd through one ``F.mish``."""
-    if spec.mish_count == 2:
-        return dispatch.run("backward", z, grad)  # copies grad to z's strides when they differ
-    with torch.enable_grad():
-        leaf = z.detach().requires_grad_()
-        return torch.autograd.grad(F.mish(leaf), leaf, grad)[0]
-
-
 class Plan:
     """One way to compute the whole block.
 
     Subclasses set the class attributes and implement ``forward``; inputs reach ``forward`` on a
     supported device and dtype, with ``not_supported_reasons`` empty, and with the dtypes
-    autocast would give the conv (the dispatcher casts first, unless ``casts_input``).
+    autocast would give the conv (``run_block`` casts first, unless ``casts_input``).
     """
 
     name: ClassVar[str]

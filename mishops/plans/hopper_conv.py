@@ -131,7 +131,7 @@ def extension() -> ModuleType:
             build_dir = cache.cache_dir() / "build" / cuda.build_tag(facts)
             done = build_dir / cuda.DONE_MARKER
             if done.exists():
-                _module = cuda._import_built(build_dir)
+                _module = cuda.import_built(build_dir)
                 return _module
             with cuda.build_lock(build_dir):
                 if not done.exists():
@@ -141,7 +141,7 @@ def extension() -> ModuleType:
                     os.replace(partial, done)
                     _module = module
                 else:
-                    _module = cuda._import_built(build_dir)
+                    _module = cuda.import_built(build_dir)
         except Exception as exc:
             _build_error = exc if isinstance(exc, cuda.CudaBuildError) else cuda.CudaBuildError(
                 f"{type(exc).__name__}: {exc}")
@@ -154,7 +154,7 @@ def _compile(build_dir: Path) -> ModuleType:
 
     from mishops.backends import cuda
 
-    cuda._ninja_on_path()
+    cuda.ninja_on_path()
     stats["builds"] += 1
     log.info("mishops: compiling the Hopper conv kernel in %s (about a minute, once per environment)", build_dir)
     started = time.perf_counter()
@@ -195,7 +195,7 @@ def padded_input(x: torch.Tensor, padding: tuple[int, int], channels: int, dtype
     ph, pw = padding
     xp = torch.zeros((n, h + 2 * ph, w + 2 * pw, channels), dtype=dtype, device=x.device)
     xp[:, ph:ph + h, pw:pw + w, :c] = x.permute(0, 2, 3, 1).to(dtype)
-    return triton_conv._round_tf32(xp) if round_tf32 else xp
+    return triton_conv.tf32_rounded(xp) if round_tf32 else xp
 
 
 def packed_weight(weight: torch.Tensor, channels: int) -> torch.Tensor:

@@ -69,12 +69,19 @@ def grads_wanted(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return wanted if any(wanted) else None
 
 
+def vjp(y: torch.Tensor, inputs: list[torch.Tensor], grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The gradients of ``inputs`` for the upstream gradient ``grad`` of ``y``, as the scalar
+    ``sum(y * grad)``'s: autograd's check of an explicit ``grad_outputs`` imports sympy (about 0.4 s,
+    once a process), which a first training call on a small input would otherwise pay."""
+    return torch.autograd.grad(torch.sum(y * grad), inputs)
+
+
 def forward_backward(plan: Plan, x, weight, bias, spec: ConvSpec, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """One training step of the block by ``plan``: the output, then the gradients of the inputs
     that require them for the upstream gradient ``grad``."""
     with torch.enable_grad():
         y = forward(plan, x, weight, bias, spec, training=True)
-        return (y.detach(), *torch.autograd.grad(y, differentiated(x, weight, bias), grad))
+        return (y.detach(), *vjp(y, differentiated(x, weight, bias), grad))
 
 
 def backward_layout() -> str:

@@ -126,7 +126,7 @@ def _kernels(interpret: bool):
     return triton.jit(_pad_round_kernel), triton.jit(_conv_kernel)
 
 
-def _round_tf32(t: torch.Tensor) -> torch.Tensor:
+def tf32_rounded(t: torch.Tensor) -> torch.Tensor:
     """fp32 -> TF32, to nearest with ties away from zero, as ``_pad_round_kernel`` does."""
     bits = t.view(torch.int32)
     rounded = (bits + 0x1000) & -0x2000
@@ -159,7 +159,7 @@ def packed_weight(weight: torch.Tensor, channels: int, round_tf32: bool) -> torc
     packed = torch.zeros((cout, kh, kw, channels), dtype=weight.dtype, device=weight.device)
     packed[..., :cin] = weight.permute(0, 2, 3, 1)
     if round_tf32:
-        packed = _round_tf32(packed)
+        packed = tf32_rounded(packed)
     return packed.view(cout, kh * kw * channels)
 
 
