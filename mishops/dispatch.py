@@ -192,8 +192,8 @@ def choose(op: str, x: torch.Tensor, backend: str = "auto", mish_count: int = 2)
     the tuner's choice for the key. A named backend without a ``grad_bias`` kernel leaves that op
     to the tuner: naming a double-Mish backend says nothing about bias gradients."""
     named, source = requested_backend(backend)
-    if named is not None and (op != "grad_bias" or op in registry.get(check_backend_name(named, source)).ops):
-        chosen = registry.get(check_backend_name(named, source))
+    chosen = registry.get(check_backend_name(named, source)) if named is not None else None
+    if chosen is not None and (op != "grad_bias" or op in chosen.ops):
         why = reasons(chosen, x, op)
         if why:
             require_floating(x, "mish2")

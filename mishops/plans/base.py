@@ -142,6 +142,24 @@ class Plan:
         return f"<mishops plan {self.name!r}>"
 
 
+def block_output(x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int], dilation: tuple[int, int],
+                 memory_format: torch.memory_format, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The tensor a stride-1 conv kernel of ours writes the block into: a new one in the weight's dtype
+    and ``memory_format``, or ``out`` once checked to be exactly that."""
+    n, _, h, w = x.shape
+    cout, _, kh, kw = weight.shape
+    (ph, pw), (dh, dw) = padding, dilation
+    shape = (n, cout, h + 2 * ph - dh * (kh - 1), w + 2 * pw - dw * (kw - 1))
+    dtype = weight.dtype
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=x.device, memory_format=memory_format)
+    if (out.shape != shape or out.dtype != dtype or out.device != x.device
+            or not out.is_contiguous(memory_format=memory_format)):
+        raise ValueError(f"out must be a {memory_format} {dtype} tensor of shape {shape} "
+                         f"on {x.device}; got {out.dtype} {tuple(out.shape)} strides {out.stride()} on {out.device}")
+    return out
+
+
 def operand_reasons(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec) -> list[str]:
     """Why a fused kernel cannot take these operands, whatever it computes: what every plan of
     ours with its own kernel (cuDNN's graphs, ``triton_conv``) needs of them."""

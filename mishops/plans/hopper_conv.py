@@ -38,6 +38,7 @@ import torch
 
 from mishops import cache
 from mishops.plans import ConvSpec, Plan, expected_memory_format, operand_reasons, register_plan
+from mishops.plans.base import block_output
 from mishops.registry import Availability, csrc_path
 
 log = logging.getLogger("mishops")
@@ -216,14 +217,8 @@ def conv_mish(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     cout, _, kh, kw = weight.shape
     (ph, pw), (dh, dw) = padding, dilation
     hp, wp = h + 2 * ph, w + 2 * pw
-    out_h, out_w = hp - dh * (kh - 1), wp - dw * (kw - 1)
     dtype = weight.dtype
-    if out is None:
-        out = torch.empty((n, cout, out_h, out_w), dtype=dtype, device=x.device, memory_format=memory_format)
-    elif (out.shape != (n, cout, out_h, out_w) or out.dtype != dtype or out.device != x.device
-          or not out.is_contiguous(memory_format=memory_format)):
-        raise ValueError(f"out must be a {memory_format} {dtype} tensor of shape {(n, cout, out_h, out_w)} "
-                         f"on {x.device}; got {out.dtype} {tuple(out.shape)} strides {out.stride()} on {out.device}")
+    out = block_output(x, weight, padding, dilation, memory_format, out)
     if out.numel() == 0:
         return out
     channels = padded_channels(cin, dtype)

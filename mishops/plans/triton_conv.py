@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from mishops.plans import ConvSpec, Plan, expected_memory_format, operand_reasons, register_plan
+from mishops.plans.base import block_output
 from mishops.registry import Availability
 
 tl = None  # triton.language, bound by _kernels() on first use; the kernels look it up at launch
@@ -219,17 +220,12 @@ def conv_mish2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     operands are rounded to TF32."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    n, cin, h, w = x.shape
+    n, cin, _, _ = x.shape
     cout, _, kh, kw = weight.shape
-    (ph, pw), (dh, dw) = padding, dilation
-    out_h, out_w = h + 2 * ph - dh * (kh - 1), w + 2 * pw - dw * (kw - 1)
+    dh, dw = dilation
     dtype = weight.dtype
-    if out is None:
-        out = torch.empty((n, cout, out_h, out_w), dtype=dtype, device=x.device, memory_format=memory_format)
-    elif (out.shape != (n, cout, out_h, out_w) or out.dtype != dtype or out.device != x.device
-          or not out.is_contiguous(memory_format=memory_format)):
-        raise ValueError(f"out must be a {memory_format} {dtype} tensor of shape {(n, cout, out_h, out_w)} "
-                         f"on {x.device}; got {out.dtype} {tuple(out.shape)} strides {out.stride()} on {out.device}")
+    out = block_output(x, weight, padding, dilation, memory_format, out)
+    out_h, out_w = out.shape[2:]
     if mish_count not in (1, 2):
         raise ValueError(f"mish_count must be 1 or 2, not {mish_count!r}")
     if out.numel() == 0:
