@@ -10,9 +10,8 @@ statistics. For each case (fp32 with TF32 convs, bf16 autocast; eager and ``torc
 unfused and the fused model are timed on the same input, and the fused output is compared with the
 unfused one. timm is not a mishops dependency: without it this script says so and exits 0.
 
-Timing: ``mishops.tuning.time_ms`` where it exists, else ``triton.testing.do_bench``'s median on
-a GPU, else the median of wall-clock calls. The table is printed and, with ``--out``, written as
-markdown with the device, versions, commit and date.
+Timing: ``mishops.tuning.time_ms``, the project's one timer (median, L2 flushed). The table is
+printed and, with ``--out``, written as markdown with the device, versions, commit and date.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ import argparse
 import copy
 import datetime
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -30,46 +28,13 @@ from pathlib import Path
 import torch
 
 import mishops
+from mishops import tuning
 
 
-def _timer(device: torch.device):
-    """A function ``(fn) -> median ms`` for ``device``."""
-    try:
-        from mishops import tuning
-
-        if hasattr(tuning, "time_ms"):  # time_ms(fn, device, budget_s) -> Timing(median_ms, ...)
-            def tuned(fn, like):
-                fn()
-                timing = tuning.time_ms(fn, device, 1.0)
-                return float(getattr(timing, "median_ms", timing))
-
-            return tuned, "mishops.tuning.time_ms (median)"
-    except ImportError:
-        pass
-    if device.type == "cuda":
-        try:
-            from triton.testing import do_bench
-
-            return lambda fn, like: float(do_bench(fn, warmup=25, rep=200, return_mode="median")), \
-                "triton.testing.do_bench (median)"
-        except ImportError:
-            pass
-
-    def wall(fn, like):
-        for _ in range(2):
-            fn()
-        times = []
-        for _ in range(5 if device.type == "cpu" else 50):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            started = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append((time.perf_counter() - started) * 1e3)
-        return statistics.median(times)
-
-    return wall, "wall clock (median)"
+def _time_ms(fn, device: torch.device) -> float:
+    """The project's one timer, after a first call (which tunes a fused model's new keys)."""
+    fn()
+    return tuning.time_ms(fn, device, 1.0).median_ms
 
 
 def _randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:
@@ -129,7 +94,6 @@ def main(argv: list[str] | None = None) -> int:
     compile_rows = (not args.small) if args.compile is None else args.compile
     modes = ["eager"] + (["torch.compile"] if compile_rows else [])
     torch.backends.cudnn.allow_tf32 = True
-    timer, timer_name = _timer(device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
 
     torch.manual_seed(0)
@@ -157,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                 started = time.perf_counter()
                 outs[name] = run()  # compiles, tunes: the first call
                 first_s = time.perf_counter() - started
-                times[name] = (timer(run, outs[name]), first_s)
+                times[name] = (_time_ms(run, device), first_s)
             ref, got = outs["unfused"].float(), outs["fused"].float()
             err = float((got - ref).abs().max()) / max(float(ref.abs().max()), 1e-30)
             (u_ms, u_first), (f_ms, f_first) = times["unfused"], times["fused"]
@@ -177,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         "random weights, randomised BatchNorm statistics; TF32 convs on",
         f"- **Fused:** {len(report.fused)} blocks ({sum(f.mish_count == 2 for f in report.fused)} with two Mish), "
         f"{len(report.left_alone)} left alone, {len(report.walked)} module(s) walked instead of traced",
-        f"- **Timing:** {timer_name}; first call (compile, tuning) listed apart",
+        f"- **Timing:** mishops.tuning.time_ms (median, L2 flushed); first call (compile, tuning) listed apart",
         "",
         "| setting | mode | unfused ms | fused ms | speed-up | max error / max abs output "
         "| first call s (unfused / fused) |",

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The one GPU entry point: the environment, every GPU test file in its own process, the benchmark suite
 # with its report, the whole-block plans (inference and training), the Hopper conv kernel's checks and
-# configs, the host cost of a cached call, and fuse() on a timm model. Logs and results go to $OUT.
+# configs, the host cost of a cached call, fuse() on a timm model, and KernelBench's own check of ModelNew.
+# Logs and results go to $OUT.
 #
 #     bash benchmarks/run_gpu.sh                       # everything; OUT=dir (default benchmarks/results/latest)
-#     STEPS="tests fuse" bash benchmarks/run_gpu.sh    # some of: env tests bench plans hopper overhead fuse pack
+#     STEPS="tests fuse" bash benchmarks/run_gpu.sh    # some of: env tests bench plans hopper overhead fuse kernelbench pack
 #     TESTS="tests/test_plans.py tests/test_fuse.py" bash benchmarks/run_gpu.sh
 #     PLANS_ARGS="--shapes ref --cases 1 --train" bash benchmarks/run_gpu.sh   # bench_plans' arguments
 #
@@ -18,7 +19,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/latest}"
 PYTHON="${PYTHON:-python3}"
-STEPS="${STEPS:-env tests bench plans hopper overhead fuse}"
+STEPS="${STEPS:-env tests bench plans hopper overhead fuse kernelbench}"
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
     "$PYTHON" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -n 1
@@ -102,6 +103,10 @@ fi
 
 if step fuse; then
     limited 500 "$OUT/fuse-timm.log" "$PYTHON" benchmarks/bench_fuse_timm.py --out "$OUT/fuse-timm.md"
+fi
+
+if step kernelbench; then
+    limited 200 "$OUT/kernelbench.log" "$PYTHON" benchmarks/bench_kernelbench.py --out "$OUT/kernelbench.md"
 fi
 
 if step pack; then

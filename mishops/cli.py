@@ -105,11 +105,8 @@ def check_environment(environ=os.environ) -> None:
             except argparse.ArgumentTypeError:
                 raise bad(name, value, "must be a positive number") from None
     value = environ.get("MISHOPS_CUDNN_CONFIGS")
-    if value:
-        try:
-            _positive_int(value)
-        except argparse.ArgumentTypeError:
-            raise bad("MISHOPS_CUDNN_CONFIGS", value, "must be a positive whole number") from None
+    if value and not (value.strip().lower() == "all" or (value.strip().isdigit() and int(value) > 0)):
+        raise bad("MISHOPS_CUDNN_CONFIGS", value, "must be a positive whole number or 'all'")
     value = environ.get("MISHOPS_AUTOTUNE")
     if value and value not in ("0", "1"):
         raise bad("MISHOPS_AUTOTUNE", value, "must be 0 (no timing: preference order) or 1")

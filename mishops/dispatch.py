@@ -126,14 +126,15 @@ def wrong_answer(result: torch.Tensor, expected: torch.Tensor, tolerance: dict =
 
 def trial_input(x: torch.Tensor) -> torch.Tensor:
     """Fresh data with ``x``'s shape, strides, dtype and device: normal with spread 3, and
-    ``SPECIAL_VALUES`` at the first elements of its storage."""
-    fresh = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
-    if fresh.numel():
-        fresh.normal_(0.0, 3.0)
-        if layout.is_dense(fresh):
-            specials = torch.tensor(SPECIAL_VALUES, dtype=torch.float64)[: fresh.numel()]
-            layout.flat(fresh)[: len(specials)] = specials.to(x.dtype).to(x.device)
-    return fresh
+    ``SPECIAL_VALUES`` at the first elements of its storage. The storage is filled before the view
+    is taken, so strides that overlap (an ``expand``) get the same shared elements as the key's."""
+    span = 1 + sum((size - 1) * stride for size, stride in zip(x.shape, x.stride())) if x.numel() else 0
+    storage = torch.empty(span, dtype=x.dtype, device=x.device)
+    if span:
+        storage.normal_(0.0, 3.0)
+        specials = torch.tensor(SPECIAL_VALUES, dtype=torch.float64)[:span]
+        storage[: len(specials)] = specials.to(x.dtype).to(x.device)
+    return storage.as_strided(x.shape, x.stride())
 
 
 def _run(backend: Backend, op: str, x: torch.Tensor, grad: torch.Tensor | None, mish_count: int = 2):

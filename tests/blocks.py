@@ -67,6 +67,22 @@ def max_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float(diff.nan_to_num(nan=0.0).max()) if diff.numel() else 0.0
 
 
+def block64(x: torch.Tensor, conv: nn.Conv2d, mish_count: int = 2, weight: torch.Tensor | None = None):
+    """The block in float64 with ``conv``'s options (zero padding), optionally another weight."""
+    weight = conv.weight if weight is None else weight
+    bias = None if conv.bias is None else conv.bias.double()
+    z = F.conv2d(x.double(), weight.double(), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    for _ in range(mish_count):
+        z = F.mish(z)
+    return z
+
+
+def tf32_floor(x: torch.Tensor, conv: nn.Conv2d, ref: torch.Tensor, mish_count: int = 2) -> float:
+    """What TF32 operands rounded to nearest cost against ``ref``, whatever algorithm eager picked:
+    cuDNN runs small convs in plain fp32, so eager's own error can be far below any TF32 kernel's."""
+    return max_err(block64(tf32_round(x), conv, mish_count, weight=tf32_round(conv.weight)), ref)
+
+
 def in_setting(name: str):
     """Enter a GPU test setting: "tf32", "fp32" (TF32 off), "bf16-autocast" or "fp16-autocast"."""
     torch.backends.cudnn.allow_tf32 = name != "fp32"
@@ -105,7 +121,7 @@ def assert_gradients_match_eager(monkeypatch, plan: str, name: str, module_cl: b
 
 def run_in_two_new_processes(tmp_path, plan: str, script: str) -> tuple[dict, dict]:
     """Run ``script`` (which prints a JSON line last) twice, each in a new process forcing ``plan``
-    with one disk cache between them and the whole cuDNN search, as users get it."""
+    with one disk cache between them and the default cuDNN search, as users get it."""
     env = dict(os.environ, MISHOPS_CACHE_DIR=str(tmp_path / "cache"), MISHOPS_PLAN=plan, MISHOPS_TUNE_BUDGET_MS="200")
     env.pop("MISHOPS_CUDNN_CONFIGS", None)
 

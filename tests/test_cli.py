@@ -147,7 +147,7 @@ def test_report_of_a_file_that_is_not_json(capsys, tmp_path):
     ("MISHOPS_BACKEND", "bogus", "mishops bench: error: unknown MISHOPS_BACKEND 'bogus'; valid: auto, "),
     ("MISHOPS_PLAN", "bogus", "mishops bench: error: MISHOPS_PLAN='bogus': unknown plan; valid: "),
     ("MISHOPS_LOG", "loud", "mishops bench: error: MISHOPS_LOG='loud': must be a logging level"),
-    ("MISHOPS_CUDNN_CONFIGS", "x", "mishops bench: error: MISHOPS_CUDNN_CONFIGS='x': must be a positive whole"),
+    ("MISHOPS_CUDNN_CONFIGS", "x", "mishops bench: error: MISHOPS_CUDNN_CONFIGS='x': must be a positive whole number or 'all'"),
 ])
 def test_bad_environment_values_are_one_line_and_exit_2(capsys, monkeypatch, var, value, first):
     monkeypatch.setenv(var, value)

@@ -13,7 +13,7 @@ from torch import nn
 from mishops import plans, tuning
 from mishops.plans import ConvSpec, NoPlanError, Plan, conv2d, expected_memory_format, run_block
 from tests.blocks import (Model, assert_gradients_match_eager, block_choices, in_setting,  # noqa: F401 (fixture)
-                          isolated_plans, max_err, register, run_in_two_new_processes, tf32_round)
+                          isolated_plans, max_err, register, run_in_two_new_processes, tf32_floor)
 
 HAS_GPU = torch.cuda.is_available()
 CL = torch.channels_last
@@ -243,6 +243,22 @@ def test_cudnn_plan_declines_fp32_without_tf32(monkeypatch):
     assert any("TF32" in r for r in plan.not_supported_reasons(x, conv.weight, conv.bias, ConvSpec.of(conv)))
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     assert not any("TF32" in r for r in plan.not_supported_reasons(x, conv.weight, conv.bias, ConvSpec.of(conv)))
+
+
+@pytest.mark.parametrize("raw,cap", [(None, 8), ("3", 3), (" ALL ", None), ("0", "error"), ("x", "error")])
+def test_cudnn_config_cap_is_short_by_default_and_checked(monkeypatch, raw, cap):
+    from mishops.plans import cudnn_fused
+
+    if raw is None:
+        monkeypatch.delenv("MISHOPS_CUDNN_CONFIGS", raising=False)
+    else:
+        monkeypatch.setenv("MISHOPS_CUDNN_CONFIGS", raw)
+    if cap == "error":
+        with pytest.raises(tuning.TuningSettingError, match="^mishops: MISHOPS_CUDNN_CONFIGS=.*positive whole number or 'all'$"):
+            cudnn_fused.config_cap()
+    else:
+        assert cudnn_fused.config_cap() == cap
+    assert cudnn_fused.DEFAULT_CONFIGS == 8
 
 
 @pytest.mark.skipif(HAS_GPU, reason="checks the CPU-only answer")
@@ -478,10 +494,7 @@ def test_gpu_plan_accuracy_vs_float64(monkeypatch, plan, setting, module_cl, inp
                 y = run_block(x, model.conv)
                 assert block_choices()[-1].winner != plan
             eager = model(x)
-        floor = 0.0
-        if setting == "tf32":  # what correctly rounded TF32 operands cost, whatever algorithm eager picked
-            model64.conv.weight.copy_(tf32_round(model.conv.weight).double())
-            floor = max_err(model64(tf32_round(x).double()), ref)
+        floor = tf32_floor(x, model.conv, ref) if setting == "tf32" else 0.0
     assert y.dtype == eager.dtype and y.shape == eager.shape
     for fmt in (torch.contiguous_format, CL):
         assert y.is_contiguous(memory_format=fmt) or not eager.is_contiguous(memory_format=fmt)

@@ -22,7 +22,7 @@ from torch import nn
 from mishops import plans
 from mishops.plans import ConvSpec, NoPlanError, run_block
 from tests.blocks import (Model, assert_gradients_match_eager, block_choices, in_setting,  # noqa: F401 (fixture)
-                          isolated_plans, max_err, run_in_two_new_processes, tf32_round)
+                          isolated_plans, max_err, run_in_two_new_processes, tf32_floor)
 from tests.reference import special_input
 
 HAS_GPU = torch.cuda.is_available()
@@ -268,10 +268,7 @@ def test_gpu_plan_accuracy_vs_float64(monkeypatch, plan, setting, shape):
                 assert "no engine config computed the conv correctly" in str(exc)
                 pytest.skip(str(exc))
             eager = model(x)
-        floor = 0.0
-        if setting == "tf32":  # what correctly rounded TF32 operands cost, whatever algorithm eager picked
-            model64.conv.weight.copy_(tf32_round(model.conv.weight).double())
-            floor = max_err(model64(tf32_round(x).double()), ref)
+        floor = tf32_floor(x, model.conv, ref) if setting == "tf32" else 0.0
     assert y.dtype == eager.dtype and y.shape == eager.shape and y.is_contiguous()
     assert torch.equal(y.isnan(), eager.isnan())
     err, eager_err = max_err(y, ref), max_err(eager, ref)

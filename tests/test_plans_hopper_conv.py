@@ -15,8 +15,7 @@ from torch import nn
 from mishops import plans
 from mishops.plans import ConvSpec, run_block
 from mishops.plans import hopper_conv as hc
-from mishops.plans.triton_conv import tf32_rounded
-from tests.blocks import isolated_plans  # noqa: F401 (fixture: no forced plan, a short budget, the registry restored)
+from tests.blocks import block64, isolated_plans, tf32_floor  # noqa: F401 (fixture: no forced plan, a short budget, the registry restored)
 
 CL = torch.channels_last
 HAS_HOPPER = torch.cuda.is_available() and any(
@@ -116,13 +115,6 @@ GPU_SHAPES = [  # (batch, cin, cout, h, w, k, padding)
 SETTINGS = ["tf32", "bf16-autocast", "fp16-autocast"]
 
 
-def _block64(x, conv, mish_count=2):
-    z = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), 1, conv.padding)
-    for _ in range(mish_count):
-        z = F.mish(z)
-    return z
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_HOPPER, reason="needs a Hopper GPU (compute capability 9.0)")
 @pytest.mark.parametrize("shape", GPU_SHAPES)
@@ -151,14 +143,8 @@ def test_block_matches_float64_within_twice_eager(monkeypatch, shape, setting, i
         ref = F.mish(F.mish(z))
         floor = 0.0
     else:
-        ref = _block64(x[:m], conv)
-        # what TF32 operands rounded to nearest cost, whatever algorithm eager picked (small
-        # convs run in plain fp32 there): the float64 block on the rounded operands
-        rounded = nn.Conv2d(cin, cout, k, padding=pad).cuda()
-        with torch.no_grad():
-            rounded.weight.copy_(tf32_rounded(conv.weight))
-            rounded.bias.copy_(conv.bias)
-            floor = float((_block64(tf32_rounded(x[:m].contiguous()), rounded) - ref).abs().max())
+        ref = block64(x[:m], conv)
+        floor = tf32_floor(x[:m], conv, ref)
     err = float((ours[:m].double() - ref).abs().max())
     eager_err = float((eager[:m].double() - ref).abs().max())
     assert not ours.isnan().any()

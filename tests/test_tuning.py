@@ -133,6 +133,15 @@ def test_trial_input_has_the_keys_layout_and_the_special_values():
     assert flat[20:].std() > 1.0  # random beyond the specials
 
 
+def test_trial_input_of_an_expanded_key_shares_its_elements_as_the_key_does():
+    """An expanded input (stride 0) cannot be filled in place; the tuner must still judge it."""
+    like = torch.randn(1, 6).expand(5, 6)
+    x = mishops.dispatch.trial_input(like)
+    assert x.stride() == like.stride() and torch.equal(x[0].nan_to_num(), x[4].nan_to_num())
+    y = mishops.mish2(like)
+    torch.testing.assert_close(y, F.mish(F.mish(like)))
+
+
 # --- environment ---------------------------------------------------------------------------------
 
 

@@ -12,8 +12,9 @@ them all takes seconds; on the H100 one of them (eng7_k24=29) computed garbage a
 was off by 4e-3 in a few elements. So the configs are candidates of the project's tuner like any
 other choice (``mishops.tuning``): each is checked against the reference on inputs of the tuner's,
 the correct ones are timed, and the winner's name goes to the tuning cache, so a new process builds
-only that one (``MISHOPS_CUDNN_CONFIGS=N`` caps the search at the heuristics' first N configs, to
-bound the first call's latency). fp32 runs with TF32 like PyTorch's own conv; with TF32 off the
+only that one. The heuristics rank their configs fastest-first, and each one checked costs a build at
+the first call, so the tuner sees the first ``DEFAULT_CONFIGS`` of them (``MISHOPS_CUDNN_CONFIGS=N``
+or ``all`` changes that; the whole list took minutes of first calls across a model's shapes). fp32 runs with TF32 like PyTorch's own conv; with TF32 off the
 plan declines (its exact-fp32 engines are slower than the unfused block).
 
 The same builder makes the graph of the conv alone (no bias, NHWC output) for the
@@ -34,7 +35,7 @@ from typing import Any
 
 import torch
 
-from mishops.tuning import TUNER, CannotTake, Problem
+from mishops.tuning import TUNER, CannotTake, Problem, TuningSettingError
 from mishops.plans import (ConvSpec, NoPlanError, Plan, availability, conv2d, get_plan, mismatch, operand_reasons,
                            reference, register_plan, synthetic_inputs)
 from mishops.registry import Availability
@@ -290,12 +291,12 @@ class CudnnFusedPlan(Plan):
     @staticmethod
     def _configs_offered(cudnn, handle, x, weight, bias, spec, epilogue: bool) -> dict[str, int]:
         """The heuristics' engine configs for this graph by name, in their order, each once with its
-        index in the graph's list (at most ``MISHOPS_CUDNN_CONFIGS`` of them); listing builds none."""
+        index in the graph's list (at most :func:`config_cap` of them); listing builds none."""
         graph, _ = _build_graph(cudnn, handle, x, weight, bias is not None, spec, epilogue)
         graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
         count = graph.get_execution_plan_count()
-        cap = os.environ.get("MISHOPS_CUDNN_CONFIGS")
-        count = min(count, int(cap)) if cap else count
+        cap = config_cap()
+        count = count if cap is None else min(count, cap)
         offered: dict[str, int] = {}
         for i in range(count):
             offered.setdefault(graph.get_plan_name_at_index(i), i)
@@ -311,6 +312,22 @@ class CudnnFusedPlan(Plan):
         stats["builds"] += 1
         stats["rebuilds"] += 1
         return _Engine(graph, ports, index, graph.get_workspace_size_plan_at_index(index), name)
+
+
+#: how many of the heuristics' engine configs per graph the tuner checks and times by default.
+DEFAULT_CONFIGS = 8
+
+
+def config_cap() -> int | None:
+    """``MISHOPS_CUDNN_CONFIGS``: how many configs per graph are candidates (``None``: all of them)."""
+    raw = os.environ.get("MISHOPS_CUDNN_CONFIGS", "").strip().lower()
+    if not raw:
+        return DEFAULT_CONFIGS
+    if raw == "all":
+        return None
+    if raw.isdigit() and int(raw) > 0:
+        return int(raw)
+    raise TuningSettingError(f"mishops: MISHOPS_CUDNN_CONFIGS={raw!r}: must be a positive whole number or 'all'")
 
 
 @dataclass(frozen=True)
