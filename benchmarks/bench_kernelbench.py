@@ -283,9 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mishops-kernelbench-") as fresh:
         if args.keep_cache:
             cache = f"kept ({os.environ.get('MISHOPS_CACHE_DIR', 'the user cache')})"
-        else:
+        else:  # the builds stay where they are: a fresh tuning cache, not a fresh toolchain
+            os.environ["MISHOPS_BUILD_DIR"] = str(mishops.cache.build_root())
             os.environ["MISHOPS_CACHE_DIR"] = fresh
-            cache = "a new empty one (the first call tunes from scratch)"
+            cache = "a new empty one (the first call tunes from scratch; the extensions' builds kept)"
         result = run(args, device)
     text = report(args, device, result, flags_before, cache)
     print(text, end="")

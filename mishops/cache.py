@@ -37,6 +37,14 @@ def cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("mishops"))
 
 
+def build_root() -> Path:
+    """Where compiled extensions live: ``MISHOPS_BUILD_DIR``, else ``build`` in :func:`cache_dir`.
+    Apart from the tuning cache because a build outlives any tuning (it depends on the toolchain,
+    not the GPU's timings) and takes a minute: a fresh tuning cache need not cost a rebuild."""
+    explicit = os.environ.get("MISHOPS_BUILD_DIR")
+    return Path(explicit).expanduser() if explicit else cache_dir() / "build"
+
+
 def environment(device: str) -> dict[str, str]:
     """What makes a timing valid: the device and every library version that runs kernels."""
     import torch

@@ -85,13 +85,23 @@ def _l2_flush(device: torch.device) -> torch.Tensor:
     return torch.empty(2 * l2, dtype=torch.uint8, device=device)
 
 
+def _timed_call(fn: Callable[[], Any], flush: torch.Tensor, start: torch.cuda.Event, end: torch.cuda.Event) -> None:
+    """One call between ``start`` and ``end``: L2 flushed, and the GPU idle when ``start`` is recorded."""
+    flush.zero_()
+    torch.cuda.synchronize(flush.device)
+    start.record(); fn(); end.record()
+
+
 def time_ms(fn: Callable[[], Any], device: torch.device, budget_s: float = 0.5, max_reps: int = 100,
             min_reps: int = 5) -> Timing:
     """Median and 20-80% spread in ms of ``fn()`` after one warm-up call, within about ``budget_s``.
 
     On CUDA each call sits between two events and starts with a cold L2 (a flush buffer twice the
-    L2 is zeroed before it, outside the events), as the data of a real model's next layer would be;
-    on CPU a monotonic clock times each call."""
+    L2 is zeroed before it, outside the events), as the data of a real model's next layer would be,
+    and from an idle GPU (the host waits for the flush first), so the host's work before the call's
+    kernels run counts: with the flush still running, a candidate's Python and launch costs hid
+    behind it, and a model of many small layers, where the GPU waits for exactly that host work,
+    ran slower fused than unfused. On CPU a monotonic clock times each call."""
     device = torch.device(device)
     if device.type == "cuda":
         flush = _l2_flush(device)
@@ -101,8 +111,7 @@ def time_ms(fn: Callable[[], Any], device: torch.device, budget_s: float = 0.5, 
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(reps)]
         for s, e in events:
-            flush.zero_()
-            s.record(); fn(); e.record()
+            _timed_call(fn, flush, s, e)
         torch.cuda.synchronize(device)
         return _summary([s.elapsed_time(e) for s, e in events])
     t0 = time.perf_counter(); fn(); first = time.perf_counter() - t0
@@ -127,8 +136,7 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device,
         for _ in range(reps):
             for name, fn in fns.items():
                 s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                flush.zero_()
-                s.record(); fn(); e.record()
+                _timed_call(fn, flush, s, e)
                 pending.append((name, s, e))
         torch.cuda.synchronize(device)
         for name, s, e in pending:

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import mishops
-from mishops import registry
+from mishops import cache, registry
 from mishops.backends import cuda
 from mishops.backends.cuda import CudaBackend, CudaBuildError
 from mishops.layout import flat
@@ -263,6 +263,15 @@ def test_first_error_line_skips_what_ninja_adds():
 # --- building ------------------------------------------------------------------------------------
 
 
+def use_fake_cuda_home(monkeypatch, tmp_path: Path) -> None:
+    """Builds against a fake toolkit (below), in a build directory of this test's own: what the fake
+    builds leave behind must not sit beside the real builds the other tests share."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(fake_cuda_home(tmp_path / "cuda")))
+    monkeypatch.setenv("MISHOPS_BUILD_DIR", str(tmp_path / "build"))
+
+
 def fake_cuda_home(root: Path) -> Path:
     """A CUDA "toolkit" whose nvcc knows its version and fails every compile."""
     (root / "bin").mkdir(parents=True)
@@ -281,9 +290,8 @@ def fake_cuda_home(root: Path) -> Path:
 @needs_ninja
 def test_failed_build_raises_the_compilers_first_error(monkeypatch, tmp_path):
     """A real cpp_extension.load and ninja run, with only nvcc replaced; no GPU needed."""
-    from torch.utils import cpp_extension
 
-    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(fake_cuda_home(tmp_path / "cuda")))
+    use_fake_cuda_home(monkeypatch, tmp_path)
     monkeypatch.setenv("MAX_JOBS", "1")  # ninja stops at the first failure instead of finishing the C++ side
     with pytest.raises(CudaBuildError) as caught:
         cuda.build_extension("90")
@@ -303,12 +311,11 @@ def test_finished_build_is_imported_without_compiling_or_locking(monkeypatch, tm
     """What a second process finds: the marker and the library it names (``load`` names it
     ``..._v1`` when one process built twice). A stand-in library proves the import path, while
     another process holds the build lock."""
-    from torch.utils import cpp_extension
 
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         pytest.skip("no C compiler for the stand-in library")
-    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(fake_cuda_home(tmp_path / "cuda")))
+    use_fake_cuda_home(monkeypatch, tmp_path)
     build_dir = cuda.build_directory(cuda.build_facts("90"))
     build_dir.mkdir(parents=True)
     source = tmp_path / "stand_in.c"
@@ -335,9 +342,8 @@ def test_finished_build_is_imported_without_compiling_or_locking(monkeypatch, tm
 
 
 def test_a_damaged_finished_build_says_how_to_recover(monkeypatch, tmp_path):
-    from torch.utils import cpp_extension
 
-    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(fake_cuda_home(tmp_path / "cuda")))
+    use_fake_cuda_home(monkeypatch, tmp_path)
     build_dir = cuda.build_directory(cuda.build_facts("90"))
     build_dir.mkdir(parents=True)
     (build_dir / cuda.DONE_MARKER).write_text(json.dumps({"library": f"{cuda.MODULE_NAME}.so"}))  # no library
@@ -347,9 +353,8 @@ def test_a_damaged_finished_build_says_how_to_recover(monkeypatch, tmp_path):
 
 
 def test_ninja_beside_an_unactivated_python_is_found(monkeypatch, tmp_path):
-    from torch.utils import cpp_extension
 
-    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(fake_cuda_home(tmp_path / "cuda")))
+    use_fake_cuda_home(monkeypatch, tmp_path)
     venv_bin = tmp_path / "venv" / "bin"
     venv_bin.mkdir(parents=True)
     (venv_bin / "ninja").write_text("#!/bin/sh\n")
@@ -421,15 +426,14 @@ def test_a_live_builder_makes_others_wait_then_time_out_clearly(monkeypatch, tmp
 
 
 def test_build_directory_depends_on_everything_a_binary_does(monkeypatch, tmp_path):
-    from torch.utils import cpp_extension
 
-    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(fake_cuda_home(tmp_path / "cuda")))
+    use_fake_cuda_home(monkeypatch, tmp_path)
     facts = cuda.build_facts("90")
     assert facts["nvcc"] == "99.9.1" and facts["arch"] == "sm_90"
     assert facts["torch"] == torch.__version__ and facts["torch_cuda"] == str(torch.version.cuda)
     assert facts["cxx11_abi"] == str(int(torch._C._GLIBCXX_USE_CXX11_ABI))
     assert facts["python"] == sys.implementation.cache_tag
-    assert cuda.build_directory(facts).parent == Path(os.environ["MISHOPS_CACHE_DIR"]) / "build"
+    assert cuda.build_directory(facts).parent == cache.build_root()
     assert cuda.build_tag(cuda.build_facts("90")) == cuda.build_tag(facts)  # stable
 
     tags = {cuda.build_tag(facts)}
@@ -743,11 +747,10 @@ def test_mish2_with_autograd_through_the_cuda_backend(backend):
 
 
 @pytest.mark.gpu
-def test_a_second_process_loads_the_build_without_compiling(backend):
+def test_a_second_process_loads_the_build_without_compiling(backend, tmp_path):
     module = cuda.extension_for(torch.device("cuda", 0))
     build_dir = Path(module.__file__).parent
     assert (build_dir / cuda.DONE_MARKER).exists()
-    cache_root = build_dir.parent.parent
     code = textwrap.dedent("""
         import json, torch
         import torch.nn.functional as F
@@ -763,7 +766,8 @@ def test_a_second_process_loads_the_build_without_compiling(backend):
                           "forward_err": float((y.double() - F.mish(F.mish(x.double()))).abs().max()),
                           "backward_err": float((g.double() - xd.grad).abs().max())}))
     """)
-    env = dict(os.environ, PYTHONPATH=str(REPO), MISHOPS_CACHE_DIR=str(cache_root))
+    env = dict(os.environ, PYTHONPATH=str(REPO), MISHOPS_CACHE_DIR=str(tmp_path / "cache"),
+               MISHOPS_BUILD_DIR=str(build_dir.parent))
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -786,7 +790,7 @@ print(json.dumps({"builds": cuda.stats.get("builds", 0), "finite": bool(y.isfini
 
 
 def _cold_build_process(cache_dir):
-    env = {**os.environ, "MISHOPS_CACHE_DIR": str(cache_dir)}
+    env = {**os.environ, "MISHOPS_CACHE_DIR": str(cache_dir), "MISHOPS_BUILD_DIR": str(cache_dir / "build")}
     return subprocess.Popen([sys.executable, "-c", COLD_BUILD], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 

@@ -198,7 +198,7 @@ def build_tag(facts: dict[str, str]) -> str:
 
 
 def build_directory(facts: dict[str, str]) -> Path:
-    return cache.cache_dir() / "build" / build_tag(facts)
+    return cache.build_root() / build_tag(facts)
 
 
 # --- building ------------------------------------------------------------------------------------

@@ -36,7 +36,6 @@ from types import ModuleType
 
 import torch
 
-from mishops import cache
 from mishops.plans import ConvSpec, Plan, expected_memory_format, operand_reasons, register_plan
 from mishops.plans.base import block_output
 from mishops.registry import Availability, csrc_path
@@ -129,7 +128,7 @@ def extension() -> ModuleType:
             raise _build_error
         try:
             facts = build_facts()
-            build_dir = cache.cache_dir() / "build" / cuda.build_tag(facts)
+            build_dir = cuda.build_directory(facts)
             done = build_dir / cuda.DONE_MARKER
             if done.exists():
                 _module = cuda.import_built(build_dir)
