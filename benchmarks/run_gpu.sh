@@ -57,12 +57,15 @@ if step tests; then
     # TEST_JOBS files at a time (they share the GPU; the timing-sensitive ones are in test_integration_gpu.py,
     # which runs alone after the others)
     mkdir -p "$OUT/tests"
+    # -v names each test as it starts, and a test past TEST_HANG_S dumps every thread's stack: a file killed at
+    # its limit still says where it was
     run_test() {
         limited "${TEST_TIMEOUT:-300}" "$OUT/tests/$(basename "$1" .py).log" \
-            "$PYTHON" -X faulthandler -m pytest "$1" -m gpu -q -p no:cacheprovider -rfEs --durations=5
+            "$PYTHON" -X faulthandler -m pytest "$1" -m gpu -v -p no:cacheprovider -rfEs --durations=5 \
+            -o faulthandler_timeout="${TEST_HANG_S:-120}"
     }
     export -f limited run_test
-    export OUT PYTHON TEST_TIMEOUT
+    export OUT PYTHON TEST_TIMEOUT TEST_HANG_S
     files=$(for f in ${TESTS:-tests/test_*.py}; do [ "$f" != tests/test_integration_gpu.py ] && echo "$f"; done)
     {
         printf '%s\n' $files | xargs -P "${TEST_JOBS:-1}" -I{} bash -c 'run_test {}'
