@@ -5,11 +5,12 @@
 # Logs and results go to $OUT.
 #
 #     bash benchmarks/run_gpu.sh                       # everything; OUT=dir (default benchmarks/results/latest)
-#     STEPS="tests fuse" bash benchmarks/run_gpu.sh    # some of: env tests bench plans hopper overhead fuse kernelbench pack
+#     STEPS="tests fuse" bash benchmarks/run_gpu.sh    # some of: env tests bench plans hopper overhead fuse kernelbench
 #     TESTS="tests/test_plans.py tests/test_fuse.py" bash benchmarks/run_gpu.sh
 #     PLANS_ARGS="--shapes ref --cases 1 --train" bash benchmarks/run_gpu.sh   # bench_plans' arguments
 #
-# ``pack`` (last) puts every log and result under $OUT into one archive, for machines that return few files.
+# ARCHIVE=file.tgz rewrites that one archive of everything under $OUT after every step, for machines that return
+# few files and may stop a run at their limit: whatever steps finished are in it.
 #
 # Wheels in .whl/ (a machine without internet) are installed into /tmp/site first. Each step runs under
 # its own time limit (SIGINT first, so pytest still writes what it has): one slow JIT build, hang or
@@ -30,7 +31,10 @@ fi
 export PYTHONUNBUFFERED=1 MISHOPS_BENCH_QUICK=0 MISHOPS_CACHE_DIR="${MISHOPS_CACHE_DIR:-/tmp/mishops-cache}"
 unset MISHOPS_BACKEND MISHOPS_PLAN MISHOPS_AUTOTUNE TRITON_INTERPRET
 
-step() { [[ " $STEPS " == *" $1 "* ]]; }
+step() {  # is step $1 wanted? (and, first, archive what the previous steps left)
+    if [ -n "${ARCHIVE:-}" ]; then tar -czf "$ARCHIVE.tmp" -C "$OUT" . 2>/dev/null && mv "$ARCHIVE.tmp" "$ARCHIVE"; fi
+    [[ " $STEPS " == *" $1 "* ]]
+}
 
 limited() {  # limit in seconds, log file, command...
     local limit=$1 logfile=$2 started=$SECONDS status
@@ -112,7 +116,4 @@ if step kernelbench; then
     limited 200 "$OUT/kernelbench.log" "$PYTHON" benchmarks/bench_kernelbench.py --out "$OUT/kernelbench.md"
 fi
 
-if step pack; then
-    tar -czf /tmp/results.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/results.tgz "$OUT/results.tgz"
-    ls -la "$OUT"
-fi
+step end || true  # the last archive
