@@ -3,8 +3,9 @@
 Checks: each case on fresh random inputs against a float64 block computed from the same inputs,
 into an output poisoned with NaN first (an element left unwritten stays NaN and fails), against
 2x the eager block's own error under the same TF32 / dtype setting; planted NaN/inf propagate
-like the eager block. Timing: CUDA events, median of repeats after warm-up, at the reference shape,
-beside the eager block and cuDNN's channels_last conv alone in the same run.
+like the eager block. Timing: ``mishops.tuning.time_ms`` (the project's one timer: CUDA events, L2
+flushed before each call, median and 20-80% spread after a warm-up), at the reference shape, beside
+the eager block and cuDNN's channels_last conv alone in the same run.
 
     python benchmarks/bench_hopper_conv.py [--quick] [--json PATH]
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import math
 import sys
 import time
 import traceback
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, ".")
+from mishops import tuning  # noqa: E402
 from mishops.plans import hopper_conv as hc  # noqa: E402
 from mishops.plans import triton_conv as tc  # noqa: E402
 
@@ -130,19 +132,10 @@ def shift_experiment():
             print("EXPERIMENT " + json.dumps(row), flush=True)
 
 
-def timeit(fn, reps=20, warmup=3):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times), min(times)
+def timeit(fn, reps=20):
+    """(median, 20-80% spread) in ms of ``reps`` calls: the project's one timer (L2 flushed before each)."""
+    timing = tuning.time_ms(fn, torch.device("cuda"), budget_s=math.inf, max_reps=reps, min_reps=reps)
+    return timing.median_ms, timing.spread_ms
 
 
 def timing(quick, configs):
@@ -192,7 +185,7 @@ def timing(quick, configs):
         for k, v in rows.items():
             if v is None:
                 continue
-            row = dict(setting=setting, what=k, median_ms=round(v[0], 4), min_ms=round(v[1], 4))
+            row = dict(setting=setting, what=k, median_ms=round(v[0], 4), spread_ms=round(v[1], 4))
             if k.startswith("kernel") or k.startswith("plan") or k.startswith("cudnn"):
                 row["tflops"] = round(flop / v[0] / 1e9, 1)
             results["timings"].append(row)
@@ -295,7 +288,7 @@ def main():
     for r in results.get("experiments", []):
         print(f"EXPERIMENT {r}")
     for r in results["timings"]:
-        print(f"{r['setting']:10s} {r['what']:28s} {r['median_ms']:8.3f} ms  (min {r['min_ms']:.3f})"
+        print(f"{r['setting']:10s} {r['what']:28s} {r['median_ms']:8.3f} ms  (spread {r['spread_ms']:.3f})"
               + (f"  {r['tflops']} TFLOP/s" if "tflops" in r else ""))
 
 

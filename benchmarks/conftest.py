@@ -15,9 +15,10 @@ Every GPU row is measured two ways in the same test, after warm-up calls that ar
 ``torch.compile`` happen):
 
 1. **CUDA events, ``triton.testing.do_bench`` style: the number the report uses** (``median_ms``
-   in ``extra_info``, and from it GB/s, % of copy and speed-ups). 20 to 50 repetitions (about
-   150 ms of work) are queued back to back, each between its own pair of events; the host never
-   waits between them, so an event pair measures the GPU's time for the call, not Python's.
+   in ``extra_info``, and from it GB/s, % of copy and speed-ups), by the project's one timer,
+   ``mishops.tuning.call_times_ms``, without its idle start: 20 to 50 repetitions (about 150 ms
+   of work) are queued back to back, each between its own pair of events; the host never waits
+   between them, so an event pair measures the GPU's time for the call, not Python's.
    When a call touches less than 8x the L2 size, each repetition is preceded by a write of twice
    the L2 size to a scratch buffer, so the input comes from HBM as it would in a network, not
    from the previous repetition's cache lines. The median is robust to the odd disturbed
@@ -45,7 +46,6 @@ import os
 import platform
 import statistics
 import subprocess
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 import mishops
-from mishops import registry
+from mishops import registry, tuning
 from tests.reference import Model
 
 QUICK = os.environ.get("MISHOPS_BENCH_QUICK", "0") == "1" or not torch.cuda.is_available()
@@ -241,10 +241,8 @@ class Bench:
             raise
 
     def _l2_flush_buffer(self) -> torch.Tensor:
-        """Twice the L2 size: writing it evicts whatever the previous repetition left there."""
         if self._flush is None:
-            l2 = getattr(torch.cuda.get_device_properties(self.device), "L2_cache_size", 50 << 20)
-            self._flush = torch.empty(2 * l2, dtype=torch.uint8, device=self.device)
+            self._flush = tuning.l2_flush_buffer(self.device)
         return self._flush
 
     def time(self, benchmark, fn, touched_bytes: int, warmup: int = 2) -> Timing:
@@ -255,8 +253,9 @@ class Bench:
             torch.cuda.synchronize(self.device)
             # a call touching over 8x the L2 size evicts its own leftovers: a flush would only cost time
             flush = touched_bytes < 4 * self._l2_flush_buffer().numel()
-            first = self._event_times(fn, 1, flush)[0]
-            times = self._event_times(fn, _clamp(TARGET_MS / max(first, 1e-3), GPU_REPS), flush)
+            first = tuning.call_times_ms(fn, self.device, 1, idle_start=False, flush=flush)[0]
+            times = tuning.call_times_ms(fn, self.device, _clamp(TARGET_MS / max(first, 1e-3), GPU_REPS),
+                                         idle_start=False, flush=flush)
             method = "cuda-events"
 
             def synchronized():
@@ -272,32 +271,12 @@ class Bench:
                 benchmark.pedantic(synchronized, setup=setup, rounds=_clamp(TARGET_MS / max(first, 1e-3), (5, 30)))
         else:
             flush = False
-            first = self._clock_times(fn, 1)[0]
-            times = self._clock_times(fn, _clamp(TARGET_MS / max(first, 1e-3), CPU_REPS))
+            first = tuning.call_times_ms(fn, self.device, 1)[0]
+            times = tuning.call_times_ms(fn, self.device, _clamp(TARGET_MS / max(first, 1e-3), CPU_REPS))
             method = "perf_counter"
             if benchmark is not None:
                 benchmark.pedantic(fn, rounds=_clamp(TARGET_MS / max(first, 1e-3), CPU_REPS))
         return Timing(statistics.median(times), _quantile(times, 2), _quantile(times, 8), len(times), method, flush)
-
-    def _event_times(self, fn, reps: int, flush: bool) -> list[float]:
-        pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-        for start, end in pairs:
-            if flush:
-                self._flush.zero_()
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize(self.device)
-        return [start.elapsed_time(end) for start, end in pairs]
-
-    @staticmethod
-    def _clock_times(fn, reps: int) -> list[float]:
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return times
 
     def yardstick(self, key: tuple, fn, touched_bytes: int) -> float:
         """The yardstick's median ms for ``key``: the one its own row recorded, else measured now."""

@@ -12,7 +12,7 @@ pytest; the plan's own choice of config lives in ``mishops/plans/triton_conv.py`
 from __future__ import annotations
 
 import argparse
-import statistics
+import math
 import sys
 from pathlib import Path
 
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from mishops import tuning  # noqa: E402
 from mishops.plans import triton_conv  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -43,15 +44,8 @@ def _record_launches() -> list:
 
 
 def median_ms(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events)
+    """The project's one timer (``mishops.tuning.time_ms``), ``reps`` calls after its warm-up."""
+    return tuning.time_ms(fn, torch.device("cuda"), budget_s=math.inf, max_reps=reps, min_reps=reps).median_ms
 
 
 def main() -> None:

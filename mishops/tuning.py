@@ -80,73 +80,67 @@ def _summary(times: list[float]) -> Timing:
     return Timing(statistics.median(times), q[7] - q[1], len(times))
 
 
-def _l2_flush(device: torch.device) -> torch.Tensor:
+def l2_flush_buffer(device: torch.device) -> torch.Tensor:
+    """Twice the L2's size: zeroing it evicts whatever the previous call left in the L2."""
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20) or (50 << 20)
     return torch.empty(2 * l2, dtype=torch.uint8, device=device)
 
 
-def _timed_call(fn: Callable[[], Any], flush: torch.Tensor, start: torch.cuda.Event, end: torch.cuda.Event) -> None:
-    """One call between ``start`` and ``end``: L2 flushed, and the GPU idle when ``start`` is recorded."""
-    flush.zero_()
-    torch.cuda.synchronize(flush.device)
+def _timed_call(fn: Callable[[], Any], flush: torch.Tensor | None, start: torch.cuda.Event, end: torch.cuda.Event,
+                idle_start: bool) -> None:
+    if flush is not None:
+        flush.zero_()
+    if idle_start:
+        torch.cuda.synchronize()  # the current device: call_times_ms sets it
     start.record(); fn(); end.record()
+
+
+def call_times_ms(fn: Callable[[], Any], device: torch.device, reps: int, idle_start: bool = True,
+                  flush: bool = True) -> list[float]:
+    """The time in ms of each of ``reps`` calls of ``fn()``: the project's one timer.
+
+    On CUDA each call sits between two events, after the L2 is flushed (``flush``: a buffer twice
+    its size zeroed outside the events), as the data of a real model's next layer would be cold.
+    ``idle_start``: the host waits for the GPU before each call, so the host's work before the
+    call's kernels run counts. The tuner needs that: with the flush still running, a candidate's
+    Python and launch costs hid behind it, and in a model of many small layers, where the GPU waits
+    for exactly that host work, the fused model ran slower than the unfused one. Without it the
+    calls queue back to back and the events see the GPU's time alone, the host's hidden: what a
+    bandwidth table of a memory-bound pass wants. On CPU a monotonic clock times each call."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter(); fn(); times.append((time.perf_counter() - t0) * 1e3)
+        return times
+    buffer = l2_flush_buffer(device) if flush else None
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    with torch.cuda.device(device):
+        for s, e in events:
+            _timed_call(fn, buffer, s, e, idle_start)
+        torch.cuda.synchronize(device)
+    return [s.elapsed_time(e) for s, e in events]
 
 
 def time_ms(fn: Callable[[], Any], device: torch.device, budget_s: float = 0.5, max_reps: int = 100,
             min_reps: int = 5) -> Timing:
-    """Median and 20-80% spread in ms of ``fn()`` after one warm-up call, within about ``budget_s``.
-
-    On CUDA each call sits between two events and starts with a cold L2 (a flush buffer twice the
-    L2 is zeroed before it, outside the events), as the data of a real model's next layer would be,
-    and from an idle GPU (the host waits for the flush first), so the host's work before the call's
-    kernels run counts: with the flush still running, a candidate's Python and launch costs hid
-    behind it, and a model of many small layers, where the GPU waits for exactly that host work,
-    ran slower fused than unfused. On CPU a monotonic clock times each call."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        flush = _l2_flush(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(); fn(); end.record(); end.synchronize()
-        reps = int(min(max_reps, max(min_reps, budget_s * 1e3 / max(start.elapsed_time(end), 1e-3))))
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(reps)]
-        for s, e in events:
-            _timed_call(fn, flush, s, e)
-        torch.cuda.synchronize(device)
-        return _summary([s.elapsed_time(e) for s, e in events])
-    t0 = time.perf_counter(); fn(); first = time.perf_counter() - t0
-    reps = int(min(max_reps, max(min_reps, budget_s / max(first, 1e-6))))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter(); fn(); times.append((time.perf_counter() - t0) * 1e3)
-    return _summary(times)
+    """Median and 20-80% spread in ms of :func:`call_times_ms` (idle start, L2 flushed) after one
+    warm-up call, as many calls as fit in about ``budget_s`` within ``min_reps`` and ``max_reps``."""
+    first = call_times_ms(fn, device, 1)[0]
+    reps = int(min(max_reps, max(min_reps, budget_s * 1e3 / max(first, 1e-3))))
+    return _summary(call_times_ms(fn, device, reps))
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device,
                      reps: int = RETIME_REPS) -> dict[str, Timing]:
     """``time_ms`` for several functions whose calls alternate, so a change of clock or load during
     the run affects each alike."""
-    device = torch.device(device)
+    for fn in fns.values():
+        fn()
     times: dict[str, list[float]] = {n: [] for n in fns}
-    if device.type == "cuda":
-        flush = _l2_flush(device)
-        for fn in fns.values():
-            fn()
-        pending = []
-        for _ in range(reps):
-            for name, fn in fns.items():
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                _timed_call(fn, flush, s, e)
-                pending.append((name, s, e))
-        torch.cuda.synchronize(device)
-        for name, s, e in pending:
-            times[name].append(s.elapsed_time(e))
-    else:
-        for fn in fns.values():
-            fn()
-        for _ in range(reps):
-            for name, fn in fns.items():
-                t0 = time.perf_counter(); fn(); times[name].append((time.perf_counter() - t0) * 1e3)
+    for _ in range(reps):
+        for name, fn in fns.items():
+            times[name] += call_times_ms(fn, device, 1)
     return {n: _summary(t) for n, t in times.items()}
 
 
