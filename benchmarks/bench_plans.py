@@ -385,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
             del run
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+            if args.out:  # after every case: a run stopped at a time limit keeps the cases it finished
+                Path(args.out).write_text("\n".join(lines + section + (training if args.train else [])) + "\n")
         lines += section + (training if args.train else [])
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")

@@ -8,6 +8,7 @@
 #     STEPS="tests fuse" bash benchmarks/run_gpu.sh    # some of: env tests bench plans hopper overhead fuse kernelbench
 #     TESTS="tests/test_plans.py tests/test_fuse.py" bash benchmarks/run_gpu.sh
 #     PLANS_ARGS="--shapes ref --cases 1 --train" bash benchmarks/run_gpu.sh   # bench_plans' arguments
+#     (FUSE_ARGS: bench_fuse_timm's; *_TIMEOUT: a step's limit in seconds: TEST PLANS HOPPER OVERHEAD FUSE KERNELBENCH)
 #
 # ARCHIVE=file.tgz rewrites that one archive of everything under $OUT after every step, for machines that return
 # few files and may stop a run at their limit: whatever steps finished are in it.
@@ -105,15 +106,16 @@ if step hopper; then
 fi
 
 if step overhead; then
-    limited 120 "$OUT/host-overhead.log" "$PYTHON" benchmarks/bench_host_overhead.py --out "$OUT/host-overhead.md"
+    limited "${OVERHEAD_TIMEOUT:-120}" "$OUT/host-overhead.log" "$PYTHON" benchmarks/bench_host_overhead.py --out "$OUT/host-overhead.md"
 fi
 
 if step fuse; then
-    limited 500 "$OUT/fuse-timm.log" "$PYTHON" benchmarks/bench_fuse_timm.py --out "$OUT/fuse-timm.md"
+    # shellcheck disable=SC2086  # FUSE_ARGS is a list of arguments
+    limited "${FUSE_TIMEOUT:-500}" "$OUT/fuse-timm.log" "$PYTHON" benchmarks/bench_fuse_timm.py ${FUSE_ARGS:-} --out "$OUT/fuse-timm.md"
 fi
 
 if step kernelbench; then
-    limited 200 "$OUT/kernelbench.log" "$PYTHON" benchmarks/bench_kernelbench.py --out "$OUT/kernelbench.md"
+    limited "${KERNELBENCH_TIMEOUT:-200}" "$OUT/kernelbench.log" "$PYTHON" benchmarks/bench_kernelbench.py --out "$OUT/kernelbench.md"
 fi
 
 step end || true  # the last archive
