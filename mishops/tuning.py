@@ -403,7 +403,9 @@ class Tuner:
             stats["profiled_keys"] += 1
         measured.update(fresh)
         if trial is not None:  # before agreeing, so every rank decides on the same merged numbers
-            self._retime_close_call(measured, by_name, trial, problem.device)
+            retimed = self._retime_close_call(measured, by_name, trial, problem.device)
+            # what is written is what decided: a new process must read the numbers this one chose by
+            fresh = {n: measured[n] for n in [*fresh, *(r for r in retimed if r not in fresh)]}
         writer = True
         if _distributed():
             measured, writer = _agree(device_label(problem.device), measured)
@@ -489,21 +491,22 @@ class Tuner:
 
     @staticmethod
     def _retime_close_call(measured: dict[str, Measurement], by_name: dict, trial: Trial,
-                           device: torch.device) -> None:
-        """When the two fastest are within ``TIE_MARGIN``, time them again, interleaved."""
+                           device: torch.device) -> list[str]:
+        """When the two fastest are within ``TIE_MARGIN``, time them again, interleaved; the names re-timed."""
         ok = sorted((m.median_ms, n) for n, m in measured.items() if m.ok and n in by_name)
         if len(ok) < 2 or ok[1][0] - ok[0][0] > TIE_MARGIN * ok[0][0]:
-            return
+            return []
         pair = [ok[0][1], ok[1][1]]
         try:
             timings = time_interleaved({n: (lambda c=by_name[n]: trial.run(c)) for n in pair}, device)
         except Exception as exc:  # both ran a moment ago; keep their first timings
             log.info("re-timing %s failed (%s); keeping the first timings", pair, first_line(exc))
-            return
+            return []
         for n, t in timings.items():
             old = measured[n]
             measured[n] = Measurement(True, old.source_hash, t.median_ms, t.spread_ms, durable=old.durable)
         stats["timed_runs"] += sum(t.reps for t in timings.values())
+        return pair
 
 
 def _agree(label: str, measurements: dict[str, Measurement]) -> tuple[dict[str, Measurement], bool]:

@@ -79,6 +79,33 @@ def test_close_call_is_retimed_interleaved():
     assert choice.winner in ("a", "b") and choice.how == "profiled"
 
 
+def test_a_new_process_reads_the_numbers_a_close_call_was_decided_by(monkeypatch):
+    """The interleaved re-timing reverses a close first timing; the disk must keep the re-timed
+    numbers, or the next process (a fresh tuner over the same cache) picks the other candidate."""
+    class C:
+        def __init__(self, name, priority):
+            self.name, self.priority = name, priority
+
+        def source_hash(self):
+            return "h"
+
+    class T:
+        def run(self, c):
+            return c.name
+
+        def wrong(self, outcome):
+            return ""
+
+    first = {"a": tuning.Timing(1.00, 0.0, 5), "b": tuning.Timing(1.01, 0.0, 5)}
+    monkeypatch.setattr(tuning, "time_ms", lambda fn, device, budget: first[fn()])
+    monkeypatch.setattr(tuning, "time_interleaved", lambda fns, device: {
+        "a": tuning.Timing(2.0, 0.0, 30), "b": tuning.Timing(1.0, 0.0, 30)})
+    problem = Problem("test", "k", torch.device("cpu"), [C("a", 0), C("b", 1)], T)
+    assert Tuner().decide(problem).winner == "b"
+    again = Tuner().decide(problem)
+    assert again.how == "cached" and again.winner == "b"
+
+
 # --- candidates are judged on inputs of their own ------------------------------------------------
 
 
