@@ -53,26 +53,34 @@ def test_pick_ignores_the_wrong_and_is_deterministic():
     assert pick({"a": m(math.inf, ok=False)}, prio) is None
 
 
-def test_close_call_is_retimed_interleaved():
+class _Named:
+    """A candidate that is its name: what the tuner's own tests need of one."""
+
+    def __init__(self, name, priority):
+        self.name, self.priority = name, priority
+
+    def source_hash(self):
+        return "h"
+
+
+class _CountingTrial:
+    """Runs a candidate by counting its calls; every answer is right."""
+
+    calls: dict[str, int] = {}
+
+    def run(self, c):
+        self.calls[c.name] = self.calls.get(c.name, 0) + 1
+        return c.name
+
+    def wrong(self, outcome):
+        return ""
+
+
+def test_close_call_is_retimed_interleaved(monkeypatch):
     calls = {"a": 0, "b": 0}
-
-    class C:
-        def __init__(self, name, priority):
-            self.name, self.priority = name, priority
-
-        def source_hash(self):
-            return "h"
-
-    class T:
-        def run(self, c):
-            calls[c.name] += 1
-            return c.name
-
-        def wrong(self, outcome):
-            return ""
-
+    monkeypatch.setattr(_CountingTrial, "calls", calls)
     tuner = Tuner()
-    problem = Problem("test", "k", torch.device("cpu"), [C("a", 0), C("b", 1)], T)
+    problem = Problem("test", "k", torch.device("cpu"), [_Named("a", 0), _Named("b", 1)], _CountingTrial)
     choice = tuner.decide(problem)
     # two warm-up calls, the timed ones, then (the timings of two no-ops are within 2%) the interleaved ones
     assert calls["a"] >= 2 + 5 + tuning.RETIME_REPS and calls["b"] >= 2 + 5 + tuning.RETIME_REPS
@@ -82,25 +90,12 @@ def test_close_call_is_retimed_interleaved():
 def test_a_new_process_reads_the_numbers_a_close_call_was_decided_by(monkeypatch):
     """The interleaved re-timing reverses a close first timing; the disk must keep the re-timed
     numbers, or the next process (a fresh tuner over the same cache) picks the other candidate."""
-    class C:
-        def __init__(self, name, priority):
-            self.name, self.priority = name, priority
-
-        def source_hash(self):
-            return "h"
-
-    class T:
-        def run(self, c):
-            return c.name
-
-        def wrong(self, outcome):
-            return ""
-
+    monkeypatch.setattr(_CountingTrial, "calls", {})
     first = {"a": tuning.Timing(1.00, 0.0, 5), "b": tuning.Timing(1.01, 0.0, 5)}
     monkeypatch.setattr(tuning, "time_ms", lambda fn, device, budget: first[fn()])
     monkeypatch.setattr(tuning, "time_interleaved", lambda fns, device: {
         "a": tuning.Timing(2.0, 0.0, 30), "b": tuning.Timing(1.0, 0.0, 30)})
-    problem = Problem("test", "k", torch.device("cpu"), [C("a", 0), C("b", 1)], T)
+    problem = Problem("test", "k", torch.device("cpu"), [_Named("a", 0), _Named("b", 1)], _CountingTrial)
     assert Tuner().decide(problem).winner == "b"
     again = Tuner().decide(problem)
     assert again.how == "cached" and again.winner == "b"

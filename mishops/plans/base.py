@@ -47,6 +47,17 @@ class ConvSpec:
             _SPECS[(conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode, mish_count)] = spec
         return spec
 
+    def kernel_reasons(self) -> list[str]:
+        """Why our own conv kernels (``triton_conv``, ``hopper_conv``) cannot take this spec: they do
+        stride 1 and zero padding of known size."""
+        reasons = []
+        if tuple(self.stride) != (1, 1):
+            reasons.append(f"stride {tuple(self.stride)} (this kernel does stride 1)")
+        if self.numeric_padding() is None:
+            reasons.append(f"padding {self.padding!r} with mode {self.padding_mode!r} (needs numbers or 'valid', "
+                           "zeros mode)")
+        return reasons
+
     def numeric_padding(self) -> tuple[int, int] | None:
         """The zero padding as numbers (``"valid"`` is none), or None where it is not zeros of known
         size (``"same"``, a non-zeros ``padding_mode``): what a kernel of ours can take."""

@@ -274,12 +274,8 @@ class HopperConvPlan(Plan):
         if x.is_cuda and torch.cuda.get_device_capability(x.device) != (9, 0):
             reasons.append(f"{x.device} is compute capability {torch.cuda.get_device_capability(x.device)}; "
                            "this kernel is built for sm_90a (Hopper) only")
-        if tuple(spec.stride) != (1, 1):
-            reasons.append(f"stride {tuple(spec.stride)} (this kernel does stride 1)")
+        reasons += spec.kernel_reasons()
         padding = spec.numeric_padding()
-        if padding is None:
-            reasons.append(f"padding {spec.padding!r} with mode {spec.padding_mode!r} (needs numbers or 'valid', "
-                           "zeros mode)")
         if spec.mish_count not in (1, 2):
             reasons.append(f"mish_count={spec.mish_count} (1 or 2 only)")
         cout = weight.shape[0]

@@ -289,12 +289,8 @@ class TritonConvPlan(Plan):
         reasons = super().not_supported_reasons(x, weight, bias, spec) + operand_reasons(x, weight, bias, spec)
         if x.dim() != 4:
             return reasons
-        if tuple(spec.stride) != (1, 1):
-            reasons.append(f"stride {tuple(spec.stride)} (this kernel does stride 1)")
+        reasons += spec.kernel_reasons()
         padding = spec.numeric_padding()
-        if padding is None:
-            reasons.append(f"padding {spec.padding!r} with mode {spec.padding_mode!r} (needs numbers or 'valid', "
-                           "zeros mode)")
         if bias is not None and not bias.is_contiguous():
             reasons.append("bias is not contiguous")
         if x.numel() and x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
