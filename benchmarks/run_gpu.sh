@@ -32,8 +32,14 @@ fi
 export PYTHONUNBUFFERED=1 MISHOPS_BENCH_QUICK=0 MISHOPS_CACHE_DIR="${MISHOPS_CACHE_DIR:-/tmp/mishops-cache}"
 unset MISHOPS_BACKEND MISHOPS_PLAN MISHOPS_AUTOTUNE TRITON_INTERPRET
 
+archive() {  # rewrite $ARCHIVE from everything under $OUT (one writer at a time: test files finish in parallel)
+    if [ -n "${ARCHIVE:-}" ]; then
+        flock "$ARCHIVE.lock" sh -c 'tar -czf "$1.tmp" -C "$2" . 2>/dev/null && mv "$1.tmp" "$1"' _ "$ARCHIVE" "$OUT"
+    fi
+}
+
 step() {  # is step $1 wanted? (and, first, archive what the previous steps left)
-    if [ -n "${ARCHIVE:-}" ]; then tar -czf "$ARCHIVE.tmp" -C "$OUT" . 2>/dev/null && mv "$ARCHIVE.tmp" "$ARCHIVE"; fi
+    archive
     [[ " $STEPS " == *" $1 "* ]]
 }
 
@@ -68,9 +74,10 @@ if step tests; then
         limited "${TEST_TIMEOUT:-300}" "$OUT/tests/$(basename "$1" .py).log" \
             "$PYTHON" -X faulthandler -m pytest "$1" -m gpu -v -p no:cacheprovider -rfEs --durations=5 \
             -o faulthandler_timeout="${TEST_HANG_S:-120}"
+        archive  # each file's log is kept as soon as it is written, whatever stops the run later
     }
-    export -f limited run_test
-    export OUT PYTHON TEST_TIMEOUT TEST_HANG_S
+    export -f limited run_test archive
+    export OUT PYTHON TEST_TIMEOUT TEST_HANG_S ARCHIVE
     files=$(for f in ${TESTS:-tests/test_*.py}; do [ "$f" != tests/test_integration_gpu.py ] && echo "$f"; done)
     {
         printf '%s\n' $files | xargs -P "${TEST_JOBS:-1}" -I{} bash -c 'run_test {}'

@@ -315,7 +315,11 @@ class Tuner:
     """The choices of this process, in memory, over the disk cache."""
 
     def __init__(self):
-        self.lock = threading.RLock()
+        self.lock = threading.RLock()  # guards the dicts below, never held while tuning
+        #: one lock per cold key, held while it tunes: a choice that needs another choice on another
+        #: thread (a plan's backward runs on autograd's device thread and asks for its backends) waits
+        #: only for its own key, never for the outer one.
+        self._tuning: dict[Hashable, threading.Lock] = {}
         self.memory: dict[Hashable, Choice] = {}
         self.history: deque[Choice] = deque(maxlen=256)
         self.decided = 0  # choices made (tuned, or read from disk), for ``tune`` to report its own
@@ -334,6 +338,7 @@ class Tuner:
         with self.lock:
             self.memory.clear()
             self.history.clear()
+            self._tuning.clear()
             self._disk.clear()
             self._said.clear()
 
@@ -348,27 +353,32 @@ class Tuner:
 
     def disk(self, device: torch.device) -> cache.DiskCache:
         label = device_label(device)
-        if label not in self._disk:
-            self._disk[label] = cache.DiskCache(cache.environment(label))
-        return self._disk[label]
+        with self.lock:
+            if label not in self._disk:
+                self._disk[label] = cache.DiskCache(cache.environment(label))
+            return self._disk[label]
 
     # -- choosing -------------------------------------------------------------------------------
 
     def choose(self, mkey: Hashable, describe: Callable[[], Problem], remember: bool = True) -> Choice:
         """The remembered choice for ``mkey``, else the one ``describe()``'s problem tunes to.
-        One thread tunes a cold key; the others wait and reuse its choice."""
+        One thread tunes a cold key; the others that want that key wait and reuse its choice."""
         choice = self.memory.get(mkey)
         if choice is not None:
             return choice
         with self.lock:
+            key_lock = self._tuning.setdefault(mkey, threading.Lock())
+        with key_lock:
             choice = self.memory.get(mkey)
-            if choice is None:
-                choice = self.decide(describe())
+            if choice is not None:
+                return choice
+            choice = self.decide(describe())
+            with self.lock:
                 if remember and choice.how != "capture":
                     self.memory[mkey] = choice
                 self.history.append(choice)
                 self.decided += 1
-                log.info("%s", choice.summary())
+            log.info("%s", choice.summary())
             return choice
 
     def decide(self, problem: Problem) -> Choice:

@@ -87,6 +87,29 @@ def test_close_call_is_retimed_interleaved(monkeypatch):
     assert choice.winner in ("a", "b") and choice.how == "profiled"
 
 
+def test_a_choice_needed_on_another_thread_while_tuning_is_made(monkeypatch):
+    """A plan's backward runs on autograd's device thread (CUDA) and asks for its backends while the
+    plan's own key is tuning on the caller's thread: the inner choice must not wait for the outer."""
+    import threading
+
+    tuner = Tuner()
+    inner = Problem("inner", "k2", torch.device("cpu"), [_Named("c", 0)], _CountingTrial)
+    answers = []
+
+    class NestedOnAnotherThread(_CountingTrial):
+        def run(self, c):
+            worker = threading.Thread(target=lambda: answers.append(tuner.choose("inner", lambda: inner)))
+            worker.start()
+            worker.join(timeout=20)
+            assert not worker.is_alive(), "the inner choice waited for the outer key's tuning"
+            return super().run(c)
+
+    monkeypatch.setattr(_CountingTrial, "calls", {})
+    outer = Problem("outer", "k1", torch.device("cpu"), [_Named("a", 0), _Named("b", 1)], NestedOnAnotherThread)
+    assert tuner.choose("outer", lambda: outer).winner in ("a", "b")
+    assert answers and {a.winner for a in answers} == {"c"}
+
+
 def test_a_new_process_reads_the_numbers_a_close_call_was_decided_by(monkeypatch):
     """The interleaved re-timing reverses a close first timing; the disk must keep the re-timed
     numbers, or the next process (a fresh tuner over the same cache) picks the other candidate."""
