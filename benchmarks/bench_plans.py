@@ -172,7 +172,7 @@ def label(name) -> str:
 def plan_kind(name: str) -> str:
     """How the plan's backward gets the pre-activation."""
     plan = plans.get_plan(name)
-    return "store" if plan.differentiable or name == "torch_conv" else "recompute"
+    return "store" if plan.differentiable or plan.stores_preactivation else "recompute"
 
 
 class CaseRun:

@@ -92,6 +92,28 @@ def test_triton_epilogue_in_interpreter(monkeypatch, poisoned_empty, shape, dtyp
 
 
 @NAN_BY_DESIGN
+@pytest.mark.parametrize("mish_count", [2, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_epilogue_in_interpreter_writes_the_preactivation(monkeypatch, poisoned_empty, dtype, mish_count):
+    """The training forward's pass: the output as without it, and ``y + bias`` in NCHW, every element:
+    fp32 exactly (one correctly rounded sum, as PyTorch's), bf16 within one of its ulp (how the
+    float32 sum is converted: the interpreter's conversion need not round to nearest)."""
+    pytest.importorskip("triton")
+    from mishops.plans.cudnn_nchw import nhwc_to_nchw
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    y = _nhwc_input(2, 70, 12, 25, dtype, "cpu", seed=3)
+    bias = (torch.randn(70) * 3).to(dtype)
+    out, pre = nhwc_to_nchw(y, bias, mish_count=mish_count, preactivation=True)
+    z = y.double() + bias.double()[:, None, None]
+    ref = F.mish(F.mish(z)) if mish_count == 2 else F.mish(z)
+    _assert_every_element_close(out, ref.contiguous(), dtype)
+    assert pre.is_contiguous() and pre.dtype == dtype
+    torch.testing.assert_close(pre, z.to(dtype).contiguous(), rtol=0 if dtype == torch.float32 else RTOL[dtype],
+                               atol=0, equal_nan=True)
+
+
+@NAN_BY_DESIGN
 def test_triton_epilogue_in_interpreter_converts_dtype(monkeypatch, poisoned_empty):
     pytest.importorskip("triton")
     from mishops.plans.cudnn_nchw import nhwc_to_nchw

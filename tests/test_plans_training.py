@@ -60,6 +60,25 @@ class _Recompute(Plan):
             return F.mish(F.mish(conv2d(x, weight, bias, spec)))
 
 
+class _Storing(Plan):
+    """Not differentiable, and stores: its own ``forward_storing`` (eager ops outside autograd) gives
+    the output and the pre-activation, counted, as a fused epilogue that writes both would."""
+
+    name = "test_storing"
+    priority = 0
+    stores_preactivation = True
+    calls = 0
+
+    def forward(self, x, weight, bias, spec):
+        raise AssertionError("a storing plan's training forward is forward_storing")
+
+    def forward_storing(self, x, weight, bias, spec):
+        type(self).calls += 1
+        with torch.no_grad():
+            z = conv2d(x, weight, bias, spec)
+            return (F.mish(F.mish(z)) if spec.mish_count == 2 else F.mish(z)), z
+
+
 #: the plans that store the pre-activation for their backward (autograd through the conv).
 STORING = ("torch_conv", "eager")
 
@@ -193,13 +212,16 @@ def test_model_new_training_steps_equal_reference_model(extra_plan):
 from mishops.plans import ConvSpec, training  # noqa: E402
 
 
-@pytest.mark.parametrize("plan_name", ["torch_conv", "test_recompute"], ids=["store", "recompute"])
+@pytest.mark.parametrize("plan_name", ["torch_conv", "test_storing", "test_recompute"],
+                         ids=["store", "own-store", "recompute"])
 @pytest.mark.parametrize("x_grad", [False, True], ids=["w,b", "x,w,b"])
 @pytest.mark.parametrize("mish_count", [2, 1])
 def test_gradcheck_float64(plan_name, x_grad, mish_count):
     """The fused backward's gradients of x, the weight and the bias, numerically checked: stored
-    pre-activation (torch_conv) and recomputed (a plan that is not differentiable)."""
+    pre-activation (torch_conv's, and a plan's own ``forward_storing``) and recomputed (a plan that
+    is not differentiable)."""
     register(_Recompute)
+    register(_Storing)
     plan = plans.get_plan(plan_name)
     conv = torch.nn.Conv2d(2, 3, 3, stride=(1, 2), padding=1).double()
     spec = ConvSpec.of(conv, mish_count)
@@ -215,6 +237,23 @@ def test_gradcheck_float64(plan_name, x_grad, mish_count):
         return training.forward(plan, xs, w, b, spec, True)
 
     assert torch.autograd.gradcheck(block, inputs)
+
+
+def test_a_storing_plans_backward_reads_what_its_forward_stored(monkeypatch):
+    """``forward_storing`` runs once a training call, ``forward`` never, and the backward
+    recomputes no conv: its gradients come from the stored pre-activation."""
+    register(_Storing)
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+    spec = ConvSpec.of(conv)
+    x = torch.randn(2, 3, 6, 7)
+    y = training.forward(plans.get_plan("test_storing"), x, conv.weight, conv.bias, spec, True)
+    recomputed = []
+    monkeypatch.setattr(training, "conv2d", lambda *a, **k: recomputed.append(1))
+    g = torch.randn_like(y)
+    dw, db = torch.autograd.grad(y, (conv.weight, conv.bias), g)
+    assert _Storing.calls == 1 and not recomputed
+    expected = torch.autograd.grad(F.mish(F.mish(conv(x))), (conv.weight, conv.bias), g)
+    torch.testing.assert_close((dw, db), expected)
 
 
 def test_grad_bias_fallback_matches_autograd_in_each_layout():
@@ -325,7 +364,8 @@ def _gpu_block_gradients(monkeypatch, plan, setting, layout, shape_name):
 @pytest.mark.parametrize("shape_name", list(GPU_TRAIN_SHAPES))
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("setting", ["tf32", "bf16-autocast", "fp16-autocast"])
-@pytest.mark.parametrize("plan", ["torch_conv", "triton_conv", "cudnn_fused", "cudnn_conv_epilogue_cuda"])
+@pytest.mark.parametrize("plan", ["torch_conv", "triton_conv", "cudnn_fused", "cudnn_conv_epilogue_cuda",
+                                  "cudnn_conv_epilogue_triton"])
 def test_gpu_training_gradients_vs_float64(monkeypatch, plan, setting, layout, shape_name):
     """Every gradient within 2x eager's own error against float64 (plus 1e-5 of its largest element)."""
     if shape_name in ("reference", "batch1") and (setting == "fp16-autocast" or plan not in ("torch_conv", "triton_conv")):

@@ -101,8 +101,9 @@ class Plan:
         {torch.contiguous_format, torch.channels_last})
     #: False: its forward is not tracked by autograd; ``mishops.plans.training`` supplies the backward.
     differentiable: ClassVar[bool] = False
-    #: True: its forward is PyTorch's conv then the activation, and in training it saves the conv's
-    #: output for ``mishops.plans.training``'s fused backward instead of recomputing it.
+    #: True: in training it runs ``forward_storing`` and saves the pre-activation it returns for
+    #: ``mishops.plans.training``'s fused backward, which then recomputes no conv (one more tensor
+    #: of the output's size kept until the backward).
     stores_preactivation: ClassVar[bool] = False
     #: True: under autocast its forward takes the input as the caller gave it (e.g. fp32 with bf16
     #: weights) and casts it while reading it, which saves autocast's own pass over the input.
@@ -131,6 +132,15 @@ class Plan:
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 spec: ConvSpec) -> torch.Tensor:
         raise NotImplementedError
+
+    def forward_storing(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        spec: ConvSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the block's output, its pre-activation ``conv(x) + bias`` in the output's memory format),
+        for a training forward of a plan that ``stores_preactivation``; not tracked by autograd.
+        This one is PyTorch's conv, then the activation; a plan overrides it to get both from its own
+        kernels (an epilogue that writes the pre-activation too)."""
+        z = conv2d(x, weight, bias, spec)
+        return activation(z, spec), z
 
     def configs(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec) -> list:
         """The configs worth trying for this input (tile shapes, engine configs...), each with a

@@ -8,6 +8,8 @@ applies Mish (``ConvSpec.mish_count`` times) in fp32 and writes NCHW, in two imp
 compete in the autotuner (timings: ``benchmarks/results/`` and the README):
 
 - ``cudnn_conv_epilogue_triton``: the tiled kernel of ``cudnn_nchw`` with its bias and Mish on;
+  in training the same pass also writes the pre-activation for the backward (``stores_preactivation``),
+  which costs one more store where recomputing it would cost a conv;
 - ``cudnn_conv_epilogue_cuda``: ``csrc/epilogue_nchw.cu`` in the CUDA backend's extension, with
   the Mish of ``csrc/mish.cuh`` that the ``cuda`` backend uses. The kernel is templated on the
   Mish count; it takes a single Mish once the extension's binding (``csrc/mish2_binding.cpp``)
@@ -106,6 +108,9 @@ class CudnnConvEpilogueCudaPlan(_ConvEpiloguePlan):
 class CudnnConvEpilogueTritonPlan(_ConvEpiloguePlan):
     name = "cudnn_conv_epilogue_triton"
     priority = 16
+    #: its epilogue writes the pre-activation beside the output (one more store, about a quarter of
+    #: the pass's traffic) where recomputing it would cost the backward a conv
+    stores_preactivation = True
     source_files = (Path(cudnn_nchw.__file__),)
 
     def is_available(self) -> Availability:
@@ -118,3 +123,8 @@ class CudnnConvEpilogueTritonPlan(_ConvEpiloguePlan):
 
     def epilogue(self, y, bias, mish_count):
         return cudnn_nchw.nhwc_to_nchw(y, bias, mish_count=mish_count)
+
+    def forward_storing(self, x, weight, bias, spec: ConvSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        y = get_plan("cudnn_fused").conv_nhwc(x, weight, spec)
+        with torch.cuda.device(y.device):
+            return cudnn_nchw.nhwc_to_nchw(y, bias, mish_count=spec.mish_count, preactivation=True)

@@ -14,8 +14,10 @@ Backward, whatever the forward saved:
    GEMM, the shape cuDNN's weight-gradient kernels handle worst.
 
 Forward, by plan (``forward``):
-- a plan that ``stores_preactivation`` (``torch_conv``) runs PyTorch's conv and the fastest
-  double-Mish backend and saves ``z``: the backward reads it and recomputes nothing;
+- a plan that ``stores_preactivation`` runs ``Plan.forward_storing``, which returns ``z`` beside
+  the output (``torch_conv``: PyTorch's conv, then the fastest double-Mish backend;
+  ``cudnn_conv_epilogue_triton``: its epilogue writes ``z`` as well), and saves ``z``: the
+  backward reads it and recomputes nothing;
 - a fused plan that is not differentiable saves nothing but its inputs and recomputes ``z`` with
   one conv in the backward, which costs a conv and saves 2 GB of memory;
 - a differentiable plan (``eager``) trains through its own autograd graph.
@@ -35,7 +37,7 @@ import os
 import torch
 
 from mishops import dispatch, registry
-from mishops.plans.base import ConvSpec, Plan, activation, conv2d
+from mishops.plans.base import ConvSpec, Plan, conv2d
 
 log = logging.getLogger("mishops")
 #: opt-in kernels that failed in this process, with the reason (their callers fall back to cuDNN's)
@@ -47,7 +49,7 @@ def forward(plan: Plan, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     """The block's output by ``plan``; when ``training``, tracked by autograd with the fused backward above."""
     if not training or (plan.differentiable and not plan.stores_preactivation):
         return plan.forward(x, weight, bias, spec)
-    return _Block.apply(x, weight, bias, None if plan.stores_preactivation else plan, spec)
+    return _Block.apply(x, weight, bias, plan, spec)
 
 
 def grad_bias(z: torch.Tensor, grad: torch.Tensor, spec: ConvSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,18 +155,18 @@ def _conv_backward_by_autograd(dz, x, weight, spec, need_x, need_weight):
 
 
 class _Block(torch.autograd.Function):
-    """Forward: ``plan`` (None: PyTorch's conv + the activation, saving ``z``). Backward: the fused
-    activation + bias gradient, then cuDNN's weight and input gradients."""
+    """Forward: ``plan``'s, saving its pre-activation ``z`` where it ``stores_preactivation``.
+    Backward: the fused activation + bias gradient, then cuDNN's weight and input gradients."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, plan: Plan | None, spec: ConvSpec):
+    def forward(ctx, x, weight, bias, plan: Plan, spec: ConvSpec):
         ctx.spec = spec
         ctx.bias_dtype = None if bias is None else bias.dtype
-        if plan is None:
-            z = conv2d(x, weight, bias, spec)
+        if plan.stores_preactivation:
+            y, z = plan.forward_storing(x, weight, bias, spec)
             ctx.save_for_backward(x, weight, z)
             ctx.stored = True
-            return activation(z, spec)
+            return y
         ctx.save_for_backward(x, weight, bias)
         ctx.stored = False
         return plan.forward(x, weight, bias, spec)
