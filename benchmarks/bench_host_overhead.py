@@ -67,15 +67,27 @@ def main(argv=None) -> int:
         rows.append(("ModelNew, inference", plan.name, per_call_us(lambda: model(inp), device, args.calls),
                      per_call_us(lambda: plan.forward(inp, w, b, spec), device, args.calls)))
     model(inp)
-    trained = plans.choose(inp, w, b, spec, grads_of=(False, True, True))
+    grads_of = training.grads_wanted(inp, w, b)
+    trained = plans.choose(inp, w, b, spec, grads_of=grads_of)
     rows.append(("ModelNew, grad mode (forward only)", trained.name, per_call_us(lambda: model(inp), device, args.calls),
                  per_call_us(lambda: training.forward(trained, inp, w, b, spec, True), device, args.calls)))
+    # where a grad-mode call's host time goes: each step of ModelNew's path, outermost first
+    steps = [("ModelNew(x)", lambda: model(inp)),
+             ("run_block(x, conv): ModelNew less the module call and its input check",
+              lambda: plans.run_block(inp, model.conv)),
+             ("plans.choose(...): the cached lookup alone (key, environment, memory)",
+              lambda: plans.choose(inp, w, b, spec, grads_of=grads_of)),
+             ("training.forward(plan, ...): the chosen plan, as run_block calls it",
+              lambda: training.forward(trained, inp, w, b, spec, True))]
+    step_rows = [(what, per_call_us(fn, device, args.calls)) for what, fn in steps]
 
     lines = [f"Host time per cached call on {mishops.tuning.device_label(device)} (torch {torch.__version__}), "
              f"{args.calls} calls a round, median of 7 rounds", "",
              "| call | chosen | through mishops, us | the chosen one directly, us | overhead, us |", "|---|---|---:|---:|---:|"]
     for what, chosen, ours, direct in rows:
         lines.append(f"| {what} | {chosen} | {ours:.1f} | {direct:.1f} | {ours - direct:.1f} |")
+    lines += ["", "Grad mode, step by step (each timed alone, same inputs):", "", "| step | us |", "|---|---:|"]
+    lines += [f"| {what} | {us:.1f} |" for what, us in step_rows]
     text = "\n".join(lines)
     print(text)
     if args.out:
