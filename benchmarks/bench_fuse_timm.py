@@ -17,6 +17,7 @@ printed and, with ``--out``, written as markdown with the device, versions, comm
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import datetime
 import platform
@@ -55,6 +56,20 @@ def _commit() -> str:
                               cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def block_choices() -> list[str]:
+    """The tuner's choice for each of the fused model's block keys (blocks of the same shapes share
+    one), with its median and the eager plan's, as the tuner measured them: each block alone, from
+    an idle GPU. Beside the model's time it says whether the choices or their timing misled."""
+    def ms(m) -> str:
+        return f"{m.median_ms:.3f} ms" if m is not None and m.ok else "untimed"
+
+    chosen = [c for c in tuning.TUNER.memory.values() if c.op == "block"]
+    winners = collections.Counter(c.winner for c in chosen).most_common()
+    head = f"{len(chosen)} block keys: " + (", ".join(f"{name} {n}" for name, n in winners) or "none tuned")
+    return [head, *(f"  - `{c.key}`: {c.winner} ({c.how}) {ms(c.measurements.get(c.winner))}, "
+                    f"eager {ms(c.measurements.get('eager'))}" for c in chosen)]
 
 
 def _device_name(device: torch.device) -> str:
@@ -104,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     fused = fused.to(device, memory_format=memory_format)
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
 
-    rows = []
+    rows, tuned = [], []
     for setting in settings:
         amp = torch.autocast(device.type, dtype=torch.bfloat16) if setting == "bf16-autocast" else None
         for mode in modes:
@@ -118,10 +133,14 @@ def main(argv: list[str] | None = None) -> int:
                     with torch.no_grad(), (amp if amp is not None else torch.autocast(device.type, enabled=False)):
                         return model(x)
 
+                if name == "fused" and mode == "eager":
+                    tuning.TUNER.forget()  # so that memory holds this setting's block choices only
                 started = time.perf_counter()
                 outs[name] = run()  # compiles, tunes: the first call
                 first_s = time.perf_counter() - started
                 times[name] = (_time_ms(run, device), first_s)
+                if name == "fused" and mode == "eager":
+                    tuned.append((setting, block_choices()))
             ref, got = outs["unfused"].float(), outs["fused"].float()
             err = float((got - ref).abs().max()) / max(float(ref.abs().max()), 1e-30)
             (u_ms, u_first), (f_ms, f_first) = times["unfused"], times["fused"]
@@ -150,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     for setting, mode, u_ms, f_ms, speedup, err, u_first, f_first in rows:
         lines.append(f"| {setting} | {mode} | {u_ms:.3f} | {f_ms:.3f} | {speedup:.2f}x | {err:.2e} | "
                      f"{u_first:.1f} / {f_first:.1f} |")
+    lines += ["", "The tuner's block choices (eager mode), each block key timed alone:", ""]
+    for setting, choices in tuned:
+        lines += [f"- {setting}: {choices[0]}", *choices[1:]]
     lines += ["", "Fuse report:", "", "```", str(report), "```", ""]
     text = "\n".join(lines)
     print(text)

@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-only", action="store_true", help="with --train: leave out the inference rows")
     parser.add_argument("--train-configs", default="w,b|x,w,b",
                         help="'|'-separated: w,b (x not differentiated) and/or x,w,b")
-    parser.add_argument("--plans", default="all", help="comma-separated plans to force, or 'all'")
+    parser.add_argument("--plans", default="all", help="comma-separated plans to force, 'all', or 'none' (eager and auto only)")
     parser.add_argument("--no-auto", action="store_true", help="leave out run_block's own choice")
     parser.add_argument("--backward-variants", default="cl,triton-wgrad",
                         help="comma-separated extra torch_conv training rows: cl (cuDNN's backward on channels_last "
