@@ -83,6 +83,24 @@ def tf32_floor(x: torch.Tensor, conv: nn.Conv2d, ref: torch.Tensor, mish_count: 
     return max_err(block64(tf32_round(x), conv, mish_count, weight=tf32_round(conv.weight)), ref)
 
 
+def gradients_at_tf32_preactivation(x: torch.Tensor, conv: nn.Conv2d, grad: torch.Tensor, mish_count: int = 2):
+    """(dx, dweight, dbias) in float64 as a TF32 kernel's training path gives them: the activation's
+    gradient taken at the pre-activation that the kernel stored (TF32-rounded operands), then
+    pulled back through the conv of the unrounded operands (cuDNN's backward, as the plan runs it)."""
+    w64 = conv.weight.detach().double()
+    z = F.conv2d(tf32_round(x.detach()).double(), tf32_round(conv.weight.detach()).double(),
+                 None if conv.bias is None else conv.bias.detach().double(), conv.stride, conv.padding,
+                 conv.dilation, conv.groups).requires_grad_(True)
+    y = z
+    for _ in range(mish_count):
+        y = F.mish(y)
+    (dz,) = torch.autograd.grad(y, z, grad.double())
+    dx, dw, _ = torch.ops.aten.convolution_backward(dz, x.detach().double(), w64, None, list(conv.stride),
+                                                    list(conv.padding), list(conv.dilation), False, [0, 0],
+                                                    conv.groups, [True, True, False])
+    return dx, dw, dz.sum(dim=(0, 2, 3))
+
+
 def in_setting(name: str):
     """Enter a GPU test setting: "tf32", "fp32" (TF32 off), "bf16-autocast" or "fp16-autocast"."""
     torch.backends.cudnn.allow_tf32 = name != "fp32"

@@ -369,7 +369,7 @@ def _gpu_block_gradients(monkeypatch, plan, setting, layout, shape_name):
 def test_gpu_training_gradients_vs_float64(monkeypatch, plan, setting, layout, shape_name):
     """Every gradient within 2x eager's own error against float64 (plus 1e-5 of its largest element)."""
     if shape_name in ("reference", "batch1") and (setting == "fp16-autocast" or plan not in ("torch_conv", "triton_conv")):
-        pytest.skip("the reference-sized shapes run the store plan and one recompute plan, TF32 and bf16")
+        pytest.skip("the reference-sized shapes run PyTorch's conv and one conv kernel of ours, TF32 and bf16")
     try:
         ours, eager, ref, max_err = _gpu_block_gradients(monkeypatch, plan, setting, layout, shape_name)
     except plans.NoPlanError as exc:

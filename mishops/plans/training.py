@@ -16,7 +16,7 @@ Backward, whatever the forward saved:
 Forward, by plan (``forward``):
 - a plan that ``stores_preactivation`` runs ``Plan.forward_storing``, which returns ``z`` beside
   the output (``torch_conv``: PyTorch's conv, then the fastest double-Mish backend;
-  ``cudnn_conv_epilogue_triton``: its epilogue writes ``z`` as well), and saves ``z``: the
+  ``triton_conv`` and ``cudnn_conv_epilogue_triton``: their epilogue writes ``z`` as well), and saves ``z``: the
   backward reads it and recomputes nothing;
 - a fused plan that is not differentiable saves nothing but its inputs and recomputes ``z`` with
   one conv in the backward, which costs a conv and saves 2 GB of memory;

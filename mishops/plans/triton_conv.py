@@ -69,9 +69,9 @@ def _pad_round_kernel(x, xp, C, H, W, Hp, Wp, Cp, PH, PW, sxn, sxc, sxh, sxw,
                  mask=(wp[:, None] < Wp) & (c[None, :] < Cp))
 
 
-def _conv_kernel(x_desc, w_desc, out_desc, bias, out, H, W, Hp, Wp, Cout, TAPS_W, DH, DW,
+def _conv_kernel(x_desc, w_desc, out_desc, bias, out, pre, H, W, Hp, Wp, Cout, TAPS_W, DH, DW,
                  TAPS: tl.constexpr, CP: tl.constexpr, HAS_BIAS: tl.constexpr, MISH_COUNT: tl.constexpr,
-                 CHANNELS_LAST: tl.constexpr,
+                 CHANNELS_LAST: tl.constexpr, STORE_PRE: tl.constexpr,
                  TMA_STORE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr,
                  NUM_STAGES: tl.constexpr):
     tiles_w = (W + BLOCK_P - 1) // BLOCK_P  # not tl.cdiv: a jit function, which breaks the interpreter once
@@ -96,20 +96,29 @@ def _conv_kernel(x_desc, w_desc, out_desc, bias, out, H, W, Hp, Wp, Cout, TAPS_W
     co = co0 + tl.arange(0, BLOCK_CO)
     if HAS_BIAS:
         acc += tl.load(bias + co, mask=co < Cout, other=0.0).to(tl.float32)[:, None]
+    if STORE_PRE:  # conv + bias, which a training forward keeps for the backward, in the output's layout
+        image = pre + n.to(tl.int64) * Cout * H * W  # then 32-bit offsets: an image holds < 2^31 elements
+        if CHANNELS_LAST:
+            inside = (h * W + (w0 + p[None, :])) * Cout + co[:, None]
+        else:
+            inside = (co[:, None] * H + h) * W + (w0 + p[None, :])
+        tl.store(image + inside, acc.to(pre.dtype.element_ty), mask=(co[:, None] < Cout) & (w0 + p[None, :] < W))
     v = acc
     for _ in tl.static_range(MISH_COUNT):  # the same Mish as the double-Mish backends
         e = tl.exp2(tl.minimum(v, 20.0) * 1.4426950408889634)  # e^v as 2^(v log2 e)
         m = e * (e + 2.0)
         v = v * (m / (m + 2.0))
     v = v.to(out.dtype.element_ty)
-    if TMA_STORE:  # the descriptor clips the tile at the row's end and the last channel
-        out_desc.store([n, co0, h, w0], tl.reshape(v, (1, BLOCK_CO, 1, BLOCK_P)))
-    else:
+    if not TMA_STORE:
         if CHANNELS_LAST:
             offsets = ((n.to(tl.int64) * H + h) * W + (w0 + p[None, :])) * Cout + co[:, None]
         else:
             offsets = ((n.to(tl.int64) * Cout + co[:, None]) * H + h) * W + (w0 + p[None, :])
-        tl.store(out + offsets, v, mask=(co[:, None] < Cout) & (w0 + p[None, :] < W))
+        mask = (co[:, None] < Cout) & (w0 + p[None, :] < W)
+    if TMA_STORE:  # the descriptor clips the tile at the row's end and the last channel
+        out_desc.store([n, co0, h, w0], tl.reshape(v, (1, BLOCK_CO, 1, BLOCK_P)))
+    else:
+        tl.store(out + offsets, v, mask=mask)
 
 
 def _interpreting() -> bool:
@@ -212,12 +221,13 @@ def conv_mish2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                padding: tuple[int, int], dilation: tuple[int, int],
                memory_format: torch.memory_format = torch.contiguous_format,
                config: TileConfig | None = None, out: torch.Tensor | None = None,
-               mish_count: int = 2) -> torch.Tensor:
+               mish_count: int = 2, preactivation: torch.Tensor | None = None) -> torch.Tensor:
     """``mish(mish(conv2d(x, weight, bias, 1, padding, dilation)))`` (one ``mish`` for
     ``mish_count=1``), written in ``memory_format``
     (contiguous NCHW or channels_last) into a new tensor or ``out``. It computes in the weight's
     dtype: a wider ``x`` (fp32 under bf16 autocast) is cast as the input pass reads it. fp32
-    operands are rounded to TF32."""
+    operands are rounded to TF32. ``preactivation`` (a tensor like the output) also receives
+    ``conv2d(...) + bias``, from the same accumulators."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     n, cin, _, _ = x.shape
@@ -225,6 +235,8 @@ def conv_mish2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     dh, dw = dilation
     dtype = weight.dtype
     out = block_output(x, weight, padding, dilation, memory_format, out)
+    if preactivation is not None:
+        block_output(x, weight, padding, dilation, memory_format, preactivation)  # checks it is like out
     out_h, out_w = out.shape[2:]
     if mish_count not in (1, 2):
         raise ValueError(f"mish_count must be 1 or 2, not {mish_count!r}")
@@ -247,10 +259,11 @@ def conv_mish2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         if tma_store else None
     grid = (out_h * -(-out_w // cfg.block_p), -(-cout // cfg.block_co), n)
     _, conv_kernel = _kernels(_interpreting())
-    conv_kernel[grid](x_desc, w_desc, out_desc, bias if bias is not None else wk, out, out_h, out_w, xp.shape[1],
+    conv_kernel[grid](x_desc, w_desc, out_desc, bias if bias is not None else wk, out,
+                      out if preactivation is None else preactivation, out_h, out_w, xp.shape[1],
                       xp.shape[2], cout, kw, dh, dw, TAPS=kh * kw, CP=channels, HAS_BIAS=bias is not None,
-                      MISH_COUNT=mish_count,
-                      CHANNELS_LAST=memory_format == torch.channels_last, TMA_STORE=tma_store, BLOCK_P=cfg.block_p,
+                      MISH_COUNT=mish_count, CHANNELS_LAST=memory_format == torch.channels_last,
+                      STORE_PRE=preactivation is not None, TMA_STORE=tma_store, BLOCK_P=cfg.block_p,
                       BLOCK_CO=cfg.block_co, BLOCK_K=block_k, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
                       **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
     return out
@@ -261,6 +274,9 @@ class TritonConvPlan(Plan):
     name = "triton_conv"
     priority = 15
     casts_input = True
+    #: in training its epilogue also stores conv + bias (one more store of the output's size), where
+    #: recomputing it would cost the backward a conv
+    stores_preactivation = True
     dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32})
 
     @property
@@ -316,7 +332,16 @@ class TritonConvPlan(Plan):
         return found[:1] if _interpreting() else found
 
     def forward(self, x, weight, bias, spec: ConvSpec, config: TileConfig | None = None) -> torch.Tensor:
+        return self._run(x, weight, bias, spec, config)
+
+    def forward_storing(self, x, weight, bias, spec: ConvSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        padding, fmt = spec.numeric_padding(), expected_memory_format(x, weight)
+        pre = block_output(x, weight, padding, tuple(spec.dilation), fmt)
+        return self._run(x, weight, bias, spec, None, pre), pre
+
+    def _run(self, x, weight, bias, spec: ConvSpec, config: TileConfig | None,
+             preactivation: torch.Tensor | None = None) -> torch.Tensor:
         with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
             return conv_mish2(x, weight, bias, spec.numeric_padding(), tuple(spec.dilation),
                               expected_memory_format(x, weight), config or self.config_for(x, weight, bias, spec),
-                              mish_count=spec.mish_count)
+                              mish_count=spec.mish_count, preactivation=preactivation)
