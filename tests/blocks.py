@@ -101,6 +101,18 @@ def gradients_at_tf32_preactivation(x: torch.Tensor, conv: nn.Conv2d, grad: torc
     return dx, dw, dz.sum(dim=(0, 2, 3))
 
 
+def compile_for_hopper(kernel, signature: dict, constexprs: dict, **options):
+    """Compile a Triton kernel for sm_90 without a GPU (Triton's own ptxas): what the interpreter
+    cannot check -- the compiler's view of the code, static ifs and layouts -- checked in CI."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {**signature, **{name: "constexpr" for name in constexprs}}
+    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                          target=GPUTarget("cuda", 90, 32), options=options)
+
+
 def in_setting(name: str):
     """Enter a GPU test setting: "tf32", "fp32" (TF32 off), "bf16-autocast" or "fp16-autocast"."""
     torch.backends.cudnn.allow_tf32 = name != "fp32"

@@ -21,8 +21,8 @@ from torch import nn
 
 from mishops import plans
 from mishops.plans import ConvSpec, NoPlanError, run_block
-from tests.blocks import (Model, assert_gradients_match_eager, block_choices, in_setting,  # noqa: F401 (fixture)
-                          isolated_plans, max_err, run_in_two_new_processes, tf32_floor)
+from tests.blocks import (Model, assert_gradients_match_eager, block_choices, compile_for_hopper,  # noqa: F401
+                          in_setting, isolated_plans, max_err, run_in_two_new_processes, tf32_floor)
 from tests.reference import special_input
 
 HAS_GPU = torch.cuda.is_available()
@@ -111,6 +111,19 @@ def test_triton_epilogue_in_interpreter_writes_the_preactivation(monkeypatch, po
     assert pre.is_contiguous() and pre.dtype == dtype
     torch.testing.assert_close(pre, z.to(dtype).contiguous(), rtol=0 if dtype == torch.float32 else RTOL[dtype],
                                atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("store_pre", [False, True], ids=["inference", "training"])
+def test_triton_epilogue_compiles_for_hopper(monkeypatch, store_pre):
+    pytest.importorskip("triton")
+    from mishops.plans import cudnn_nchw
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    signature = {"src": "*fp32", "bias": "*fp32", "dst": "*fp32", "pre": "*fp32", "HW": "i32", "C": "i32",
+                 "hw_tiles": "i32", "c_tiles": "i32"}
+    constexprs = {"HAS_BIAS": True, "MISH_COUNT": 2, "STORE_PRE": store_pre, "BLOCK_HW": 64, "BLOCK_C": 64}
+    compiled = compile_for_hopper(cudnn_nchw._kernel(False), signature, constexprs, num_warps=4)
+    assert compiled.asm["cubin"]
 
 
 @NAN_BY_DESIGN

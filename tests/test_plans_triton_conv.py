@@ -11,7 +11,7 @@ from mishops.plans import autocast
 from mishops import plans, tuning
 from mishops.plans import ConvSpec, run_block
 from mishops.plans import triton_conv as tc
-from tests.blocks import gradients_at_tf32_preactivation
+from tests.blocks import compile_for_hopper, gradients_at_tf32_preactivation
 from tests.reference import SPECIAL_VALUES
 
 pytest.importorskip("triton")
@@ -163,6 +163,30 @@ def test_kernel_writes_the_preactivation_beside_the_output(device, fmt, shape):
     assert pre.is_contiguous(memory_format=fmt) and not pre.isnan().any()
     diff = (pre.cpu().double() - z).abs()
     assert bool((diff <= 2e-6 * (z.abs() + z.abs().max())).all()), f"max error {diff.max():.3g}"
+
+
+@pytest.mark.parametrize("store_pre", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("tma_store", [False, True], ids=["plain-stores", "tma-stores"])
+def test_kernel_compiles_for_hopper(monkeypatch, store_pre, tma_store):
+    """The reference shape's config (128 x 128 tiles, 8 warps, 128 registers), both epilogues."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    _, kernel = tc._kernels(False)
+
+    def desc(*block):
+        return f"tensordesc<fp32[{','.join(map(str, block))}]>"
+
+    signature = {"x_desc": desc(128, 32), "w_desc": desc(128, 32), "bias": "*fp32", "out": "*fp32", "pre": "*fp32",
+                 **{name: "i32" for name in ("H", "W", "Hp", "Wp", "Cout", "TAPS_W", "DH", "DW")}}
+    constexprs = {"TAPS": 9, "CP": 64, "HAS_BIAS": True, "MISH_COUNT": 2, "CHANNELS_LAST": False,
+                  "STORE_PRE": store_pre, "TMA_STORE": tma_store, "BLOCK_P": 128, "BLOCK_CO": 128, "BLOCK_K": 32,
+                  "NUM_STAGES": 3}
+    if tma_store:
+        signature["out_desc"] = desc(1, 128, 1, 128)
+    else:
+        constexprs["out_desc"] = None
+    signature = {name: signature[name] for name in kernel.arg_names if name in signature}
+    compiled = compile_for_hopper(kernel, signature, constexprs, num_warps=8, maxnreg=128)
+    assert ".maxnreg 128" in compiled.asm["ptx"] and compiled.asm["cubin"]
 
 
 def test_a_preactivation_unlike_the_output_is_refused():
