@@ -219,6 +219,17 @@ def test_declines_what_it_cannot_compute(monkeypatch, conv_args, why):
     assert any(why in r for r in reasons), reasons
 
 
+def test_declines_an_output_image_of_2_to_the_31_elements(monkeypatch):
+    """The training epilogue's offsets within an image are 32-bit (meta tensors: nothing allocated)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    plan = plans.get_plan("triton_conv")
+    x = torch.empty(1, 16, 1026, 1026, device="meta")
+    assert not any("2^31" in r for r in plan.not_supported_reasons(x, torch.empty(2040, 16, 3, 3, device="meta"),
+                                                                  None, _spec()))
+    reasons = plan.not_supported_reasons(x, torch.empty(2056, 16, 3, 3, device="meta"), None, _spec())
+    assert any("one output image has 2^31 elements" in r for r in reasons), reasons
+
+
 def test_declines_fp32_without_tf32(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)

@@ -322,6 +322,9 @@ class TritonConvPlan(Plan):
                 reasons.append("empty output")
             if n * hp * wp >= 2**31 or hp * wp * max(cin, 64) >= 2**31:  # TMA rows; 32-bit offsets per image
                 reasons.append("the padded input has 2^31 pixels or more")
+            out_h, out_w = hp - dh * (weight.shape[2] - 1), wp - dw * (weight.shape[3] - 1)
+            if weight.shape[0] * out_h * out_w >= 2**31:  # the stored pre-activation's offsets are 32-bit per image
+                reasons.append("one output image has 2^31 elements or more")
         return reasons
 
     def configs(self, x, weight, bias, spec: ConvSpec) -> list[TileConfig]:
