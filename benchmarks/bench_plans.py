@@ -21,8 +21,9 @@ max |y - y64| on the first two images against the float64 block.
 ``--train`` adds forward + backward rows (an upstream gradient given) in both training configurations
 (``--train-configs``): ``w,b`` (the conv's weight and bias differentiated, x not: a first layer) and ``x,w,b``
 (x too: a layer inside a network). Each has eager, ``torch.compile(Model)``, each plan forced (``--plans``) and
-auto, so storing the pre-activation (``torch_conv``, "store"; also with cuDNN's weight and input gradients run on
-channels_last copies, and with the Triton weight gradient: ``--backward-variants``) and recomputing it (the fused plans, "recompute") can be compared per shape, with the peak
+auto, so storing the pre-activation ("store": ``torch_conv``, also with cuDNN's weight and input gradients run on
+channels_last copies and with the Triton weight gradient, ``--backward-variants``; the plans whose epilogue writes
+it) and recomputing it (the other fused plans, "recompute") can be compared per shape, with the peak
 memory above the inputs (CUDA) and the weight gradient's error relative to its float64 value. ``--train-only``
 leaves out the inference rows. Standalone: not collected by pytest.
 """
