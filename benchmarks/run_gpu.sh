@@ -12,6 +12,9 @@
 #
 # ARCHIVE=file.tgz rewrites that one archive of everything under $OUT after every step, for machines that return
 # few files and may stop a run at their limit: whatever steps finished are in it.
+# TUNING_OUT=file.tgz keeps the tuning cache's measurements (not its builds) at the end; TUNING_IN=file.tgz (such
+# an archive, brought along) starts from them, so a later run on a new machine re-times nothing an earlier one
+# timed with the same code and versions (the cache checks both).
 #
 # Wheels in .whl/ (a machine without internet) are installed into /tmp/site first. Each step runs under
 # its own time limit (SIGINT first, so pytest still writes what it has): one slow JIT build, hang or
@@ -31,6 +34,9 @@ else
 fi
 export PYTHONUNBUFFERED=1 MISHOPS_BENCH_QUICK=0 MISHOPS_CACHE_DIR="${MISHOPS_CACHE_DIR:-/tmp/mishops-cache}"
 unset MISHOPS_BACKEND MISHOPS_PLAN MISHOPS_AUTOTUNE TRITON_INTERPRET
+if [ -n "${TUNING_IN:-}" ]; then
+    mkdir -p "$MISHOPS_CACHE_DIR" && tar -xzf "$TUNING_IN" -C "$MISHOPS_CACHE_DIR" && echo "tuning cache from $TUNING_IN"
+fi
 
 archive() {  # rewrite $ARCHIVE from everything under $OUT (one writer at a time: test files finish in parallel)
     if [ -n "${ARCHIVE:-}" ]; then
@@ -125,4 +131,7 @@ if step kernelbench; then
     limited "${KERNELBENCH_TIMEOUT:-200}" "$OUT/kernelbench.log" "$PYTHON" benchmarks/bench_kernelbench.py --out "$OUT/kernelbench.md"
 fi
 
+if [ -n "${TUNING_OUT:-}" ] && [ -d "$MISHOPS_CACHE_DIR" ]; then
+    tar -czf "$TUNING_OUT" -C "$MISHOPS_CACHE_DIR" --exclude=./build . && echo "tuning cache kept in $TUNING_OUT"
+fi
 step end || true  # the last archive
