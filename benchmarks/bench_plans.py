@@ -161,8 +161,13 @@ def why_not(exc: Exception) -> str:
 
 
 def last_block_choice() -> str:
+    """The tuner's last block choice, with every candidate's median as the tuner measured it (same
+    process, same timer): the best plan of the case even where ``--plans`` forces none."""
     chosen = [c for c in tuning.TUNER.last_choices() if c.op == "block"]
-    return f"{chosen[-1].winner} ({chosen[-1].how})" if chosen else "no choice recorded"
+    if not chosen:
+        return "no choice recorded"
+    ranked = ", ".join(f"{name} {m.median_ms:.3f}" for name, m in chosen[-1].ranked() if m.ok)
+    return f"{chosen[-1].winner} ({chosen[-1].how}; tuner ms: {ranked or 'none timed'})"
 
 
 def label(name) -> str:
@@ -235,7 +240,7 @@ class CaseRun:
             torch._functorch.config.enable_autograd_cache = False
             compiled = torch.compile(self.model)
             measure("torch.compile(Model)", lambda: compiled(self.x), "compile")
-        for name in plans.plans():
+        for name in self.forced_plans():
             with forced_plan(name):
                 measure(f"plan {name}", lambda: plans.run_block(self.x, self.model.conv))
         tuning.TUNER.clear()
@@ -294,10 +299,7 @@ class CaseRun:
             torch._functorch.config.enable_autograd_cache = False
             compiled = torch.compile(self.model)
             measure("torch.compile(Model)", lambda: compiled(x), "compile")
-        wanted = None if self.args.plans == "all" else set(self.args.plans.split(","))
-        for name in plans.plans():
-            if wanted is not None and name not in wanted:
-                continue
+        for name in self.forced_plans():
             with forced_plan(name):
                 measure(f"plan {name} ({plan_kind(name)})", lambda: plans.run_block(x, self.model.conv))
                 if name != "torch_conv" or self.clock.device.type != "cuda":
@@ -313,6 +315,11 @@ class CaseRun:
             tuning.TUNER.clear()
             measure(lambda: f"run_block auto: {last_block_choice()}", lambda: plans.run_block(x, self.model.conv))
         return rows
+
+    def forced_plans(self) -> list[str]:
+        """The plans ``--plans`` names, each forced for a row of its own (inference and training)."""
+        wanted = None if self.args.plans == "all" else set(self.args.plans.split(","))
+        return [name for name in plans.plans() if wanted is None or name in wanted]
 
     def backward_variants(self) -> list[tuple[dict[str, str], str]]:
         """The training backward's alternatives (``mishops.plans.training``) that ``--backward-variants`` names."""
