@@ -61,7 +61,9 @@ limited() {  # limit in seconds, log file, command...
 if step env; then
     {
         date -u +"%Y-%m-%d %H:%M UTC"
-        git rev-parse --short HEAD 2>/dev/null || echo "commit unknown"
+        # the tree that ran can differ from HEAD (a device copy's git metadata may lag its files): say by how much
+        echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)," \
+             "$(git status --porcelain --untracked-files=no 2>/dev/null | wc -l) tracked files differ from it"
         nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
         "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
         "$PYTHON" -m mishops info
