@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mishops.nn import check_backend, check_input
+from mishops.nn import check_backend
 from mishops.plans import run_block
 
 
@@ -31,9 +31,7 @@ class ModelNew(nn.Module):
                               device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.compiler.is_compiling():
-            check_input(x, "ModelNew")
-        return run_block(x, self.conv, self.backend)
+        return run_block(x, self.conv, self.backend, where="ModelNew")
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"

@@ -36,14 +36,6 @@ def check_backend(backend, parameter: str = "backend") -> str:
     raise ValueError(f"mishops: unknown {parameter} {backend!r}; valid: auto, {', '.join(names)}")
 
 
-def check_input(x, where: str) -> None:
-    """PyTorch's conv would reject these too, with a longer story: say it in one line first."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"mishops: {where} expects a torch.Tensor, not {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"mishops: {str(x.dtype).removeprefix('torch.')} input: {where} needs a floating dtype")
-
-
 def _capturing(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
@@ -86,8 +78,7 @@ class ConvMish2d(nn.Conv2d):
         if torch.compiler.is_compiling() or _capturing(x):  # what run_block does there, without calling self
             spec = plans.ConvSpec.of(self, self.mish_count)
             return plans.activation(self._conv_forward(x, self.weight, self.bias), spec, self.backend)
-        check_input(x, type(self).__name__)
-        return plans.run_block(x, self, self.backend, mish_count=self.mish_count)
+        return plans.run_block(x, self, self.backend, mish_count=self.mish_count, where=type(self).__name__)
 
     def extra_repr(self) -> str:
         extra = super().extra_repr() + f", mish_count={self.mish_count}"

@@ -298,19 +298,30 @@ def _config_problem(plan: Plan, x, weight, bias, spec: ConvSpec) -> Problem:
 # --- running -------------------------------------------------------------------------------------
 
 
-def run_block(x: torch.Tensor, conv: torch.nn.Conv2d, backend: str = "auto", mish_count: int = 2) -> torch.Tensor:
+def check_input(x, where: str) -> None:
+    """PyTorch's conv would reject these too, with a longer story: say it in one line first."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"mishops: {where} expects a torch.Tensor, not {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"mishops: {str(x.dtype).removeprefix('torch.')} input: {where} needs a floating dtype")
+
+
+def run_block(x: torch.Tensor, conv: torch.nn.Conv2d, backend: str = "auto", mish_count: int = 2,
+              where: str = "the block") -> torch.Tensor:
     """``mish(mish(conv(x)))`` (``mish(conv(x))`` for ``mish_count=1``) by the fastest correct plan.
 
     ``backend`` (or ``MISHOPS_BACKEND``) other than ``"auto"`` names the double-Mish backend and
     so means the ``torch_conv`` plan; ``MISHOPS_PLAN`` names a plan and wins over both. Same
     output dtype, values and memory format as the reference block, under autocast too;
-    differentiable. A cached call reads the environment twice and looks its key up once.
+    differentiable. A cached call checks its input once (``where`` names the caller in the error:
+    ModelNew, ConvMish2d...), reads the environment twice and looks its key up once.
     """
     spec = ConvSpec.of(conv, mish_count)
-    if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if torch.compiler.is_compiling():
         return activation(conv(x), spec, backend)
-    if not x.is_floating_point():
-        raise NoPlanError(f"mishops: {str(x.dtype).removeprefix('torch.')} input: the block needs a floating-point tensor")
+    check_input(x, where)
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return activation(conv(x), spec, backend)
     named = requested_plan()
     if named is None and dispatch.requested_backend(backend)[0] is not None:
         amp = autocast.autocast_dtype(x.device.type)
