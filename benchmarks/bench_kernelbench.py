@@ -230,7 +230,8 @@ def describe(choice: tuning.Choice) -> str:
     op = choice.op
     if op == "block":
         op += " (training)" if "|train=" in choice.key else " (inference)"
-    ranked = ", ".join(f"{n} {m.median_ms:.3f}" if m.ok else f"{n} out ({m.reason[:80].replace('|', '/')})" for n, m in choice.ranked())
+    ranked = ", ".join(f"{n} {m.median_ms:.3f}" if m.ok else f"{n} out ({m.reason[:80].replace('|', '/')})"
+                       for n, m in choice.ranked())
     return f"| {op} | {choice.winner} | {choice.how} | {choice.tuning_s:.2f} | {ranked} |"
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from mishops import plans, tuning
 from mishops.model import ModelNew
 from mishops.plans import Plan, conv2d, run_block
-from tests.blocks import block_choices, isolated_plans, max_err, register  # noqa: F401
+from tests.blocks import assert_gradients_within_eager, block_choices, isolated_plans, max_err, register  # noqa: F401
 from tests.reference import Model
 
 
@@ -375,11 +375,7 @@ def test_gpu_training_gradients_vs_float64(monkeypatch, plan, setting, layout, s
         ours, eager, ref, floors = _gpu_block_gradients(monkeypatch, plan, setting, layout, shape_name)
     except plans.NoPlanError as exc:
         pytest.skip(f"{plan} does not take this block: {str(exc)[:200]}")
-    for what, a, e, r, floor in zip(["x", "weight", "bias"], ours, eager, ref, floors):
-        assert a.dtype == e.dtype and a.shape == e.shape
-        err, eager_err = max_err(a, r), max_err(e, r)
-        assert err <= 2 * max(eager_err, floor) + 1e-5 * float(r.abs().max()), \
-            f"d{what}: {err:.3g} vs eager {eager_err:.3g}, TF32 floor {floor:.3g}"
+    assert_gradients_within_eager(ours, eager, ref, floors)
 
 
 @pytest.mark.gpu

@@ -109,16 +109,14 @@ def _conv_kernel(x_desc, w_desc, out_desc, bias, out, pre, H, W, Hp, Wp, Cout, T
         m = e * (e + 2.0)
         v = v * (m / (m + 2.0))
     v = v.to(out.dtype.element_ty)
-    if not TMA_STORE:
+    if TMA_STORE:  # the descriptor clips the tile at the row's end and the last channel
+        out_desc.store([n, co0, h, w0], tl.reshape(v, (1, BLOCK_CO, 1, BLOCK_P)))
+    else:
         if CHANNELS_LAST:
             offsets = ((n.to(tl.int64) * H + h) * W + (w0 + p[None, :])) * Cout + co[:, None]
         else:
             offsets = ((n.to(tl.int64) * Cout + co[:, None]) * H + h) * W + (w0 + p[None, :])
-        mask = (co[:, None] < Cout) & (w0 + p[None, :] < W)
-    if TMA_STORE:  # the descriptor clips the tile at the row's end and the last channel
-        out_desc.store([n, co0, h, w0], tl.reshape(v, (1, BLOCK_CO, 1, BLOCK_P)))
-    else:
-        tl.store(out + offsets, v, mask=mask)
+        tl.store(out + offsets, v, mask=(co[:, None] < Cout) & (w0 + p[None, :] < W))
 
 
 def _interpreting() -> bool:
@@ -334,17 +332,13 @@ class TritonConvPlan(Plan):
         found = tile_configs(weight.dtype, out_w, weight.shape[0])
         return found[:1] if _interpreting() else found
 
-    def forward(self, x, weight, bias, spec: ConvSpec, config: TileConfig | None = None) -> torch.Tensor:
-        return self._run(x, weight, bias, spec, config)
-
-    def forward_storing(self, x, weight, bias, spec: ConvSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        padding, fmt = spec.numeric_padding(), expected_memory_format(x, weight)
-        pre = block_output(x, weight, padding, tuple(spec.dilation), fmt)
-        return self._run(x, weight, bias, spec, None, pre), pre
-
-    def _run(self, x, weight, bias, spec: ConvSpec, config: TileConfig | None,
-             preactivation: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x, weight, bias, spec: ConvSpec, config: TileConfig | None = None,
+                preactivation: torch.Tensor | None = None) -> torch.Tensor:
         with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
             return conv_mish2(x, weight, bias, spec.numeric_padding(), tuple(spec.dilation),
                               expected_memory_format(x, weight), config or self.config_for(x, weight, bias, spec),
                               mish_count=spec.mish_count, preactivation=preactivation)
+
+    def forward_storing(self, x, weight, bias, spec: ConvSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        pre = block_output(x, weight, spec.numeric_padding(), tuple(spec.dilation), expected_memory_format(x, weight))
+        return self.forward(x, weight, bias, spec, preactivation=pre), pre
