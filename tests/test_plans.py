@@ -380,6 +380,60 @@ def test_under_autocast_each_plan_is_timed_as_run_block_runs_it(monkeypatch):
     assert y.dtype == expected.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_under_autocast_the_eager_plan_runs_the_reference_ops_on_the_callers_tensors(monkeypatch, dtype):
+    """``autocasts``: no cast of ours (autocast casts, as for the reference), the same bits and
+    gradients as the reference Model, and autocast as it was after the call."""
+    from mishops.plans import autocast
+    monkeypatch.setenv("MISHOPS_PLAN", "eager")
+    casts = []
+    real_cast = autocast.PendingCast.cast
+    monkeypatch.setattr(autocast.PendingCast, "cast", lambda self: casts.append(1) or real_cast(self))
+    model, x = Model(3, 5, 3), torch.randn(2, 3, 9, 11, requires_grad=True)
+    grad = torch.randn(2, 5, 7, 9).to(dtype)
+    with torch.autocast("cpu", dtype=dtype):
+        y, expected = run_block(x, model.conv), model(x)
+        assert torch.is_autocast_enabled("cpu")
+    assert not torch.is_autocast_enabled("cpu")
+    assert casts == [] and y.dtype == expected.dtype == dtype
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    params = [x, model.conv.weight, model.conv.bias]
+    for ours, theirs in zip(torch.autograd.grad(y, params, grad), torch.autograd.grad(expected, params, grad)):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_autocast_is_on_again_after_a_plan_raises_under_it(monkeypatch):
+    class Raises(_TestPlan):
+        name = "test_raises"
+
+        def compute(self, x, weight, bias, spec):
+            raise RuntimeError("kernel launch failed")
+
+    register(Raises)
+    monkeypatch.setenv("MISHOPS_PLAN", "test_raises")
+    model, x = Model(3, 5, 3), torch.randn(2, 3, 9, 11)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError, match="kernel launch failed"):
+            run_block(x, model.conv)
+        assert torch.is_autocast_enabled("cpu")
+        assert model(x).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 9, 11), (1, 3, 1, 5), (1, 1, 1, 1), (4, 8, 2, 1)])
+@pytest.mark.parametrize("source_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("cast_format", [torch.preserve_format, torch.contiguous_format, torch.channels_last])
+def test_a_pending_cast_describes_the_cast_it_would_make(shape, source_format, cast_format):
+    """Choosing reads a cast not made yet: its strides and ``like()`` must be the cast's own."""
+    from mishops.plans import autocast
+    source = torch.randn(shape).contiguous(memory_format=source_format)
+    pending = autocast.cast_later(source, torch.bfloat16, cast_format)
+    made = source.to(torch.bfloat16, memory_format=cast_format)
+    like = pending.like()
+    assert (pending.dtype, pending.shape, pending.stride()) == (made.dtype, made.shape, made.stride())
+    assert (like.dtype, like.shape, like.stride()) == (made.dtype, made.shape, made.stride())
+    assert torch.equal(pending.cast(), made)
+
+
 def test_a_plan_that_raises_is_replaced_and_remembered(monkeypatch):
     class Breaks(_TestPlan):
         name = "test_breaks"

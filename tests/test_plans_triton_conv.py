@@ -295,9 +295,10 @@ def test_under_autocast_run_block_never_casts_the_input_separately(monkeypatch):
     (dx in fp32, as autocast gives) match eager autocast."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("MISHOPS_PLAN", "triton_conv")
-    casts = []
+    casts = []  # of the input (the weight and bias are cast as for any plan)
     real_cast = autocast.PendingCast.cast
-    monkeypatch.setattr(autocast.PendingCast, "cast", lambda self: casts.append(1) or real_cast(self))
+    monkeypatch.setattr(autocast.PendingCast, "cast",
+                        lambda self: (self.source is x and casts.append(1)) or real_cast(self))
     torch.manual_seed(0)
     conv = nn.Conv2d(6, 10, 3, padding=1)
     x = torch.randn(2, 6, 7, 12, requires_grad=True)

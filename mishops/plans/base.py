@@ -87,7 +87,8 @@ class Plan:
 
     Subclasses set the class attributes and implement ``forward``; inputs reach ``forward`` on a
     supported device and dtype, with ``not_supported_reasons`` empty, and with the dtypes
-    autocast would give the conv (``run_block`` casts first, unless ``casts_input``).
+    autocast would give the conv (``run_block`` casts first, unless ``casts_input``
+    or ``autocasts``).
     """
 
     name: ClassVar[str]
@@ -108,6 +109,10 @@ class Plan:
     #: True: under autocast its forward takes the input as the caller gave it (e.g. fp32 with bf16
     #: weights) and casts it while reading it, which saves autocast's own pass over the input.
     casts_input: ClassVar[bool] = False
+    #: True: its forward is PyTorch's own ops, which under autocast get the caller's tensors uncast,
+    #: with autocast on: autocast casts them as for the reference, keeping the weight's cast for
+    #: the rest of its region, where ``run_block`` would cast the weight again at every call.
+    autocasts: ClassVar[bool] = False
     #: kernel sources hashed into the tuning-cache key beside the class's module (as for backends).
     source_files: ClassVar[tuple[Path, ...]] = ()
 

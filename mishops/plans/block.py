@@ -14,7 +14,8 @@ recomputing it (``mishops.plans.training``) is settled by the clock, per shape.
 
 Under autocast (``mishops.plans.autocast``) inference keys also name the uncast input
 (``|uncast=...``) and each candidate is timed as it will run: with the cast inside the timed call,
-or from the uncast input for plans that cast while reading.
+from the uncast input for plans that cast while reading, or under autocast itself for a plan of
+PyTorch's own ops (``eager``), which then casts nothing of ours at all.
 
 Environment (read at each call): ``MISHOPS_PLAN`` names the plan (case-insensitive; ``auto`` for the
 tuner's choice) and wins over ``MISHOPS_BACKEND`` / a named ``backend``, which mean ``torch_conv``
@@ -130,7 +131,10 @@ class BlockTrial:
         if self.training:
             return training.forward_backward(plan, self.x, self.weight, self.bias, self.spec, self.grad)
         x = self.x
-        if self.source is not None:  # as run_block would: the plan casts, or autocast's cast first
+        if self.source is not None:  # as run_block would: autocast casts, the plan casts, or we cast first
+            if plan.autocasts:
+                with torch.no_grad(), torch.autocast(x.device.type, dtype=x.dtype):
+                    return plan.forward(self.source, self.weight, self.bias, self.spec)
             x = self.source if plan.casts_input else self.source.to(x.dtype, memory_format=self.memory_format)
         with torch.no_grad():
             return plan.forward(x, self.weight, self.bias, self.spec)
@@ -199,6 +203,7 @@ def requested_plan() -> str | None:
 
 def _named(name: str, x, weight, bias, spec: ConvSpec) -> Plan:
     plan = PLANS.get(name)
+    x, weight, bias = autocast.like_now(x), autocast.like_now(weight), autocast.like_now(bias)
     why = reasons(plan, x, weight, bias, spec)
     if why:
         raise NoPlanError(f"mishops: MISHOPS_PLAN={name} cannot run this block: {why[0]}\n"
@@ -237,8 +242,9 @@ def _tuned(x, weight, bias, spec: ConvSpec, amp, grads_of, source) -> Plan:
             None if bias is None else (bias.dtype, bias.stride()), spec, amp, switches, grads_of,
             None if source is None else (source.dtype, source.stride()))
     choice = TUNER.memory.get(mkey)
-    if choice is None:
+    if choice is None:  # a miss: candidates and trials read tensors' metadata, never their values
         key = key_string(x, weight, bias, spec, amp, switches or flags(), grads_of, source)
+        x, weight, bias = autocast.like_now(x), autocast.like_now(weight), autocast.like_now(bias)
         choice = TUNER.choose(mkey, lambda: problem(key, x, weight, bias, spec, grads_of, source))
     return PLANS.items[choice.winner]
 
@@ -261,6 +267,10 @@ class ConfigCandidate:
     @property
     def casts_input(self) -> bool:
         return self.plan.casts_input
+
+    @property
+    def autocasts(self) -> bool:
+        return self.plan.autocasts
 
     def source_hash(self) -> str:
         return self.plan.source_hash()
@@ -327,31 +337,34 @@ def run_block(x: torch.Tensor, conv: torch.nn.Conv2d, backend: str = "auto", mis
         amp = autocast.autocast_dtype(x.device.type)
         if amp is None:
             return activation(conv2d(x, conv.weight, conv.bias, spec), spec, backend)
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast.switched(x.device.type, False):
             weight, bias = autocast.cast(conv.weight, amp), autocast.cast(conv.bias, amp)
             x = autocast.cast(x, amp, expected_memory_format(x, weight))
             return activation(conv2d(x, weight, bias, spec), spec, backend)
     amp = autocast.autocast_dtype(x.device.type)
     if amp is None:
-        return _run(named, x, x, conv.weight, conv.bias, spec, None)
-    with torch.autocast(x.device.type, enabled=False):  # cast here, as autocast would for the conv
-        weight, bias = autocast.cast(conv.weight, amp), autocast.cast(conv.bias, amp)
-        return _run(named, autocast.cast_later(x, amp, expected_memory_format(x, weight)), x, weight, bias, spec, amp)
+        return _run(named, x, conv.weight, conv.bias, spec, None)
+    with autocast.switched(x.device.type, False):  # cast here, as autocast would for the conv, once a plan wants it
+        return _run(named, autocast.cast_later(x, amp, expected_memory_format(x, conv.weight)),
+                    autocast.cast_later(conv.weight, amp), autocast.cast_later(conv.bias, amp), spec, amp)
 
 
-def _run(named: str | None, x, uncast: torch.Tensor, weight, bias, spec: ConvSpec, amp) -> torch.Tensor:
-    """The chosen (or named) plan's output for ``x`` (a ``PendingCast`` under autocast); an
-    automatically chosen plan that breaks is out for the process and the next one runs."""
-    grads_of = training.grads_wanted(uncast, weight, bias)
+def _run(named: str | None, x, weight, bias, spec: ConvSpec, amp) -> torch.Tensor:
+    """The chosen (or named) plan's output; under autocast ``x``, ``weight`` and ``bias`` may be
+    ``PendingCast``s, made only as the plan needs them. An automatically chosen plan that breaks
+    is out for the process and the next one runs."""
+    given = autocast.uncast(x), autocast.uncast(weight), autocast.uncast(bias)  # the caller's tensors
+    grads_of = training.grads_wanted(*given)
+    # choosing reads only shapes, strides, dtypes and the device: casts not made yet will do
+    source = given[0] if isinstance(x, autocast.PendingCast) else None
     while True:
-        # choosing reads only the input's shape, strides, dtype and device: a cast not done yet will do
-        pending = isinstance(x, autocast.PendingCast)
-        like, source = (x.like(), uncast) if pending else (x, None)
-        plan = _named(named, like, weight, bias, spec) if named else _tuned(like, weight, bias, spec, amp, grads_of, source)
-        del like
+        plan = _named(named, x, weight, bias, spec) if named else _tuned(x, weight, bias, spec, amp, grads_of, source)
         try:
-            return training.forward(plan, uncast if plan.casts_input else autocast.cast_now(x), weight, bias,
-                                    spec, grads_of is not None)
+            if amp is not None and plan.autocasts:  # autocast on again, to cast as for the reference
+                with autocast.switched(given[0].device.type, True):
+                    return training.forward(plan, *given, spec, grads_of is not None)
+            return training.forward(plan, given[0] if plan.casts_input else autocast.cast_now(x),
+                                    autocast.cast_now(weight), autocast.cast_now(bias), spec, grads_of is not None)
         except torch.OutOfMemoryError:
             raise
         except Exception as exc:

@@ -18,6 +18,7 @@ class EagerPlan(Plan):
     name = "eager"
     priority = 1000
     differentiable = True
+    autocasts = True
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec) -> torch.Tensor:
         y = conv2d(x, weight, bias, spec)
