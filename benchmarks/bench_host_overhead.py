@@ -1,5 +1,5 @@
 """What choosing costs a cached call: host time per call of ``mish2`` and ``ModelNew``, against calling
-what the tuner chose directly, in inference and in grad mode.
+what the tuner chose directly, in inference (plain and under bf16 autocast) and in grad mode.
 
     python benchmarks/bench_host_overhead.py --out overhead.md          # on a GPU host
     python benchmarks/bench_host_overhead.py --device cpu --calls 2000  # a CPU smoke run
@@ -66,6 +66,17 @@ def main(argv=None) -> int:
         plan = plans.choose(inp, w, b, spec)
         rows.append(("ModelNew, inference", plan.name, per_call_us(lambda: model(inp), device, args.calls),
                      per_call_us(lambda: plan.forward(inp, w, b, spec), device, args.calls)))
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        model(inp)
+        low = [t.to(torch.bfloat16) for t in (inp, w, b)]
+        amp_plan = plans.choose(*low, spec, amp=torch.bfloat16, source=inp)
+        # the chosen plan as run_block runs it: on the caller's tensors under autocast (``autocasts``),
+        # else on casts made once here, so the column leaves out the casts run_block makes per call
+        given = (inp, w, b) if amp_plan.autocasts else low
+        ours = per_call_us(lambda: model(inp), device, args.calls)
+        with torch.autocast(device.type, enabled=amp_plan.autocasts):
+            rows.append(("ModelNew, bf16 autocast inference", amp_plan.name, ours,
+                         per_call_us(lambda: amp_plan.forward(*given, spec), device, args.calls)))
     model(inp)
     grads_of = training.grads_wanted(inp, w, b)
     trained = plans.choose(inp, w, b, spec, grads_of=grads_of)
