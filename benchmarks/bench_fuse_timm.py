@@ -10,7 +10,8 @@ statistics. For each case (fp32 with TF32 convs, bf16 autocast; eager and ``torc
 unfused and the fused model are timed on the same input, and the fused output is compared with the
 unfused one. timm is not a mishops dependency: without it this script says so and exits 0.
 
-Timing: ``mishops.tuning.time_ms``, the project's one timer (median, L2 flushed). The table is
+Timing: ``mishops.tuning.time_interleaved`` (the project's one timer, the two models' calls alternating;
+median, L2 flushed before each call). The table is
 printed and, with ``--out``, written as markdown with the device, versions, commit and date.
 """
 
@@ -32,10 +33,10 @@ import mishops
 from mishops import tuning
 
 
-def _time_ms(fn, device: torch.device) -> float:
-    """The project's one timer, after a first call (which tunes a fused model's new keys)."""
-    fn()
-    return tuning.time_ms(fn, device, 1.0).median_ms
+#: calls of each model, alternating: a model of many small layers is host-bound, and the host's speed
+#: drifts (two runs a minute apart timed the same unfused model at 16.0 and 7.1 ms); alternating the
+#: two models' calls exposes both to the same drift, so their ratio holds where their times do not.
+TIMED_CALLS = 50
 
 
 def _randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             if mode == "torch.compile":
                 torch._dynamo.reset()
                 models = {k: torch.compile(m) for k, m in models.items()}
-            outs, times = {}, {}
+            outs, first, runs = {}, {}, {}
             for name, model in models.items():
                 def run(model=model):
                     with torch.no_grad(), (amp if amp is not None else torch.autocast(device.type, enabled=False)):
@@ -137,14 +138,15 @@ def main(argv: list[str] | None = None) -> int:
                     tuning.TUNER.forget()  # so that memory holds this setting's block choices only
                 started = time.perf_counter()
                 outs[name] = run()  # compiles, tunes: the first call
-                first_s = time.perf_counter() - started
-                times[name] = (_time_ms(run, device), first_s)
+                first[name] = time.perf_counter() - started
+                runs[name] = run
                 if name == "fused" and mode == "eager":
                     tuned.append((setting, block_choices()))
+            timed = tuning.time_interleaved(runs, device, TIMED_CALLS)
             ref, got = outs["unfused"].float(), outs["fused"].float()
             err = float((got - ref).abs().max()) / max(float(ref.abs().max()), 1e-30)
-            (u_ms, u_first), (f_ms, f_first) = times["unfused"], times["fused"]
-            rows.append((setting, mode, u_ms, f_ms, u_ms / f_ms, err, u_first, f_first))
+            u_ms, f_ms = timed["unfused"].median_ms, timed["fused"].median_ms
+            rows.append((setting, mode, u_ms, f_ms, u_ms / f_ms, err, first["unfused"], first["fused"]))
             print(f"{setting:14s} {mode:14s} unfused {u_ms:9.3f} ms  fused {f_ms:9.3f} ms  x{u_ms / f_ms:5.2f}  "
                   f"rel. error {err:.2e}", flush=True)
 
@@ -160,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         "random weights, randomised BatchNorm statistics; TF32 convs on",
         f"- **Fused:** {len(report.fused)} blocks ({sum(f.mish_count == 2 for f in report.fused)} with two Mish), "
         f"{len(report.left_alone)} left alone, {len(report.walked)} module(s) walked instead of traced",
-        f"- **Timing:** mishops.tuning.time_ms (median, L2 flushed); first call (compile, tuning) listed apart",
+        f"- **Timing:** mishops.tuning.time_interleaved, {TIMED_CALLS} calls of each model alternating (median, "
+        "L2 flushed before each); first call (compile, tuning) listed apart",
         "",
         "| setting | mode | unfused ms | fused ms | speed-up | max error / max abs output "
         "| first call s (unfused / fused) |",
