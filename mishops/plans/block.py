@@ -353,7 +353,8 @@ def _run(named: str | None, x, weight, bias, spec: ConvSpec, amp) -> torch.Tenso
     """The chosen (or named) plan's output; under autocast ``x``, ``weight`` and ``bias`` may be
     ``PendingCast``s, made only as the plan needs them. An automatically chosen plan that breaks
     is out for the process and the next one runs."""
-    given = autocast.uncast(x), autocast.uncast(weight), autocast.uncast(bias)  # the caller's tensors
+    given = (x, weight, bias) if amp is None else (  # the caller's tensors
+        autocast.uncast(x), autocast.uncast(weight), autocast.uncast(bias))
     grads_of = training.grads_wanted(*given)
     # choosing reads only shapes, strides, dtypes and the device: casts not made yet will do
     source = given[0] if isinstance(x, autocast.PendingCast) else None
