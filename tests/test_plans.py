@@ -422,10 +422,15 @@ def test_autocast_is_on_again_after_a_plan_raises_under_it(monkeypatch):
 @pytest.mark.parametrize("shape", [(2, 3, 9, 11), (1, 3, 1, 5), (1, 1, 1, 1), (4, 8, 2, 1)])
 @pytest.mark.parametrize("source_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("cast_format", [torch.preserve_format, torch.contiguous_format, torch.channels_last])
-def test_a_pending_cast_describes_the_cast_it_would_make(shape, source_format, cast_format):
+@pytest.mark.parametrize("source_layout", ["dense", "transposed", "expanded"])
+def test_a_pending_cast_describes_the_cast_it_would_make(shape, source_format, cast_format, source_layout):
     """Choosing reads a cast not made yet: its strides and ``like()`` must be the cast's own."""
     from mishops.plans import autocast
     source = torch.randn(shape).contiguous(memory_format=source_format)
+    if source_layout == "transposed":
+        source = source.transpose(2, 3)
+    elif source_layout == "expanded":
+        source = source[:1].expand(shape)
     pending = autocast.cast_later(source, torch.bfloat16, cast_format)
     made = source.to(torch.bfloat16, memory_format=cast_format)
     like = pending.like()

@@ -52,9 +52,13 @@ class PendingCast:
         return self.source.is_cuda
 
     def stride(self) -> tuple[int, ...]:
-        """The cast's strides: the source's (dense tensors keep them), or the memory format's."""
+        """The cast's strides: the source's (a contiguous or channels_last tensor keeps them), the
+        memory format's, or for any other layout the cast's own, made to be sure."""
         if self.memory_format is torch.preserve_format:
-            return self.source.stride()
+            if self.source.is_contiguous() or (self.source.dim() == 4 and
+                                               self.source.is_contiguous(memory_format=torch.channels_last)):
+                return self.source.stride()
+            return self.cast().stride()
         shape = self.source.shape
         order = (1, 3, 2, 0) if self.memory_format is torch.channels_last else tuple(range(len(shape) - 1, -1, -1))
         strides, step = [0] * len(shape), 1
