@@ -13,7 +13,8 @@ Every row is whole calls (inputs prepared, outputs allocated by the call): the m
 timings (``perf_counter`` on CPU) after the first call and two warm-ups. The first call's time is where one-time
 work shows: a plan's search (building and checking cuDNN engine configs), the double-Mish backends' compile and
 tuning, and for ``torch.compile`` its compile time. Speed-ups are over the eager Model and over
-``torch.compile(Model)`` of the same case. The floor is reading x and writing the output once at the copy
+``torch.compile(Model)`` of the same case; the last row of each case times eager and auto again with their calls
+alternating, the ratio to judge auto by where the host's speed decides and drifts between rows (batch 1). The floor is reading x and writing the output once at the copy
 bandwidth measured in the same run (a ``torch.empty_like(out).copy_(out)`` of the output's size, reported per
 shape): no implementation of the block can beat it, so "% of floor" says how much is left. The error is
 max |y - y64| on the first two images against the float64 block.
@@ -245,7 +246,19 @@ class CaseRun:
                 measure(f"plan {name}", lambda: plans.run_block(self.x, self.model.conv))
         tuning.TUNER.clear()
         measure(lambda: f"run_block auto: {last_block_choice()}", lambda: plans.run_block(self.x, self.model.conv))
+        with torch.no_grad(), self.autocast():
+            rows.append(self.alternating_row((), lambda: self.model(self.x),
+                                             lambda: plans.run_block(self.x, self.model.conv), ("", "", "")))
         return rows
+
+    def alternating_row(self, before: tuple, eager, auto, after: tuple) -> str:
+        """Eager and auto again, their calls alternating (``tuning.time_interleaved``): where the host's
+        work decides (batch 1), the host's speed drifts between rows timed apart, and only calls that
+        take turns see the same drift -- this row's ratio is the one to judge auto by."""
+        timed = tuning.time_interleaved({"eager": eager, "auto": auto}, self.clock.device, self.args.reps)
+        e, a = timed["eager"].median_ms, timed["auto"].median_ms
+        return self.row(*before, f"eager Model {e:.3f} ms and auto, calls alternating", f"{a:.3f}", "",
+                        f"{e / a:.2f}x", "", *after)
 
     # --- training ------------------------------------------------------------------------------
 
@@ -314,6 +327,8 @@ class CaseRun:
         if not self.args.no_auto:
             tuning.TUNER.clear()
             measure(lambda: f"run_block auto: {last_block_choice()}", lambda: plans.run_block(x, self.model.conv))
+            rows.append(self.alternating_row((config,), lambda: step(lambda: self.model(x)),
+                                             lambda: step(lambda: plans.run_block(x, self.model.conv)), ("", "", "")))
         return rows
 
     def forced_plans(self) -> list[str]:

@@ -44,11 +44,15 @@ def test_bench_plans_smoke_on_cpu(tmp_path):
     assert ("torch_conv" in auto[1] or "eager" in auto[1]) and auto[8] == "float16 contiguous" and float(auto[2]) > 0
     assert by_what[("bf16 autocast, channels_last module, channels_last input", "eager Model")][8] == \
         "bfloat16 channels_last"
+    alternating = [row for row in inference if "calls alternating" in row[1]]
+    assert len(alternating) == len(cases)  # one per case, eager's time in its label, auto's and the ratio beside
+    assert all(float(row[2]) > 0 and row[4].endswith("x") for row in alternating)
 
     training = _rows(text, "N2, 3->4, 12x12, k3: training step")
     for config in ("w,b", "x,w,b"):  # both training configurations, each with its own eager baseline
         rows = {row[2]: row for row in training if row[1] == config}
         assert set(rows) >= {"eager Model", "plan torch_conv (store)", "plan cudnn_fused (recompute)"}, rows
         assert rows["eager Model"][5] == "1.00x"
+        assert any("calls alternating" in what and rows[what][5].endswith("x") for what in rows)
         store = rows["plan torch_conv (store)"]
         assert float(store[3]) > 0 and float(store[8]) < 1e-2
