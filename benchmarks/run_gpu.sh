@@ -35,6 +35,12 @@ fi
 export PYTHONUNBUFFERED=1 MISHOPS_BENCH_QUICK=0 MISHOPS_CACHE_DIR="${MISHOPS_CACHE_DIR:-/tmp/mishops-cache}"
 unset MISHOPS_BACKEND MISHOPS_PLAN MISHOPS_AUTOTUNE TRITON_INTERPRET
 if [ -n "${TUNING_IN:-}" ]; then
+    # a missing archive would make every step re-tune from scratch and likely run out its limit: stop first
+    # (on a lent machine, a git-ignored file travels only where the call names it to be carried)
+    if [ ! -f "$TUNING_IN" ]; then
+        echo "run_gpu.sh: TUNING_IN=$TUNING_IN not found here; nothing run" >&2
+        exit 2
+    fi
     mkdir -p "$MISHOPS_CACHE_DIR" && tar -xzf "$TUNING_IN" -C "$MISHOPS_CACHE_DIR" && echo "tuning cache from $TUNING_IN"
 fi
 
