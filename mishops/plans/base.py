@@ -109,9 +109,12 @@ class Plan:
     #: True: under autocast its forward takes the input as the caller gave it (e.g. fp32 with bf16
     #: weights) and casts it while reading it, which saves autocast's own pass over the input.
     casts_input: ClassVar[bool] = False
-    #: True: its forward is PyTorch's own ops, which under autocast get the caller's tensors uncast,
-    #: with autocast on: autocast casts them as for the reference, keeping the weight's cast for
-    #: the rest of its region, where ``run_block`` would cast the weight again at every call.
+    #: True: its forward is PyTorch's own ops (and ops autocast leaves alone, such as ``mish2``), so
+    #: under autocast a call that runs ``forward`` itself gets the caller's tensors uncast, with
+    #: autocast on: autocast casts them as for the reference, keeping the weight's cast for the rest
+    #: of its region, where ``run_block`` would cast the weight again at every call. (A training call
+    #: through the fused backward's Function still gets the casts: that backward computes in the
+    #: dtypes it is given.)
     autocasts: ClassVar[bool] = False
     #: kernel sources hashed into the tuning-cache key beside the class's module (as for backends).
     source_files: ClassVar[tuple[Path, ...]] = ()

@@ -15,7 +15,7 @@ recomputing it (``mishops.plans.training``) is settled by the clock, per shape.
 Under autocast (``mishops.plans.autocast``) inference keys also name the uncast input
 (``|uncast=...``) and each candidate is timed as it will run: with the cast inside the timed call,
 from the uncast input for plans that cast while reading, or under autocast itself for a plan of
-PyTorch's own ops (``eager``), which then casts nothing of ours at all.
+PyTorch's own ops (``eager``, and ``torch_conv`` in inference), which then casts nothing of ours at all.
 
 Environment (read at each call): ``MISHOPS_PLAN`` names the plan (case-insensitive; ``auto`` for the
 tuner's choice) and wins over ``MISHOPS_BACKEND`` / a named ``backend``, which mean ``torch_conv``
@@ -361,7 +361,8 @@ def _run(named: str | None, x, weight, bias, spec: ConvSpec, amp) -> torch.Tenso
     while True:
         plan = _named(named, x, weight, bias, spec) if named else _tuned(x, weight, bias, spec, amp, grads_of, source)
         try:
-            if amp is not None and plan.autocasts:  # autocast on again, to cast as for the reference
+            if amp is not None and plan.autocasts and not training.uses_fused_backward(plan, grads_of is not None):
+                # autocast on again, to cast as for the reference
                 with autocast.switched(given[0].device.type, True):
                     return training.forward(plan, *given, spec, grads_of is not None)
             return training.forward(plan, given[0] if plan.casts_input else autocast.cast_now(x),

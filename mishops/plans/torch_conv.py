@@ -19,6 +19,7 @@ class TorchConvPlan(Plan):
     priority = 100
     differentiable = True
     stores_preactivation = True
+    autocasts = True
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec,
                 backend: str = "auto") -> torch.Tensor:

@@ -47,9 +47,15 @@ _broken: dict[str, str] = {}
 def forward(plan: Plan, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             spec: ConvSpec, training: bool) -> torch.Tensor:
     """The block's output by ``plan``; when ``training``, tracked by autograd with the fused backward above."""
-    if not training or (plan.differentiable and not plan.stores_preactivation):
+    if not uses_fused_backward(plan, training):
         return plan.forward(x, weight, bias, spec)
     return _Block.apply(x, weight, bias, plan, spec)
+
+
+def uses_fused_backward(plan: Plan, training: bool) -> bool:
+    """Whether ``forward`` runs through the fused backward's autograd Function (else through
+    ``plan.forward`` itself, which autograd differentiates if it can)."""
+    return training and not (plan.differentiable and not plan.stores_preactivation)
 
 
 def grad_bias(z: torch.Tensor, grad: torch.Tensor, spec: ConvSpec) -> tuple[torch.Tensor, torch.Tensor]:
