@@ -54,7 +54,7 @@ def choose_worker(rank, world, port, cache_dir, out_dir, device="cpu", sync="1")
     result = {"choices": [c.winner for c in mishops.last_choices()], "stats": dict(tuning.stats)}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
-    dist.destroy_process_group()
+    _leave()
 
 
 def ddp_worker(rank, world, port, cache_dir, out_dir, device="cpu"):
@@ -73,4 +73,11 @@ def ddp_worker(rank, world, port, cache_dir, out_dir, device="cpu"):
         torch.save({"ddp": [p.grad.cpu() for p in model.parameters()],
                     "single": [p.grad.cpu() for p in ref.parameters()]},
                    os.path.join(out_dir, "grads.pt"))
+    _leave()
+
+
+def _leave():
+    """Leave together: a rank that tore gloo down while its peer still worked (rank 0 saving its
+    results) aborted now and then with "terminate called without an active exception"."""
+    dist.barrier()
     dist.destroy_process_group()
