@@ -13,11 +13,12 @@ Every row is whole calls (inputs prepared, outputs allocated by the call): the m
 timings (``perf_counter`` on CPU) after the first call and two warm-ups. The first call's time is where one-time
 work shows: a plan's search (building and checking cuDNN engine configs), the double-Mish backends' compile and
 tuning, and for ``torch.compile`` its compile time. Speed-ups are over the eager Model and over
-``torch.compile(Model)`` of the same case; the last row of each case times eager and auto again with their calls
-alternating, the ratio to judge auto by where the host's speed decides and drifts between rows (batch 1). The floor is reading x and writing the output once at the copy
-bandwidth measured in the same run (a ``torch.empty_like(out).copy_(out)`` of the output's size, reported per
-shape): no implementation of the block can beat it, so "% of floor" says how much is left. The error is
-max |y - y64| on the first two images against the float64 block.
+``torch.compile(Model)`` of the same case; the last row of each case times eager and auto again with their
+calls alternating, the ratio to judge auto by where the host's speed decides and drifts between rows (batch 1).
+The floor is reading x and writing the output once at the copy bandwidth measured in the same run (a
+``torch.empty_like(out).copy_(out)`` of the output's size, reported per shape): no implementation of the block
+can beat it, so "% of floor" says how much is left. The error is max |y - y64| on the first two images against
+the float64 block.
 
 ``--train`` adds forward + backward rows (an upstream gradient given) in both training configurations
 (``--train-configs``): ``w,b`` (the conv's weight and bias differentiated, x not: a first layer) and ``x,w,b``

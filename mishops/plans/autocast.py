@@ -24,9 +24,11 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
 def cast(t: torch.Tensor | None, dtype: torch.dtype,
          memory_format: torch.memory_format = torch.preserve_format) -> torch.Tensor | None:
     """What autocast does to a conv argument: floating tensors other than float64 take ``dtype``."""
-    if t is None or not t.is_floating_point() or t.dtype in (torch.float64, dtype):
-        return t
-    return t.to(dtype, memory_format=memory_format)
+    return t.to(dtype, memory_format=memory_format) if _casts(t, dtype) else t
+
+
+def _casts(t: torch.Tensor | None, dtype: torch.dtype) -> bool:
+    return t is not None and t.is_floating_point() and t.dtype not in (torch.float64, dtype)
 
 
 @dataclass
@@ -80,9 +82,7 @@ class PendingCast:
 def cast_later(t: torch.Tensor | None, dtype: torch.dtype,
                memory_format: torch.memory_format = torch.preserve_format):
     """``cast(t, dtype, memory_format)``, deferred where it would copy."""
-    if t is None or not t.is_floating_point() or t.dtype in (torch.float64, dtype):
-        return t
-    return PendingCast(t, dtype, memory_format)
+    return PendingCast(t, dtype, memory_format) if _casts(t, dtype) else t
 
 
 def cast_now(t):

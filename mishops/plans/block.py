@@ -362,9 +362,8 @@ def _run(named: str | None, x, weight, bias, spec: ConvSpec, amp) -> torch.Tenso
         plan = _named(named, x, weight, bias, spec) if named else _tuned(x, weight, bias, spec, amp, grads_of, source)
         try:
             if amp is not None and plan.autocasts and not training.uses_fused_backward(plan, grads_of is not None):
-                # autocast on again, to cast as for the reference
-                with autocast.switched(given[0].device.type, True):
-                    return training.forward(plan, *given, spec, grads_of is not None)
+                with autocast.switched(given[0].device.type, True):  # autocast casts, as for the reference
+                    return plan.forward(*given, spec)
             return training.forward(plan, given[0] if plan.casts_input else autocast.cast_now(x),
                                     autocast.cast_now(weight), autocast.cast_now(bias), spec, grads_of is not None)
         except torch.OutOfMemoryError:

@@ -1,4 +1,5 @@
 """Diagnostic (not committed): where the host time of a cached call goes on the GPU host, and the batch-1 autocast gap."""
+import cProfile, pstats, io, sys, time, statistics, torch, mishops
 from mishops import plans, tuning
 from mishops.plans import ConvSpec, training
 dev = torch.device("cuda")
@@ -21,6 +22,7 @@ def interleaved(fns, rounds=9, calls=2000):
 def prof(label, fn, n=3000):
     for _ in range(200): fn()
     torch.cuda.synchronize()
+    p = cProfile.Profile(); p.enable()
     for _ in range(n): fn()
     torch.cuda.synchronize(); p.disable()
     s = io.StringIO(); pstats.Stats(p, stream=s).sort_stats("tottime").print_stats(22)
@@ -33,12 +35,15 @@ spec = ConvSpec.of(m.conv); w, b = m.conv.weight, m.conv.bias
 with torch.no_grad():
     m(x); plan = plans.choose(x, w, b, spec)
     print("inference", plan.name, interleaved({"ref": ref, "ModelNew": lambda: m(x), "run_block": lambda: plans.run_block(x, m.conv), "plan": lambda: plan.forward(x, w, b, spec)}))
+    prof("inference ModelNew", lambda: m(x))
     with torch.autocast("cuda", torch.bfloat16):
         m(x)
         print("bf16 autocast inference", interleaved({"ref": ref, "ModelNew": lambda: m(x)}))
+        prof("autocast ModelNew", lambda: m(x))
 m(x)
 gw = training.grads_wanted(x, w, b); tp = plans.choose(x, w, b, spec, grads_of=gw)
 print("grad", tp.name, interleaved({"ref": ref, "ModelNew": lambda: m(x), "run_block": lambda: plans.run_block(x, m.conv), "choose": lambda: plans.choose(x, w, b, spec, grads_of=gw), "forward": lambda: training.forward(tp, x, w, b, spec, True)}))
+prof("grad ModelNew", lambda: m(x))
 # batch 1 at the reference channels under bf16 autocast: GPU-event timing as bench_plans does
 big = torch.nn.Conv2d(64, 128, 3).to(dev); xb = torch.randn(1, 64, 256, 256, device=dev)
 for amp in (None, torch.bfloat16, torch.float16):
