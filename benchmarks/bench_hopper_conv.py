@@ -105,33 +105,6 @@ def check(name, n, cin, cout, h, w, k, padding=(0, 0), dilation=(1, 1), dtype=to
     torch.cuda.empty_cache()
 
 
-def shift_experiment():
-    """Modes 3 and 4: one A box per kernel row read at kw rows' offset, with the descriptor's base
-    offset 0 or the row phase; pixels a tile row can cover must equal mode 0 bit for bit."""
-    ext = hc.extension()
-    for dtype in (torch.float32, torch.bfloat16):
-        x = torch.randn(2, 64, 8, 256, device="cuda")
-        wt = (torch.randn(128, 64, 3, 3, device="cuda") / 24).to(dtype)
-        b = torch.randn(128, device="cuda").to(dtype)
-        chan = hc.padded_channels(64, dtype)
-        xp, wk = hc.padded_input(x, (0, 0), chan, dtype), hc.packed_weight(wt, chan)
-        outs = {}
-        for mode in (0, 3, 4):
-            out = torch.full((2, 128, 6, 254), float("nan"), device="cuda", dtype=dtype)
-            msg = ext.conv_mish(xp, wk, b, out, 3, 3, 1, 1, 2, 6, 2, False, mode)
-            assert not msg, msg
-            outs[mode] = out
-        torch.cuda.synchronize()
-        keep = (torch.arange(254, device="cuda") % 128) < 126
-        for mode in (3, 4):
-            same = bool(torch.equal(outs[mode][..., keep].view(torch.int16 if dtype != torch.float32 else torch.int32),
-                                    outs[0][..., keep].view(torch.int16 if dtype != torch.float32 else torch.int32)))
-            diff = float((outs[mode][..., keep].float() - outs[0][..., keep].float()).abs().nan_to_num(1e30).max())
-            row = dict(name=f"shift_mode{mode}_{str(dtype)[6:]}", bitwise_equal=same, max_diff=diff)
-            results.setdefault("experiments", []).append(row)
-            print("EXPERIMENT " + json.dumps(row), flush=True)
-
-
 def timeit(fn, reps=20):
     """(median, 20-80% spread) in ms of ``reps`` calls: the project's one timer (L2 flushed before each)."""
     timing = tuning.time_ms(fn, torch.device("cuda"), budget_s=math.inf, max_reps=reps, min_reps=reps)
@@ -166,25 +139,21 @@ def timing(quick, configs):
         out = torch.empty((n, cout, 254, 254), dtype=dtype, device="cuda", memory_format=fmt)
         for cfg in configs:
             def kern(cfg=cfg):
-                msg = ext.conv_mish(xp, wk, bd, out, 3, 3, 1, 1, 2, cfg.stages, cfg.consumers, cl, 0, cfg.epilogue)
+                msg = ext.conv_mish(xp, wk, bd, out, 3, 3, 1, 1, 2, cfg.stages, cfg.consumers, cfg.rowbox, cl)
                 if msg:
                     raise RuntimeError(msg)
             rows[f"kernel_{cfg.name}"] = timeit(kern, reps)
             rows[f"kernel_{cfg.name}_mish1"] = timeit(
-                lambda cfg=cfg: ext.conv_mish(xp, wk, bd, out, 3, 3, 1, 1, 1, cfg.stages, cfg.consumers, cl, 0,
-                                              cfg.epilogue), reps) \
-                if cfg in (configs[0], configs[-1]) else None
-            if cfg in (configs[0], configs[-1]):
-                for mode, what in ((1, "nostore"), (2, "mainloop")):
-                    rows[f"kernel_{cfg.name}_{what}"] = timeit(
-                        lambda cfg=cfg, mode=mode: ext.conv_mish(xp, wk, bd, out, 3, 3, 1, 1, 2, cfg.stages,
-                                                                 cfg.consumers, cl, mode, cfg.epilogue), reps)
+                lambda cfg=cfg: ext.conv_mish(xp, wk, bd, out, 3, 3, 1, 1, 1, cfg.stages, cfg.consumers, cfg.rowbox,
+                                              cl), reps)
+            for mode, what in ((1, "nostore"), (2, "mainloop")):
+                rows[f"kernel_{cfg.name}_{what}"] = timeit(
+                    lambda cfg=cfg, mode=mode: ext.conv_mish(xp, wk, bd, out, 3, 3, 1, 1, 2, cfg.stages,
+                                                             cfg.consumers, cfg.rowbox, cl, mode), reps)
             rows[f"plan_{cfg.name}"] = timeit(
-                lambda cfg=cfg: hc.conv_mish(xs if dtype == torch.float32 else xs, wd, bd, (0, 0), (1, 1), 2, fmt, cfg),
+                lambda cfg=cfg: hc.conv_mish(xs, wd, bd, (0, 0), (1, 1), 2, fmt, cfg),
                 reps)
         for k, v in rows.items():
-            if v is None:
-                continue
             row = dict(setting=setting, what=k, median_ms=round(v[0], 4), spread_ms=round(v[1], 4))
             if k.startswith("kernel") or k.startswith("plan") or k.startswith("cudnn"):
                 row["tflops"] = round(flop / v[0] / 1e9, 1)
@@ -236,18 +205,18 @@ def main():
     ]
     for cfg in hc.CONFIGS:
         cases.append((f"small_fp32_{cfg.name}", dict(n=2, cin=64, cout=128, h=20, w=150, k=(3, 3), config=cfg)))
-    batched = hc.HopperConfig(6, 2, 1)
-    cases += [  # the batched epilogue on the shapes that exercise its guards
-        ("multitile_fp32_pingpong_batched", dict(n=1, cin=64, cout=128, h=256, w=256, k=(3, 3), config=batched)),
-        ("small_bf16_cl_batched", dict(n=2, cin=64, cout=128, h=20, w=150, k=(3, 3), dtype=torch.bfloat16, cl=True,
-                                       config=batched)),
-        ("c8_24_37x53_pad1_batched", dict(n=3, cin=8, cout=24, h=37, w=53, k=(3, 3), padding=(1, 1), config=batched)),
-        ("k5_dil2_nobias_batched", dict(n=2, cin=40, cout=64, h=33, w=41, k=(5, 5), padding=(2, 2), dilation=(2, 2),
-                                        bias=False, config=batched)),
-        ("k1_cout256_batched", dict(n=2, cin=96, cout=256, h=17, w=300, k=(1, 1), config=batched)),
-        ("mish1_fp16_cl_batched", dict(n=2, cin=64, cout=128, h=12, w=254, k=(3, 3), mish_count=1,
-                                       dtype=torch.float16, cl=True, config=batched)),
-        ("special_fp32_batched", dict(n=2, cin=64, cout=128, h=20, w=150, k=(3, 3), special=True, config=batched)),
+    rowbox = hc.HopperConfig(6, 2, True)
+    cases += [  # row boxes on the shapes that exercise their shifts, ring hold and guards
+        ("multitile_fp32_rowbox", dict(n=1, cin=64, cout=128, h=256, w=256, k=(3, 3), config=rowbox)),
+        ("multitile_bf16_cl_s4_rowbox", dict(n=2, cin=64, cout=128, h=130, w=256, k=(3, 3), dtype=torch.bfloat16,
+                                             cl=True, config=hc.HopperConfig(4, 2, True))),
+        ("c8_24_37x53_pad1_rowbox", dict(n=3, cin=8, cout=24, h=37, w=53, k=(3, 3), padding=(1, 1), config=rowbox)),
+        ("k5_dil2_nobias_rowbox", dict(n=2, cin=40, cout=64, h=33, w=41, k=(5, 5), padding=(2, 2), dilation=(2, 2),
+                                       bias=False, config=rowbox)),
+        ("mish1_fp16_cl_rowbox", dict(n=2, cin=64, cout=128, h=12, w=254, k=(3, 3), mish_count=1,
+                                      dtype=torch.float16, cl=True, config=rowbox)),
+        ("special_fp32_rowbox", dict(n=2, cin=64, cout=128, h=20, w=150, k=(3, 3), special=True, config=rowbox)),
+        ("ref_fp32_nchw_rowbox", dict(n=64, cin=64, cout=128, h=256, w=256, k=(3, 3), ref_images=2, config=rowbox)),
     ]
     cases += [
         ("ref_fp32_nchw", dict(n=64, cin=64, cout=128, h=256, w=256, k=(3, 3), ref_images=2)),
@@ -268,11 +237,6 @@ def main():
             traceback.print_exc()
             if "illegal" in str(exc) or "launch" in str(exc).lower():
                 break
-    if not args.cases:
-        try:
-            shift_experiment()
-        except Exception as exc:
-            print(f"EXPERIMENT failed: {type(exc).__name__}: {exc}", flush=True)
     passed = sum(r["passed"] for r in results["checks"])
     print(f"checks passed {passed}/{len(results['checks'])}", flush=True)
     if not args.no_time and passed == len(results["checks"]):
@@ -285,8 +249,6 @@ def main():
         print(f"{'PASS' if r['passed'] else 'FAIL'} {r['name']} "
               + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
                          if k not in ("name", "passed")))
-    for r in results.get("experiments", []):
-        print(f"EXPERIMENT {r}")
     for r in results["timings"]:
         print(f"{r['setting']:10s} {r['what']:28s} {r['median_ms']:8.3f} ms  (spread {r['spread_ms']:.3f})"
               + (f"  {r['tflops']} TFLOP/s" if "tflops" in r else ""))

@@ -9,6 +9,14 @@
 // TMA's zero fill past the tensor) and are never stored. The weight is repacked to
 // [Cout, KH * KW * Cp], K-major, as wgmma needs for 32-bit operands.
 //
+// Row boxes (Params::rowbox): the KW taps of one kernel row read the same pixels shifted by kw dw
+// rows, so one box of 128 + 8 rows at kw = 0 serves them all, each tap's descriptor pointing kw dw
+// rows further into it (the swizzle follows the absolute shared-memory address, so a shifted
+// descriptor reads the shifted rows; checked bitwise against per-tap boxes on the H200). That cuts
+// the activation's TMA traffic from L2 by KW: with the per-tap boxes the main loop alone kept L2
+// 84% busy, and the epilogue's stores compete with it there. The stage holding the box is given
+// back only after the row's last tap, so the ring must be deeper than KW.
+//
 // Roles: warpgroup 0 is the producer (one thread issues TMA into a ring of stages, each guarded by
 // a "full" mbarrier, which TMA completes by byte count, and an "empty" one, which the consuming
 // warps arrive at once their wgmmas have read it); the other warpgroups are consumers, each taking
@@ -33,8 +41,10 @@ namespace hopper_conv {
 constexpr int kBM = 128;                // output pixels per tile (two m64 wgmma slices)
 constexpr int kBN = 128;                // output channels per tile (the wgmma N)
 constexpr int kRowBytes = 128;          // one K block: one 128-byte swizzle row per pixel / channel
-constexpr int kTileBytes = kBM * kRowBytes;  // A and B tiles are both 128 rows of 128 bytes
-constexpr int kStageBytes = 2 * kTileBytes;
+constexpr int kTileBytes = kBM * kRowBytes;  // a B tile (and a per-tap A box): 128 rows of 128 bytes
+constexpr int kRowBoxRows = kBM + 8;         // a row box: room for shifts up to 8 rows
+constexpr int kABytes = kRowBoxRows * kRowBytes;  // A's place in a stage: a multiple of 1024, as the swizzle needs
+constexpr int kStageBytes = kABytes + kTileBytes;
 constexpr int kMaxStages = 6;
 
 struct Params {
@@ -45,16 +55,11 @@ struct Params {
   int tiles_w, tiles_co;
   long long num_tiles;
   int stages;
+  int rowbox;  // one A box per (kernel row, channel block), read by its KW taps at shifted rows
   int channels_last;
-  // 0: the block. Measurement and experiment modes (benchmarks/bench_hopper_conv.py): 1 epilogue
-  // without stores, 2 no epilogue (main loop alone); 3, 4 load each tap's A box at kw = 0 and read
-  // it kw rows further in shared memory (the reuse of one box across a kernel row), with the
-  // descriptor's base offset 0 (3) or the row phase (4): pixels past 127 - kw of a tile are then
-  // garbage, the rest must equal mode 0 bit for bit.
+  // 0: the block. Measurement modes (benchmarks/bench_hopper_conv.py): 1 epilogue computed but
+  // not stored, 2 no epilogue (the main loop alone).
   int mode;
-  // 0: bias + Mish two values at a time between the stores (measured); 1: a whole m64 slice first,
-  // with no branch between evaluations, then its stores (slice_batched)
-  int epilogue;
 };
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
@@ -87,6 +92,24 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
       : "memory");
 }
 
+// The producer's wait for a free stage: the ring holds several stages of slack, so it may sleep up
+// to 20 us between checks (it wakes as soon as the phase completes). Spinning with the plain wait
+// took about a quarter of the issue slots of its scheduler, whose consumer warps the other three
+// schedulers' warps then wait for at every wgmma.
+__device__ __forceinline__ void mbar_wait_idle(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred P1;\n"
+      "LAB_WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1, %2;\n"
+      "@P1 bra DONE;\n"
+      "bra LAB_WAIT;\n"
+      "DONE:\n"
+      "}\n" ::"r"(bar),
+      "r"(parity), "r"(20000)
+      : "memory");
+}
+
 __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1) {
   asm volatile(
       "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];" ::"r"(dst),
@@ -94,16 +117,15 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
       : "memory");
 }
 
-// K-major operand, 128-byte swizzle (as TMA wrote it): rows of 128 bytes, 8-row groups 1024 bytes
-// apart (the stride byte offset); the leading byte offset is unused in this mode.
-__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t base_offset = 0) {
-  uint64_t d = static_cast<uint64_t>(base_offset & 7) << 49;
-  d |= static_cast<uint64_t>((addr & 0x3FFFF) >> 4);
-  d |= static_cast<uint64_t>(1) << 16;
-  d |= static_cast<uint64_t>(1024 >> 4) << 32;
-  d |= static_cast<uint64_t>(1) << 62;
-  return d;
-}
+// wgmma's shared-memory descriptor of a K-major operand in TMA's 128-byte swizzle: rows of 128
+// bytes, 8-row groups 1024 bytes apart (the stride byte offset), the leading byte offset unused in
+// this mode. The high word is the same for every tile; the low word is the address / 16 (14 bits:
+// shared memory ends below 2^18, so adding an offset / 16 never carries out of the field) and a
+// leading byte offset of 1. So a stage's or a K step's descriptor is the base's low word plus a
+// constant, which the main loop adds in uniform registers instead of rebuilding each descriptor.
+constexpr uint32_t kDescHi = (1024 >> 4) | (1u << 30);
+__device__ __forceinline__ uint32_t desc_lo(uint32_t addr) { return ((addr & 0x3FFFF) >> 4) | (1u << 16); }
+__device__ __forceinline__ uint64_t desc(uint32_t lo) { return (static_cast<uint64_t>(kDescHi) << 32) | lo; }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
@@ -234,53 +256,97 @@ __device__ __forceinline__ Tile decode(long long t, const Params& p) {
   return r;
 }
 
-// Bias + Mish over a whole m64 slice of the accumulator before any of its stores, with no branch
-// between the evaluations, so the compiler can interleave many independent ex2/rcp chains (in the
-// pairwise epilogue the per-channel guard between pairs keeps only two in flight, and one warp per
-// scheduler then waits on their latency). Lanes whose channels lie past Cout compute on the last
-// channel's bias and store nothing; pixels past the row likewise.
-template <typename T, int kMish>
-__device__ __forceinline__ void slice_batched(float* acc, int m, const Tile& tile, const Params& p,
-                                              const T* __restrict__ bias, T* __restrict__ out, int warp, int lane) {
-  const int co_base = tile.co0 + 2 * (lane & 3);
-  const int last = p.cout - 1;
+// The channels' bias of a lane (channel co_base + 8 q + c at 2 q + c), read before the tile's main
+// loop so that the loads' latency hides behind the MMAs instead of opening the epilogue (they
+// were a tenth of the kernel's stall samples there). Channels past Cout take the last one's.
+template <typename T>
+__device__ __forceinline__ void load_bias(const T* __restrict__ bias, int co_base, int cout, float (&bias_v)[32]) {
 #pragma unroll
   for (int q = 0; q < 16; ++q) {
-    const int co = co_base + 8 * q;
-    const float b0 = bias != nullptr ? to_float(bias[min(co, last)]) : 0.f;
-    const float b1 = bias != nullptr ? to_float(bias[min(co + 1, last)]) : 0.f;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      float v = acc[4 * q + j] + ((j & 1) ? b1 : b0);
+    for (int c = 0; c < 2; ++c) {
+      bias_v[2 * q + c] = bias != nullptr ? to_float(bias[min(co_base + 8 * q + c, cout - 1)]) : 0.f;
+    }
+  }
+}
+
+// Bias + Mish over a whole accumulator slice before any store, with no branch between the
+// evaluations, so the compiler interleaves dozens of independent ex2/rcp chains (with a guard
+// between pairs of values only two were in flight, and the one epilogue warp per scheduler waited
+// on their latency). Lanes whose channels lie past Cout compute on the last channel's bias and
+// store nothing; pixels past the row likewise.
+//
+// The stores then walk pointers instead of recomputing each element's 64-bit address (which cost
+// about seven integer instructions a store, a quarter of the epilogue's issue slots): a thread's
+// elements of one channel differ by constant pixel offsets (8 between the halves of an m16 row
+// group, 64 between the m64 slices), so in NCHW one pointer per channel of a pair serves all of
+// them, stepped 8 channels (8 H W elements) per group; in channels_last a channel group is a
+// constant offset (8 elements) from one pointer per pixel.
+template <typename T, int kMish>
+__device__ __forceinline__ void epilogue(float* acc0, float* acc1, const float (&bias_v)[32], const Tile& tile,
+                                         const Params& p, T* __restrict__ out, int warp, int lane) {
+  const int co_base = tile.co0 + 2 * (lane & 3);
+#pragma unroll
+  for (int m = 0; m < 2; ++m) {  // a slice at a time: both at once would hold twice the temporaries
+    float* acc = m == 0 ? acc0 : acc1;
+#pragma unroll
+    for (int j = 0; j < 64; ++j) {
+      float v = acc[j] + bias_v[2 * (j >> 2) + (j & 1)];
       v = mish(v);
       if constexpr (kMish == 2) v = mish(v);
-      acc[4 * q + j] = v;
+      acc[j] = v;
     }
   }
   if (p.mode == 1) {  // computed, kept alive, not stored
-    if (acc[0] == 1234.5f && acc[63] == -1234.5f) out[0] = from_float<T>(acc[1]);
+    if (acc0[0] == 1234.5f && acc1[63] == -1234.5f) out[0] = from_float<T>(acc0[1]);
     return;
   }
-  const long long hw = static_cast<long long>(p.out_h) * p.out_w;
+  // accumulator (slice m, register 4 q + 2 half + c) holds pixel w + 64 m + 8 half, channel co_base + 8 q + c
+  const int w = tile.w0 + 16 * warp + (lane >> 2);
+  bool in_row[2][2];
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int w = tile.w0 + 64 * m + 16 * warp + (lane >> 2) + 8 * half;
-    if (w >= p.out_w) continue;
+  for (int m = 0; m < 2; ++m)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) in_row[m][half] = w + 64 * m + 8 * half < p.out_w;
+  // channel groups inside Cout: Cout and co0 are multiples of 8, so this is the same for every lane
+  const int groups = min(16, (p.cout - tile.co0) >> 3);
+  if (p.channels_last) {
     const long long pix = (static_cast<long long>(tile.n) * p.out_h + tile.h) * p.out_w + w;
-    const long long nchw = static_cast<long long>(tile.n) * p.cout * hw + static_cast<long long>(tile.h) * p.out_w + w;
+    T* const base = out + pix * p.cout + co_base;
+#pragma unroll
+    for (int m = 0; m < 2; ++m) {
+      const float* acc = m == 0 ? acc0 : acc1;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        if (!in_row[m][half]) continue;
+        Pair<T>* o = reinterpret_cast<Pair<T>*>(base + static_cast<long long>(64 * m + 8 * half) * p.cout);
+#pragma unroll
+        for (int q = 0; q < 16; ++q) {
+          if (q >= groups) break;
+          // Cout is even: co + 1 < Cout; pairs are 2-element aligned, the stride between groups is 8
+          o[4 * q] = Pair<T>{from_float<T>(acc[4 * q + 2 * half]), from_float<T>(acc[4 * q + 2 * half + 1])};
+        }
+      }
+    }
+  } else {
+    const long long hw = static_cast<long long>(p.out_h) * p.out_w;
+    // NCHW: out[n][co][h][w] = image n's base + co H W + h W + w
+    T* o = out + (static_cast<long long>(tile.n) * p.cout + co_base) * hw + static_cast<long long>(tile.h) * p.out_w + w;
 #pragma unroll
     for (int q = 0; q < 16; ++q) {
-      const int co = co_base + 8 * q;
-      if (co >= p.cout) continue;
-      const float v0 = acc[4 * q + 2 * half], v1 = acc[4 * q + 2 * half + 1];
-      if (p.channels_last) {
-        Pair<T> pr{from_float<T>(v0), from_float<T>(v1)};  // Cout is even: co + 1 < Cout
-        *reinterpret_cast<Pair<T>*>(out + pix * p.cout + co) = pr;
-      } else {
-        const long long o = nchw + static_cast<long long>(co) * hw;
-        out[o] = from_float<T>(v0);
-        out[o + hw] = from_float<T>(v1);
+      if (q >= groups) break;
+      T* const o1 = o + hw;
+#pragma unroll
+      for (int m = 0; m < 2; ++m) {
+        const float* acc = m == 0 ? acc0 : acc1;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          if (!in_row[m][half]) continue;
+          o[64 * m + 8 * half] = from_float<T>(acc[4 * q + 2 * half]);
+          o1[64 * m + 8 * half] = from_float<T>(acc[4 * q + 2 * half + 1]);
+        }
       }
+      o += 8 * hw;
     }
   }
 }
@@ -301,9 +367,11 @@ __global__ void __launch_bounds__(384, 1)
   auto empty = [&](int s) { return bars + 8 * (stages + s); };
   auto done = [&](int c) { return bars + 8 * (2 * stages + c); };
   auto tile_a = [&](int s) { return base + s * kStageBytes; };
-  auto tile_b = [&](int s) { return base + s * kStageBytes + kTileBytes; };
+  auto tile_b = [&](int s) { return base + s * kStageBytes + kABytes; };
 
-  const int wg = threadIdx.x / 128;
+  // A shuffle's result is warp-uniform to the compiler, so what derives from the warpgroup index (the
+  // ring position, the wgmma descriptors) lives in uniform registers, which wgmma reads directly.
+  const int wg = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / 128), 0);
   const int consumers = blockDim.x / 128 - 1;
   if (threadIdx.x == 0) {
     for (int s = 0; s < stages; ++s) {
@@ -318,6 +386,7 @@ __global__ void __launch_bounds__(384, 1)
 
   const int kiters = p.taps * p.kblocks;
   constexpr int kElems = kRowBytes / sizeof(T);  // K elements per block
+  const uint32_t a_box_bytes = (p.rowbox ? kRowBoxRows : kBM) * kRowBytes;
 
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
@@ -329,17 +398,22 @@ __global__ void __launch_bounds__(384, 1)
       for (long long t = blockIdx.x; t < p.num_tiles; t += gridDim.x) {
         const Tile tile = decode(t, p);
         const int row0 = (tile.n * p.hp + tile.h) * p.wp + tile.w0;
-        for (int tap = 0; tap < p.taps; ++tap) {
-          const int kh = tap / p.taps_w, kw = tap - kh * p.taps_w;
-          const int arow = row0 + kh * p.dh * p.wp + (p.mode >= 3 ? 0 : kw * p.dw);
+        // kernel rows, channel blocks, then the taps of the row: the consumers' K order
+        for (int kh = 0; kh < p.taps / p.taps_w; ++kh) {
           for (int cb = 0; cb < p.kblocks; ++cb) {
-            mbar_wait(empty(s), phase ^ 1);
-            mbar_expect_tx(full(s), kStageBytes);
-            tma_load_2d(tile_a(s), &map_a, full(s), cb * kElems, arow);
-            tma_load_2d(tile_b(s), &map_b, full(s), tap * p.cp + cb * kElems, tile.co0);
-            if (++s == stages) {
-              s = 0;
-              phase ^= 1;
+            for (int kw = 0; kw < p.taps_w; ++kw) {
+              const bool load_a = !p.rowbox || kw == 0;
+              mbar_wait_idle(empty(s), phase ^ 1);
+              mbar_expect_tx(full(s), kTileBytes + (load_a ? a_box_bytes : 0));
+              if (load_a) {
+                tma_load_2d(tile_a(s), &map_a, full(s), cb * kElems,
+                            row0 + kh * p.dh * p.wp + (p.rowbox ? 0 : kw * p.dw));
+              }
+              tma_load_2d(tile_b(s), &map_b, full(s), (kh * p.taps_w + kw) * p.cp + cb * kElems, tile.co0);
+              if (++s == stages) {
+                s = 0;
+                phase ^= 1;
+              }
             }
           }
         }
@@ -350,6 +424,7 @@ __global__ void __launch_bounds__(384, 1)
     const int c = wg - 1;
     const int tid = threadIdx.x & 127;
     const int warp = tid >> 5, lane = tid & 31;
+    const uint32_t desc_a = desc_lo(tile_a(0)), desc_b = desc_lo(tile_b(0));
     float acc0[64], acc1[64];
     long long i = c;
     for (long long t = blockIdx.x + static_cast<long long>(c) * gridDim.x; t < p.num_tiles;
@@ -360,35 +435,45 @@ __global__ void __launch_bounds__(384, 1)
       // other was still consuming its own would take a phase two rounds early for its own.
       if (consumers == 2 && i > 0) mbar_wait(done(static_cast<int>((i - 1) & 1)), static_cast<uint32_t>(((i - 1) >> 1) & 1));
       // This tile's place in the ring: the producer filled it in tile order, kiters stages a tile.
+      const Tile tile = decode(t, p);
+      float bias_v[32];
+      if (p.mode != 2) load_bias(bias, tile.co0 + 2 * (lane & 3), p.cout, bias_v);
       const long long g = i * kiters;
       int s = static_cast<int>(g % stages);
       uint32_t phase = static_cast<uint32_t>(g / stages) & 1;
-      int prev = s;
+      // Iteration k reads B from stage s and A from stage s_a (s itself with per-tap boxes, else the
+      // stage of its row's kw = 0, kw dw rows in). A stage is given back once the wgmmas of the
+      // iteration after its last reader have been issued and its own are done (wait<1>): a row
+      // box's stage after the row's last tap, the others after their own iteration.
+      int kw = 0, s_a = s, prev = s, prev_kw = 0, prev_s_a = s;
+      auto give_back = [&](int stage, int stage_kw, int stage_a) {
+        if (lane != 0) return;
+        if (!p.rowbox || stage_kw != 0) mbar_arrive(empty(stage));
+        if (p.rowbox && stage_kw == p.taps_w - 1) mbar_arrive(empty(stage_a));
+      };
       for (int k = 0; k < kiters; ++k) {
         mbar_wait(full(s), phase);
         fence_regs(acc0);
         fence_regs(acc1);
         wgmma_fence();
-        uint32_t a = tile_a(s), phase_a = 0;
-        const uint32_t b = tile_b(s);
-        if (p.mode >= 3) {
-          const int shift = ((k / p.kblocks) % p.taps_w) * p.dw;
-          a += shift * kRowBytes;
-          phase_a = p.mode == 4 ? ((a >> 7) & 7) : 0;
-        }
+        if (!p.rowbox || kw == 0) s_a = s;
+        const uint32_t a = desc_a + s_a * (kStageBytes >> 4) + (p.rowbox ? kw * p.dw * (kRowBytes >> 4) : 0);
+        const uint32_t b = desc_b + s * (kStageBytes >> 4);
 #pragma unroll
         for (int kk = 0; kk < kRowBytes / 32; ++kk) {  // wgmma K = 32 bytes
-          const uint64_t db = smem_desc(b + 32 * kk);
           const int scale = (k > 0 || kk > 0) ? 1 : 0;
-          wgmma<T>(acc0, smem_desc(a + 32 * kk, phase_a), db, scale);
-          wgmma<T>(acc1, smem_desc(a + 64 * kRowBytes + 32 * kk, phase_a), db, scale);
+          wgmma<T>(acc0, desc(a + 2 * kk), desc(b + 2 * kk), scale);
+          wgmma<T>(acc1, desc(a + ((64 * kRowBytes) >> 4) + 2 * kk), desc(b + 2 * kk), scale);
         }
         wgmma_commit();
         fence_regs(acc0);
         fence_regs(acc1);
-        wgmma_wait<1>();  // the previous stage's wgmmas are done: give it back
-        if (k > 0 && lane == 0) mbar_arrive(empty(prev));
+        wgmma_wait<1>();  // the previous iteration's wgmmas are done
+        if (k > 0) give_back(prev, prev_kw, prev_s_a);
         prev = s;
+        prev_kw = kw;
+        prev_s_a = s_a;
+        if (++kw == p.taps_w) kw = 0;
         if (++s == stages) {
           s = 0;
           phase ^= 1;
@@ -397,64 +482,13 @@ __global__ void __launch_bounds__(384, 1)
       wgmma_wait<0>();
       fence_regs(acc0);
       fence_regs(acc1);
-      if (lane == 0) {
-        mbar_arrive(empty(prev));
-        if (consumers == 2) mbar_arrive(done(c));
-      }
+      give_back(prev, prev_kw, prev_s_a);
+      if (lane == 0 && consumers == 2) mbar_arrive(done(c));
 
       if (p.mode == 2) continue;
       // Epilogue: accumulator (slice m, register j) holds pixel 64 m + 16 warp + lane / 4 + 8 ((j >> 1) & 1)
       // and channel 8 (j >> 2) + 2 (lane & 3) + (j & 1).
-      const Tile tile = decode(t, p);
-      if (p.epilogue == 1) {
-        slice_batched<T, kMish>(acc0, 0, tile, p, bias, out, warp, lane);
-        slice_batched<T, kMish>(acc1, 1, tile, p, bias, out, warp, lane);
-        continue;
-      }
-      const int co_base = tile.co0 + 2 * (lane & 3);
-      float bias_v[32];
-#pragma unroll
-      for (int q = 0; q < 16; ++q) {
-        const int co = co_base + 8 * q;
-        bias_v[2 * q] = (bias != nullptr && co < p.cout) ? to_float(bias[co]) : 0.f;
-        bias_v[2 * q + 1] = (bias != nullptr && co + 1 < p.cout) ? to_float(bias[co + 1]) : 0.f;
-      }
-      const long long hw = static_cast<long long>(p.out_h) * p.out_w;
-#pragma unroll
-      for (int m = 0; m < 2; ++m) {
-        float* acc = m == 0 ? acc0 : acc1;
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int w = tile.w0 + 64 * m + 16 * warp + (lane >> 2) + 8 * half;
-          if (w >= p.out_w) continue;
-          const long long pix = (static_cast<long long>(tile.n) * p.out_h + tile.h) * p.out_w + w;
-#pragma unroll
-          for (int q = 0; q < 16; ++q) {
-            const int co = co_base + 8 * q;
-            if (co >= p.cout) continue;
-            float v0 = acc[4 * q + 2 * half] + bias_v[2 * q];
-            float v1 = acc[4 * q + 2 * half + 1] + bias_v[2 * q + 1];
-            v0 = mish(v0);
-            v1 = mish(v1);
-            if constexpr (kMish == 2) {
-              v0 = mish(v0);
-              v1 = mish(v1);
-            }
-            if (p.mode == 1) {  // computed, kept alive, not stored
-              if (v0 == 1234.5f && v1 == -1234.5f) out[0] = from_float<T>(v0);
-            } else if (p.channels_last) {
-              Pair<T> pr{from_float<T>(v0), from_float<T>(v1)};  // Cout is even: co + 1 < Cout
-              *reinterpret_cast<Pair<T>*>(out + pix * p.cout + co) = pr;
-            } else {
-              // NCHW: out[n][co][h][w] = base of image n + co * H * W + h * W + w
-              const long long o = (static_cast<long long>(tile.n) * p.cout + co) * hw +
-                                  static_cast<long long>(tile.h) * p.out_w + w;
-              out[o] = from_float<T>(v0);
-              out[o + hw] = from_float<T>(v1);
-            }
-          }
-        }
-      }
+      epilogue<T, kMish>(acc0, acc1, bias_v, tile, p, out, warp, lane);
     }
   }
 }
@@ -477,12 +511,12 @@ static EncodeTiled encode_fn(std::string& error) {
 }
 
 static bool make_map(CUtensorMap* map, CUtensorMapDataType dtype, int elem, const void* ptr, uint64_t inner,
-                     uint64_t rows, std::string& error) {
+                     uint64_t rows, uint32_t box_rows, std::string& error) {
   EncodeTiled fn = encode_fn(error);
   if (fn == nullptr) return false;
   const cuuint64_t dims[2] = {inner, rows};
   const cuuint64_t strides[1] = {inner * elem};
-  const cuuint32_t box[2] = {static_cast<cuuint32_t>(kRowBytes / elem), 128};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(kRowBytes / elem), box_rows};
   const cuuint32_t estrides[2] = {1, 1};
   CUresult r = fn(map, dtype, 2, const_cast<void*>(ptr), dims, strides, box, estrides, CU_TENSOR_MAP_INTERLEAVE_NONE,
                   CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
@@ -498,8 +532,8 @@ static std::string launch_typed(CUtensorMapDataType dtype, const void* xp, const
                                 const Params& p, long long rows, int consumers, int sms, cudaStream_t stream) {
   std::string error;
   CUtensorMap map_a, map_b;
-  if (!make_map(&map_a, dtype, sizeof(T), xp, p.cp, rows, error)) return error;
-  if (!make_map(&map_b, dtype, sizeof(T), wk, static_cast<uint64_t>(p.taps) * p.cp, p.cout, error)) return error;
+  if (!make_map(&map_a, dtype, sizeof(T), xp, p.cp, rows, p.rowbox ? kRowBoxRows : kBM, error)) return error;
+  if (!make_map(&map_b, dtype, sizeof(T), wk, static_cast<uint64_t>(p.taps) * p.cp, p.cout, kBN, error)) return error;
   const int smem = p.stages * kStageBytes + 16 * p.stages + 16 + 1024;
   auto kernel = conv_mish_kernel<T, kMish>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
@@ -515,7 +549,7 @@ static std::string launch_typed(CUtensorMapDataType dtype, const void* xp, const
 // dtype: 0 fp32 (TF32 operands), 1 bf16, 2 fp16. Returns an empty string or why it failed.
 std::string launch(int dtype, int mish_count, const void* xp, const void* wk, const void* bias, void* out,
                    long long rows, int out_h, int out_w, int cout, int hp, int wp, int kh, int kw, int dh, int dw,
-                   int cp, int stages, int consumers, int channels_last, int sms, int mode, int epilogue,
+                   int cp, int stages, int consumers, int rowbox, int channels_last, int sms, int mode,
                    cudaStream_t stream) {
   const int elem = dtype == 0 ? 4 : 2;
   const int kelems = kRowBytes / elem;
@@ -523,6 +557,9 @@ std::string launch(int dtype, int mish_count, const void* xp, const void* wk, co
   if (stages < 2 || stages > kMaxStages) return "hopper_conv: stages must be 2.." + std::to_string(kMaxStages);
   if (consumers < 1 || consumers > 2) return "hopper_conv: consumers must be 1 or 2";
   if (rows >= (1LL << 31)) return "hopper_conv: 2^31 padded pixels or more in one launch";
+  if (rowbox && (kw < 2 || kw >= stages || (kw - 1) * dw > kRowBoxRows - kBM))
+    return "hopper_conv: row boxes need 2 <= kernel width < stages and (width - 1) * dilation <= " +
+           std::to_string(kRowBoxRows - kBM);
   Params p;
   p.out_h = out_h;
   p.out_w = out_w;
@@ -539,9 +576,9 @@ std::string launch(int dtype, int mish_count, const void* xp, const void* wk, co
   p.tiles_co = (cout + kBN - 1) / kBN;
   p.num_tiles = (rows / (static_cast<long long>(hp) * wp)) * out_h * p.tiles_w * p.tiles_co;
   p.stages = stages;
+  p.rowbox = rowbox;
   p.channels_last = channels_last;
   p.mode = mode;
-  p.epilogue = epilogue;
   if (p.num_tiles == 0) return "";
 #define HOPPER_CONV_CASE(T, CU, M) \
   return launch_typed<T, M>(CU, xp, wk, bias, out, p, rows, consumers, sms, stream)

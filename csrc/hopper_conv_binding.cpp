@@ -12,7 +12,7 @@
 namespace hopper_conv {
 std::string launch(int dtype, int mish_count, const void* xp, const void* wk, const void* bias, void* out,
                    long long rows, int out_h, int out_w, int cout, int hp, int wp, int kh, int kw, int dh, int dw,
-                   int cp, int stages, int consumers, int channels_last, int sms, int mode, int epilogue,
+                   int cp, int stages, int consumers, int rowbox, int channels_last, int sms, int mode,
                    cudaStream_t stream);
 }
 
@@ -31,7 +31,7 @@ int dtype_code(const torch::Tensor& t) {
 // (NCHW) or channels_last.
 std::string conv_mish(const torch::Tensor& xp, const torch::Tensor& wk, const c10::optional<torch::Tensor>& bias,
                       const torch::Tensor& out, int64_t kh, int64_t kw, int64_t dh, int64_t dw, int64_t mish_count,
-                      int64_t stages, int64_t consumers, bool channels_last, int64_t mode, int64_t epilogue) {
+                      int64_t stages, int64_t consumers, bool rowbox, bool channels_last, int64_t mode) {
   if (!xp.is_cuda() || !wk.is_cuda() || !out.is_cuda()) return "hopper_conv: operands must be CUDA tensors";
   if (xp.device() != wk.device() || xp.device() != out.device()) return "hopper_conv: operands on different devices";
   const int dtype = dtype_code(xp);
@@ -57,7 +57,6 @@ std::string conv_mish(const torch::Tensor& xp, const torch::Tensor& wk, const c1
     bias_ptr = b.data_ptr();
   }
   if (mish_count != 1 && mish_count != 2) return "hopper_conv: mish_count must be 1 or 2";
-  if (epilogue != 0 && epilogue != 1) return "hopper_conv: epilogue must be 0 (pairs) or 1 (batched)";
   if (out.numel() == 0) return "";
   const c10::cuda::CUDAGuard guard(xp.device());
   const int index = xp.device().index();
@@ -67,8 +66,8 @@ std::string conv_mish(const torch::Tensor& xp, const torch::Tensor& wk, const c1
                              out.data_ptr(), n * hp * wp, static_cast<int>(out_h), static_cast<int>(out_w),
                              static_cast<int>(cout), static_cast<int>(hp), static_cast<int>(wp), static_cast<int>(kh),
                              static_cast<int>(kw), static_cast<int>(dh), static_cast<int>(dw), static_cast<int>(cp),
-                             static_cast<int>(stages), static_cast<int>(consumers), channels_last ? 1 : 0, sms,
-                             static_cast<int>(mode), static_cast<int>(epilogue), stream);
+                             static_cast<int>(stages), static_cast<int>(consumers), rowbox ? 1 : 0, channels_last ? 1 : 0, sms,
+                             static_cast<int>(mode), stream);
 }
 
 }  // namespace
@@ -76,6 +75,6 @@ std::string conv_mish(const torch::Tensor& xp, const torch::Tensor& wk, const c1
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_mish", &conv_mish, "implicit-GEMM conv + bias + Mish (x mish_count) on sm_90a", py::arg("xp"),
         py::arg("wk"), py::arg("bias"), py::arg("out"), py::arg("kh"), py::arg("kw"), py::arg("dh"), py::arg("dw"),
-        py::arg("mish_count"), py::arg("stages"), py::arg("consumers"), py::arg("channels_last"), py::arg("mode") = 0,
-        py::arg("epilogue") = 0);
+        py::arg("mish_count"), py::arg("stages"), py::arg("consumers"), py::arg("rowbox"), py::arg("channels_last"),
+        py::arg("mode") = 0);
 }

@@ -92,8 +92,20 @@ def test_configs_are_named_and_pruned_by_shape():
     x, w = torch.randn(1, 64, 16, 16), torch.randn(128, 64, 3, 3)
     names = [c.name for c in plan.configs(x, w, None, _spec())]
     assert names[0] == "s6_pingpong" and len(set(names)) == len(names)
+    assert "s6_pingpong_rowbox" in names and "s4_pingpong_rowbox" in names
     tiny = plan.configs(torch.randn(1, 8, 8, 8), torch.randn(16, 8, 1, 1), None, _spec())
-    assert all(c.stages <= 3 for c in tiny)
+    assert all(c.stages <= 3 for c in tiny) and not any(c.rowbox for c in tiny)
+
+
+@pytest.mark.parametrize("kernel,dilation,rowbox_stages", [
+    (3, 1, {4, 6}), (5, 2, {6}), (5, 3, set()), (7, 1, set()), (1, 1, set())])
+def test_row_boxes_only_where_the_ring_and_box_hold_a_kernel_row(kernel, dilation, rowbox_stages):
+    """A row box's stage is held until the row's last tap (ring deeper than the kernel's width) and
+    holds 8 rows of shift ((width - 1) x dilation); elsewhere the kernel would refuse the launch."""
+    conv = nn.Conv2d(64, 128, kernel, dilation=dilation)
+    x, w = torch.randn(1, 64, 40, 40), conv.weight.detach()
+    found = plans.get_plan("hopper_conv").configs(x, w, None, ConvSpec.of(conv))
+    assert {c.stages for c in found if c.rowbox} == rowbox_stages
 
 
 @pytest.mark.skipif(HAS_HOPPER, reason="checks the answer without a Hopper GPU")
@@ -150,6 +162,30 @@ def test_block_matches_float64_within_twice_eager(monkeypatch, shape, setting, i
     assert not ours.isnan().any()
     tol = 2 * max(eager_err, floor) + 1e-6 * float(ref.abs().max())
     assert err <= tol, f"{err:.3g} vs eager {eager_err:.3g}, tf32 floor {floor:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_HOPPER, reason="needs a Hopper GPU (compute capability 9.0)")
+@pytest.mark.parametrize("config", hc.CONFIGS, ids=lambda c: c.name)
+@pytest.mark.parametrize("dtype,cl", [(torch.float32, False), (torch.bfloat16, True)], ids=["fp32-nchw", "bf16-cl"])
+def test_every_config_matches_float64(monkeypatch, config, dtype, cl):
+    """Each config the tuner may time, on a shape with partial tiles (150-wide rows) and several tiles
+    a CTA, into an output poisoned with NaN: every element written, within 2x eager's error."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 128, 3, padding=1).cuda().to(dtype)
+    x = torch.randn(3, 64, 20, 150, device="cuda", dtype=dtype)
+    fmt = CL if cl else torch.contiguous_format
+    x = x.contiguous(memory_format=fmt)
+    out = torch.full((3, 128, 20, 150), float("nan"), device="cuda", dtype=dtype).contiguous(memory_format=fmt)
+    hc.conv_mish(x, conv.weight, conv.bias, (1, 1), (1, 1), 2, fmt, config, out=out)
+    with torch.no_grad():
+        eager = F.mish(F.mish(conv(x)))
+        ref = F.mish(F.mish(F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), 1, 1)))
+    err = float((out.double() - ref).abs().max())  # NaN (an unwritten element) fails the comparison
+    floor = tf32_floor(x, conv, ref) if dtype == torch.float32 else 0.0
+    tol = 2 * max(float((eager.double() - ref).abs().max()), floor) + 1e-6 * float(ref.abs().max())
+    assert err <= tol, f"{config.name}: {err:.3g} vs tolerance {tol:.3g}"
 
 
 @pytest.mark.gpu

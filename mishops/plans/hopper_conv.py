@@ -56,25 +56,31 @@ MAX_STAGES = 6
 
 @dataclass(frozen=True)
 class HopperConfig:
-    """How the kernel runs a launch: ring depth, one or two consumer warpgroups, epilogue form."""
+    """How the kernel runs a launch: ring depth, one or two consumer warpgroups, and whether a
+    kernel row's taps share one activation box (``rowbox``: a third of the activation's L2 reads
+    for 3-wide kernels; needs a ring deeper than the kernel's width)."""
 
     stages: int = 6
     #: 2: ping-pong (one consumer's epilogue overlaps the other's MMAs); 1: epilogue not hidden
     consumers: int = 2
-    #: 0: bias + Mish a pair of values at a time between the stores; 1: a whole accumulator slice
-    #: first, branch-free, then its stores, so many ex2/rcp chains are in flight at once
-    epilogue: int = 0
+    rowbox: bool = False
 
     @property
     def name(self) -> str:
         return (f"s{self.stages}_{'pingpong' if self.consumers == 2 else 'single'}"
-                + ("_batched" if self.epilogue == 1 else ""))
+                + ("_rowbox" if self.rowbox else ""))
+
+    def fits(self, kernel_w: int, dilation_w: int) -> bool:
+        """Row boxes hold 8 rows of shift, and their stage is held until the row's last tap."""
+        return not self.rowbox or (2 <= kernel_w < self.stages and (kernel_w - 1) * dilation_w <= ROWBOX_SHIFT)
 
 
-#: the pairwise-epilogue configs first: they are the ones measured on the GPU (the batched
-#: epilogue has only been compiled), and the first is what runs where nothing has been tuned.
-CONFIGS = (HopperConfig(6, 2), HopperConfig(4, 2), HopperConfig(3, 2), HopperConfig(6, 1),
-           HopperConfig(6, 2, 1), HopperConfig(4, 2, 1))
+#: rows a row box holds beyond the tile's 128 (``kRowBoxRows - kBM`` in the kernel)
+ROWBOX_SHIFT = 8
+#: the first is what runs where nothing has been tuned: the fastest at the reference shape on the H200
+#: (benchmarks/results/h200/gpu-run6.md); one consumer stays as the baseline that hides nothing.
+CONFIGS = (HopperConfig(6, 2), HopperConfig(6, 2, True), HopperConfig(4, 2), HopperConfig(4, 2, True),
+           HopperConfig(3, 2), HopperConfig(6, 1))
 
 
 # --- building --------------------------------------------------------------------------------------
@@ -230,7 +236,7 @@ def conv_mish(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     for n0 in range(0, n, per_launch):
         n1 = min(n, n0 + per_launch)
         message = ext.conv_mish(xp[n0:n1], wk, b, out[n0:n1], kh, kw, dh, dw, mish_count, config.stages,
-                                config.consumers, channels_last, 0, config.epilogue)
+                                config.consumers, config.rowbox, channels_last)
         if message:
             raise RuntimeError(f"{message} (input {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)})")
     return out
@@ -301,7 +307,7 @@ class HopperConvPlan(Plan):
         tiles' K loop buys nothing, and with fewer tiles than SMs nothing overlaps an epilogue."""
         taps = weight.shape[2] * weight.shape[3]
         kiters = taps * padded_channels(x.shape[1], weight.dtype) // k_block(weight.dtype)
-        found = [c for c in CONFIGS if c.stages <= max(3, 2 * kiters)]
+        found = [c for c in CONFIGS if c.stages <= max(3, 2 * kiters) and c.fits(weight.shape[3], spec.dilation[1])]
         return found or [CONFIGS[-1]]
 
     def forward(self, x, weight, bias, spec: ConvSpec, config: HopperConfig | None = None) -> torch.Tensor:
