@@ -36,7 +36,12 @@
 #include <string>
 #include <type_traits>
 
+#include "mish.cuh"
+
 namespace hopper_conv {
+
+using mishops::from_float;
+using mishops::to_float;
 
 constexpr int kBM = 128;                // output pixels per tile (two m64 wgmma slices)
 constexpr int kBN = 128;                // output channels per tile (the wgmma N)
@@ -190,57 +195,6 @@ __device__ __forceinline__ void wgmma(float* d, uint64_t a, uint64_t b, int scal
   }
 }
 
-__device__ __forceinline__ float ex2(float v) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(v));
-  return y;
-}
-
-__device__ __forceinline__ float rcp(float v) {
-  float y;
-  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(v));
-  return y;
-}
-
-// mish(v) = v tanh(softplus(v)) = v n / (n + 2), n = e (e + 2), e = 2^(min(v, 20) log2 e): one ex2
-// and one reciprocal. The clamp keeps n finite (the ratio is 1 in fp32 there); fminf(NaN, 20) = 20,
-// so NaN flows on through v, +inf gives inf and -inf gives -inf * 0 = NaN, as F.mish does.
-__device__ __forceinline__ float mish(float v) {
-  const float e = ex2(fminf(v, 20.f) * 1.4426950408889634f);
-  const float n = e * (e + 2.f);
-  return v * (n * rcp(n + 2.f));
-}
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v) {
-  if constexpr (std::is_same_v<T, __half>) {
-    return __float2half_rn(v);
-  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __float2bfloat16_rn(v);
-  } else {
-    return v;
-  }
-}
-
-template <typename T>
-struct Pair;
-template <>
-struct alignas(8) Pair<float> {
-  float a, b;
-};
-template <>
-struct alignas(4) Pair<__nv_bfloat16> {
-  __nv_bfloat16 a, b;
-};
-template <>
-struct alignas(4) Pair<__half> {
-  __half a, b;
-};
-
 struct Tile {
   int n, h, w0, co0;
 };
@@ -290,11 +244,17 @@ __device__ __forceinline__ void epilogue(float* acc0, float* acc1, const float (
   for (int m = 0; m < 2; ++m) {  // a slice at a time: both at once would hold twice the temporaries
     float* acc = m == 0 ? acc0 : acc1;
 #pragma unroll
-    for (int j = 0; j < 64; ++j) {
-      float v = acc[j] + bias_v[2 * (j >> 2) + (j & 1)];
-      v = mish(v);
-      if constexpr (kMish == 2) v = mish(v);
-      acc[j] = v;
+    for (int j = 0; j < 64; j += mishops::kRcpGroup) {
+      float v[mishops::kRcpGroup], unused[mishops::kRcpGroup];
+#pragma unroll
+      for (int i = 0; i < mishops::kRcpGroup; ++i) v[i] = acc[j + i] + bias_v[2 * ((j + i) >> 2) + ((j + i) & 1)];
+      // ex2.approx for both exps (the accurate expf is for the elementwise passes' 1e-6; here the TF32
+      // or 16-bit operands' error is far larger) and one reciprocal per group: 2.5 MUFU an element
+      // where each Mish's own reciprocal made 4, which kept the MUFU pipe the epilogue's limit.
+      mishops::mish_group<false, false, false, mishops::kRcpGroup>(v, unused);
+      if constexpr (kMish == 2) mishops::mish_group<false, true, false, mishops::kRcpGroup>(v, unused);
+#pragma unroll
+      for (int i = 0; i < mishops::kRcpGroup; ++i) acc[j + i] = v[i];
     }
   }
   if (p.mode == 1) {  // computed, kept alive, not stored
@@ -319,12 +279,12 @@ __device__ __forceinline__ void epilogue(float* acc0, float* acc1, const float (
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         if (!in_row[m][half]) continue;
-        Pair<T>* o = reinterpret_cast<Pair<T>*>(base + static_cast<long long>(64 * m + 8 * half) * p.cout);
+        mishops::Pack<T, 2>* o = reinterpret_cast<mishops::Pack<T, 2>*>(base + static_cast<long long>(64 * m + 8 * half) * p.cout);
 #pragma unroll
         for (int q = 0; q < 16; ++q) {
           if (q >= groups) break;
           // Cout is even: co + 1 < Cout; pairs are 2-element aligned, the stride between groups is 8
-          o[4 * q] = Pair<T>{from_float<T>(acc[4 * q + 2 * half]), from_float<T>(acc[4 * q + 2 * half + 1])};
+          o[4 * q] = mishops::Pack<T, 2>{{from_float<T>(acc[4 * q + 2 * half]), from_float<T>(acc[4 * q + 2 * half + 1])}};
         }
       }
     }

@@ -44,6 +44,8 @@ log = logging.getLogger("mishops")
 
 MODULE_NAME = "mishops_hopper_conv"
 SOURCES = (csrc_path("hopper_conv.cu"), csrc_path("hopper_conv_binding.cpp"))
+#: the Mish math the epilogue shares with the ``cuda`` backend: part of what a build depends on
+HEADERS = (csrc_path("mish.cuh"), csrc_path("mish_math.cuh"))
 EXTRA_CUDA_CFLAGS = ("-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a")
 EXTRA_CFLAGS = ("-O3",)
 #: the kernel's tile: 128 output pixels of one row x 128 output channels.
@@ -94,7 +96,7 @@ _build_error: Exception | None = None
 
 def _sources_digest() -> str:
     h = hashlib.sha256()
-    for path in SOURCES:
+    for path in SOURCES + HEADERS:
         h.update(Path(path).name.encode())
         h.update(Path(path).read_bytes())
     return h.hexdigest()[:16]
@@ -250,7 +252,7 @@ class HopperConvPlan(Plan):
     devices = frozenset({"cuda"})
     casts_input = True
     dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32})
-    source_files = SOURCES
+    source_files = SOURCES + HEADERS
 
     def is_available(self) -> Availability:
         from mishops.backends import cuda
