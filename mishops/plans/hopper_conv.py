@@ -79,9 +79,10 @@ class HopperConfig:
 
 #: rows a row box holds beyond the tile's 128 (``kRowBoxRows - kBM`` in the kernel)
 ROWBOX_SHIFT = 8
-#: the first is what runs where nothing has been tuned: the fastest at the reference shape on the H200
-#: (benchmarks/results/h200/gpu-run6.md); one consumer stays as the baseline that hides nothing.
-CONFIGS = (HopperConfig(6, 2), HopperConfig(6, 2, True), HopperConfig(4, 2), HopperConfig(4, 2, True),
+#: the first that fits is what runs where nothing has been tuned: the fastest for fp32 NCHW at the
+#: reference shape on the H200 (benchmarks/results/h200/gpu-run6.md); one consumer stays as the
+#: baseline that hides nothing.
+CONFIGS = (HopperConfig(6, 2, True), HopperConfig(6, 2), HopperConfig(4, 2), HopperConfig(4, 2, True),
            HopperConfig(3, 2), HopperConfig(6, 1))
 
 
@@ -219,7 +220,7 @@ def conv_mish(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     """``mish^mish_count(conv2d(x, weight, bias, 1, padding, dilation))`` in ``memory_format``,
     computed in the weight's dtype (a wider ``x`` is cast by the input pass), into a new tensor
     or ``out``."""
-    config = config or CONFIGS[0]
+    config = config or next(c for c in CONFIGS if c.fits(weight.shape[3], dilation[1]))
     n, cin, h, w = x.shape
     cout, _, kh, kw = weight.shape
     (ph, pw), (dh, dw) = padding, dilation
