@@ -87,6 +87,19 @@ def test_close_call_is_retimed_interleaved(monkeypatch):
     assert choice.winner in ("a", "b") and choice.how == "profiled"
 
 
+@pytest.mark.parametrize("slower_ms,retimed", [(1.05, True), (1.09, True), (1.15, False)])
+def test_the_two_fastest_are_retimed_when_within_the_retime_margin(monkeypatch, slower_ms, retimed):
+    """Within RETIME_MARGIN the interleaved timings decide (here they reverse the order); beyond it the
+    first timings stand."""
+    monkeypatch.setattr(_CountingTrial, "calls", {})
+    first = {"a": tuning.Timing(1.00, 0.0, 5), "b": tuning.Timing(slower_ms, 0.0, 5)}
+    monkeypatch.setattr(tuning, "time_ms", lambda fn, device, budget: first[fn()])
+    monkeypatch.setattr(tuning, "time_interleaved", lambda fns, device: {
+        "a": tuning.Timing(1.2, 0.0, 30), "b": tuning.Timing(1.0, 0.0, 30)})
+    problem = Problem("test", "k", torch.device("cpu"), [_Named("a", 0), _Named("b", 1)], _CountingTrial)
+    assert Tuner().decide(problem).winner == ("b" if retimed else "a")
+
+
 def test_a_choice_needed_on_another_thread_while_tuning_is_made(monkeypatch):
     """A plan's backward runs on autograd's device thread (CUDA) and asks for its backends while the
     plan's own key is tuning on the caller's thread: the inner choice must not wait for the outer."""
