@@ -23,7 +23,9 @@
 // every second tile of the CTA's share of the static tile schedule (tile = blockIdx.x + i *
 // gridDim.x). The ring is filled in tile order, so while one consumer runs bias + Mish + stores
 // for its tile, the other's MMAs for the next tile proceed: the epilogue, whose ex2/rcp and
-// uncoalescable NCHW stores would otherwise stall the tensor cores, is hidden.
+// uncoalescable NCHW stores would otherwise stall the tensor cores, overlaps them (as far as it is
+// no longer than a tile's main loop; where it is longer, the difference is the kernel's excess over
+// its main loop: benchmarks/results/h200/hopper-conv.md says where it goes).
 
 #include <cuda.h>
 #include <cuda_bf16.h>
