@@ -2,9 +2,11 @@
 is), what the plan declines and why, and on a Hopper GPU its block against float64 within 2x the
 eager block's own error, in fp32 (TF32), bf16 and fp16, NCHW and channels_last."""
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -186,6 +188,30 @@ def test_every_config_matches_float64(monkeypatch, config, dtype, cl):
     floor = tf32_floor(x, conv, ref) if dtype == torch.float32 else 0.0
     tol = 2 * max(float((eager.double() - ref).abs().max()), floor) + 1e-6 * float(ref.abs().max())
     assert err <= tol, f"{config.name}: {err:.3g} vs tolerance {tol:.3g}"
+
+
+NEW_PROCESS = """
+import torch, torch.nn.functional as F
+from mishops.plans import hopper_conv as hc
+torch.backends.cudnn.allow_tf32 = True
+x = torch.randn(2, 64, 9, 140, device="cuda")
+w, b = torch.randn(128, 64, 3, 3, device="cuda") / 24, torch.randn(128, device="cuda")
+y = hc.conv_mish(x, w, b, (1, 1), (1, 1))
+ref = F.mish(F.mish(F.conv2d(x.double(), w.double(), b.double(), 1, 1)))
+print(hc.stats["builds"], float((y.double() - ref).abs().max()))
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_HOPPER, reason="needs a Hopper GPU (compute capability 9.0)")
+def test_a_new_process_loads_the_built_kernel_without_rebuilding():
+    hc.extension()  # built here (or found built) in the shared build directory
+    done = subprocess.run([sys.executable, "-c", NEW_PROCESS], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ))
+    assert done.returncode == 0, done.stderr
+    builds, err = done.stdout.strip().splitlines()[-1].split()
+    assert int(builds) == 0, done.stdout
+    assert float(err) < 1e-2, done.stdout  # the loaded kernel computes the block (TF32 operands)
 
 
 @pytest.mark.gpu
