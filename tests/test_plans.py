@@ -311,6 +311,44 @@ def test_a_wrong_plan_is_never_chosen(monkeypatch, autotune, bad, why):
     assert why in choice.measurements[bad.name].reason
 
 
+class _Config:
+    def __init__(self, name, corrupt):
+        self.name, self.corrupt = name, corrupt
+
+
+class _ConfiguredPlan(_TestPlan):
+    """A plan with configs, the first (the untuned default) corrupting one element."""
+
+    name = "test_configured"
+    chosen = []
+
+    def configs(self, x, weight, bias, spec):
+        return [_Config("corrupt", True), _Config("right", False)]
+
+    def forward(self, x, weight, bias, spec, config=None):
+        config = config or self.config_for(x, weight, bias, spec)
+        type(self).chosen.append(config.name)
+        y = super().forward(x, weight, bias, spec)
+        if config.corrupt:
+            y[0, 0, 0, 0] += 0.25
+        return y
+
+
+def test_a_corrupted_config_is_never_chosen():
+    """A plan's configs are checked against the reference like plans are: the corrupt one is out
+    for the key, even though it is the plan's first (its fallback without timing)."""
+    register(_ConfiguredPlan)
+    _ConfiguredPlan.chosen = []
+    model, x = Model(3, 5, 3), torch.randn(2, 3, 9, 11)
+    with torch.no_grad():
+        torch.testing.assert_close(plans.get_plan("test_configured").forward(x, model.conv.weight, model.conv.bias,
+                                                                             ConvSpec.of(model.conv)), model(x))
+    config_choice = [c for c in tuning.TUNER.last_choices() if c.op == "test_configured config"][-1]
+    assert config_choice.winner == "test_configured[right]"
+    assert "wrong answer" in config_choice.measurements["test_configured[corrupt]"].reason
+    assert _ConfiguredPlan.chosen[-1] == "right"
+
+
 def test_a_correct_preferred_plan_is_chosen_without_autotune(monkeypatch):
     monkeypatch.setenv("MISHOPS_AUTOTUNE", "0")
     register(_TestPlan)
