@@ -48,12 +48,8 @@ SOURCES = (csrc_path("hopper_conv.cu"), csrc_path("hopper_conv_binding.cpp"))
 HEADERS = (csrc_path("mish.cuh"), csrc_path("mish_math.cuh"))
 EXTRA_CUDA_CFLAGS = ("-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a")
 EXTRA_CFLAGS = ("-O3",)
-#: the kernel's tile: 128 output pixels of one row x 128 output channels.
-BLOCK_P = 128
-BLOCK_CO = 128
-#: bytes of K per pipeline stage and operand row: one 128-byte swizzle row.
+#: bytes of K per pipeline stage and operand row: one 128-byte swizzle row (``kRowBytes`` in the kernel).
 K_BLOCK_BYTES = 128
-MAX_STAGES = 6
 
 
 @dataclass(frozen=True)
