@@ -53,6 +53,8 @@ constexpr int kRowBoxRows = kBM + 8;         // a row box: room for shifts up to
 constexpr int kABytes = kRowBoxRows * kRowBytes;  // A's place in a stage: a multiple of 1024, as the swizzle needs
 constexpr int kStageBytes = kABytes + kTileBytes;
 constexpr int kMaxStages = 6;
+constexpr int kMaxSmem = 227 * 1024;  // an sm_90 CTA's dynamic shared memory at most
+constexpr int kSliceRows = 64;  // output pixels of one m64 wgmma slice: the unit the TMA-store epilogue stages
 
 struct Params {
   int out_h, out_w, cout, hp, wp;
@@ -64,6 +66,7 @@ struct Params {
   int stages;
   int rowbox;  // one A box per (kernel row, channel block), read by its KW taps at shifted rows
   int channels_last;
+  int tma_store;  // stage each m64 slice of the output in shared memory and write it with TMA
   // 0: the block. Measurement modes (benchmarks/bench_hopper_conv.py): 1 epilogue computed but
   // not stored, 2 no epilogue (the main loop alone).
   int mode;
@@ -123,6 +126,21 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
       "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1)
       : "memory");
 }
+
+__device__ __forceinline__ void tma_store_3d(const CUtensorMap* map, uint32_t src, int c0, int c1, int c2) {
+  asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%2, %3, %4}], [%1];" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(src), "r"(c0), "r"(c1), "r"(c2)
+               : "memory");
+}
+__device__ __forceinline__ void tma_store_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+// The staged slice's earlier stores have read their shared memory (they may still be writing).
+__device__ __forceinline__ void tma_store_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
+__device__ __forceinline__ void tma_store_wait_all() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+// Generic-proxy writes to shared memory made visible to the TMA unit (the async proxy).
+__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+// A barrier among one consumer warpgroup's 128 threads (barrier 0 is __syncthreads').
+__device__ __forceinline__ void consumer_sync(int c) { asm volatile("bar.sync %0, 128;" ::"r"(1 + c) : "memory"); }
 
 // wgmma's shared-memory descriptor of a K-major operand in TMA's 128-byte swizzle: rows of 128
 // bytes, 8-row groups 1024 bytes apart (the stride byte offset), the leading byte offset unused in
@@ -226,43 +244,109 @@ __device__ __forceinline__ void load_bias(const T* __restrict__ bias, int co_bas
   }
 }
 
-// Bias + Mish over a whole accumulator slice before any store, with no branch between the
-// evaluations, so the compiler interleaves dozens of independent ex2/rcp chains (with a guard
-// between pairs of values only two were in flight, and the one epilogue warp per scheduler waited
-// on their latency). Lanes whose channels lie past Cout compute on the last channel's bias and
-// store nothing; pixels past the row likewise.
-//
-// The stores then walk pointers instead of recomputing each element's 64-bit address (which cost
-// about seven integer instructions a store, a quarter of the epilogue's issue slots): a thread's
-// elements of one channel differ by constant pixel offsets (8 between the halves of an m16 row
-// group, 64 between the m64 slices), so in NCHW one pointer per channel of a pair serves all of
-// them, stepped 8 channels (8 H W elements) per group; in channels_last a channel group is a
-// constant offset (8 elements) from one pointer per pixel.
-template <typename T, int kMish>
-__device__ __forceinline__ void epilogue(float* acc0, float* acc1, const float (&bias_v)[32], const Tile& tile,
-                                         const Params& p, T* __restrict__ out, int warp, int lane) {
-  const int co_base = tile.co0 + 2 * (lane & 3);
+// Bias + Mish over one accumulator slice, with no branch between the evaluations, so the compiler
+// interleaves dozens of independent ex2/rcp chains (with a guard between pairs of values only two
+// were in flight, and the one epilogue warp per scheduler waited on their latency). Lanes whose
+// channels lie past Cout compute on the last channel's bias and store nothing; pixels past the
+// row likewise.
+template <int kMish>
+__device__ __forceinline__ void bias_mish(float* acc, const float (&bias_v)[32]) {
 #pragma unroll
-  for (int m = 0; m < 2; ++m) {  // a slice at a time: both at once would hold twice the temporaries
-    float* acc = m == 0 ? acc0 : acc1;
+  for (int j = 0; j < 64; j += mishops::kRcpGroup) {
+    float v[mishops::kRcpGroup], unused[mishops::kRcpGroup];
 #pragma unroll
-    for (int j = 0; j < 64; j += mishops::kRcpGroup) {
-      float v[mishops::kRcpGroup], unused[mishops::kRcpGroup];
+    for (int i = 0; i < mishops::kRcpGroup; ++i) v[i] = acc[j + i] + bias_v[2 * ((j + i) >> 2) + ((j + i) & 1)];
+    // ex2.approx for both exps (the accurate expf is for the elementwise passes' 1e-6; here the TF32
+    // or 16-bit operands' error is far larger) and one reciprocal per group: 2.5 MUFU an element
+    // where each Mish's own reciprocal made 4, which kept the MUFU pipe the epilogue's limit.
+    mishops::mish_group<false, false, false, mishops::kRcpGroup>(v, unused);
+    if constexpr (kMish == 2) mishops::mish_group<false, true, false, mishops::kRcpGroup>(v, unused);
 #pragma unroll
-      for (int i = 0; i < mishops::kRcpGroup; ++i) v[i] = acc[j + i] + bias_v[2 * ((j + i) >> 2) + ((j + i) & 1)];
-      // ex2.approx for both exps (the accurate expf is for the elementwise passes' 1e-6; here the TF32
-      // or 16-bit operands' error is far larger) and one reciprocal per group: 2.5 MUFU an element
-      // where each Mish's own reciprocal made 4, which kept the MUFU pipe the epilogue's limit.
-      mishops::mish_group<false, false, false, mishops::kRcpGroup>(v, unused);
-      if constexpr (kMish == 2) mishops::mish_group<false, true, false, mishops::kRcpGroup>(v, unused);
+    for (int i = 0; i < mishops::kRcpGroup; ++i) acc[j + i] = v[i];
+  }
+}
+
+// The TMA-store epilogue's staging (Params::tma_store): slice m (64 pixels x 128 channels) goes to
+// the consumer's buffer as TMA boxes of 128-byte rows in the 128-byte swizzle (16-byte chunk index
+// XOR row % 8 within each 1024-byte block), which also keeps the accumulators' writes free of bank
+// conflicts: NCHW boxes are [128 channels][kInner pixels], channels_last boxes [64 pixels][kInner
+// channels]. One thread then writes the slice with TMA stores, so no register waits on the memory
+// system (with direct stores, 82% of the stores' stall samples were registers held until the
+// memory system took them). NCHW's inner dimension is the image's H W pixels (a 254-wide row is
+// not 16-byte aligned, so a row cannot be a TMA dimension): a box that would run past its row's
+// end into the next row is copied by the warpgroup from shared memory instead, its pixels inside
+// the row only.
+template <typename T>
+__device__ __forceinline__ void store_slice_tma(const float* acc, int m, const Tile& tile, const Params& p,
+                                                const CUtensorMap* map_o, uint8_t* buf, T* __restrict__ out, int c,
+                                                int tid) {
+  constexpr int kInner = kRowBytes / sizeof(T);
+  const int warp = tid >> 5, lane = tid & 31;
+  if (tid == 0) tma_store_wait_read();  // the previous slice's stores are done with the buffer
+  consumer_sync(c);
+  // accumulator register 4 q + 2 half + cc: pixel px0 + 8 half, channel ch0 + 8 q + cc
+  const int px0 = 16 * warp + (lane >> 2), ch0 = 2 * (lane & 3);
 #pragma unroll
-      for (int i = 0; i < mishops::kRcpGroup; ++i) acc[j + i] = v[i];
+  for (int q = 0; q < 16; ++q) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int px = px0 + 8 * half, ch = ch0 + 8 * q;
+      const float* a = acc + 4 * q + 2 * half;
+      if (p.channels_last) {  // the pair of channels is one 8- or 4-byte write
+        const int byte = (ch / kInner) * (kSliceRows * kRowBytes) + px * kRowBytes +
+                         (((ch % kInner) * static_cast<int>(sizeof(T))) ^ ((px & 7) << 4));
+        *reinterpret_cast<mishops::Pack<T, 2>*>(buf + byte) = mishops::Pack<T, 2>{{from_float<T>(a[0]), from_float<T>(a[1])}};
+      } else {
+#pragma unroll
+        for (int cc = 0; cc < 2; ++cc) {
+          const int byte = (px / kInner) * (kBN * kRowBytes) + (ch + cc) * kRowBytes +
+                           (((px % kInner) * static_cast<int>(sizeof(T))) ^ (((ch + cc) & 7) << 4));
+          *reinterpret_cast<T*>(buf + byte) = from_float<T>(a[cc]);
+        }
+      }
     }
   }
-  if (p.mode == 1) {  // computed, kept alive, not stored
-    if (acc0[0] == 1234.5f && acc1[63] == -1234.5f) out[0] = from_float<T>(acc0[1]);
+  fence_async_shared();
+  consumer_sync(c);
+  const int ws = tile.w0 + kSliceRows * m;
+  if (ws >= p.out_w) return;
+  if (p.channels_last) {  // the map's pixel dimension is the row: TMA clips the tail itself
+    if (tid == 0) {
+      for (int b = 0; b < kBN / kInner && tile.co0 + b * kInner < p.cout; ++b)
+        tma_store_3d(map_o, smem_u32(buf) + b * kSliceRows * kRowBytes, tile.co0 + b * kInner, ws,
+                     tile.n * p.out_h + tile.h);
+      tma_store_commit();
+    }
     return;
   }
+  const long long hw = static_cast<long long>(p.out_h) * p.out_w;
+#pragma unroll
+  for (int b = 0; b < kSliceRows / kInner; ++b) {
+    const int wb = ws + b * kInner;
+    const uint8_t* box = buf + b * kBN * kRowBytes;
+    if (wb + kInner <= p.out_w) {
+      if (tid == 0) tma_store_3d(map_o, smem_u32(box), tile.h * p.out_w + wb, tile.co0, tile.n);
+    } else if (wb < p.out_w) {  // the row's end: lanes along pixels, warps along channels
+      const int valid = p.out_w - wb, rows = min(kBN, p.cout - tile.co0);
+      T* const o = out + (static_cast<long long>(tile.n) * p.cout + tile.co0) * hw + static_cast<long long>(tile.h) * p.out_w + wb;
+      for (int ch = warp; ch < rows; ch += 4)
+        for (int j = lane; j < valid; j += 32)
+          o[ch * hw + j] = *reinterpret_cast<const T*>(box + ch * kRowBytes + ((j * static_cast<int>(sizeof(T))) ^ ((ch & 7) << 4)));
+    }
+  }
+  if (tid == 0) tma_store_commit();
+}
+
+// The direct epilogue's stores, from registers. They walk pointers instead of recomputing each
+// element's 64-bit address (which cost about seven integer instructions a store, a quarter of the
+// epilogue's issue slots): a thread's elements of one channel differ by constant pixel offsets (8
+// between the halves of an m16 row group, 64 between the m64 slices), so in NCHW one pointer per
+// channel of a pair serves all of them, stepped 8 channels (8 H W elements) per group; in
+// channels_last a channel group is a constant offset (8 elements) from one pointer per pixel.
+template <typename T>
+__device__ __forceinline__ void store_direct(const float* acc0, const float* acc1, const Tile& tile, const Params& p,
+                                             T* __restrict__ out, int warp, int lane) {
+  const int co_base = tile.co0 + 2 * (lane & 3);
   // accumulator (slice m, register 4 q + 2 half + c) holds pixel w + 64 m + 8 half, channel co_base + 8 q + c
   const int w = tile.w0 + 16 * warp + (lane >> 2);
   bool in_row[2][2];
@@ -313,18 +397,43 @@ __device__ __forceinline__ void epilogue(float* acc0, float* acc1, const float (
   }
 }
 
+// A tile's epilogue: bias + Mish a slice at a time (both at once would hold twice the
+// temporaries), each slice staged and stored by TMA as soon as it is done, or both slices' values
+// stored from registers at the end.
+template <typename T, int kMish>
+__device__ __forceinline__ void epilogue(float* acc0, float* acc1, const float (&bias_v)[32], const Tile& tile,
+                                         const Params& p, const CUtensorMap* map_o, uint8_t* buf,
+                                         T* __restrict__ out, int c, int tid) {
+#pragma unroll
+  for (int m = 0; m < 2; ++m) {
+    float* acc = m == 0 ? acc0 : acc1;
+    bias_mish<kMish>(acc, bias_v);
+    if (p.tma_store && p.mode == 0) store_slice_tma<T>(acc, m, tile, p, map_o, buf, out, c, tid);
+  }
+  if (p.mode == 1) {  // computed, kept alive, not stored
+    if (acc0[0] == 1234.5f && acc1[63] == -1234.5f) out[0] = from_float<T>(acc0[1]);
+    return;
+  }
+  if (!p.tma_store) store_direct<T>(acc0, acc1, tile, p, out, tid >> 5, tid & 31);
+}
+
 template <typename T, int kMish>
 __global__ void __launch_bounds__(384, 1)
     conv_mish_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
-                     const Params p, const T* __restrict__ bias, T* __restrict__ out) {
+                     const __grid_constant__ CUtensorMap map_o, const Params p, const T* __restrict__ bias,
+                     T* __restrict__ out) {
   extern __shared__ uint8_t smem_raw[];
   // TMA's 128-byte swizzle repeats every 1024 bytes and wgmma reads it from the address bits:
   // stage buffers start on 1024-byte boundaries.
   const uint32_t raw = smem_u32(smem_raw);
   const uint32_t base = (raw + 1023) & ~1023u;
   const int stages = p.stages;
+  const int consumers = blockDim.x / 128 - 1;
+  // the ring's stages, then (TMA stores) a slice's staging buffer per consumer, then the barriers:
   // full[s] at bars + 8 s, then empty[s], then done[c]
-  const uint32_t bars = base + stages * kStageBytes;
+  constexpr int kSliceBytes = kSliceRows * kBN * sizeof(T);
+  uint8_t* const out_buf = smem_raw + (base - raw) + stages * kStageBytes;
+  const uint32_t bars = base + stages * kStageBytes + (p.tma_store ? consumers * kSliceBytes : 0);
   auto full = [&](int s) { return bars + 8 * s; };
   auto empty = [&](int s) { return bars + 8 * (stages + s); };
   auto done = [&](int c) { return bars + 8 * (2 * stages + c); };
@@ -334,7 +443,6 @@ __global__ void __launch_bounds__(384, 1)
   // A shuffle's result is warp-uniform to the compiler, so what derives from the warpgroup index (the
   // ring position, the wgmma descriptors) lives in uniform registers, which wgmma reads directly.
   const int wg = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / 128), 0);
-  const int consumers = blockDim.x / 128 - 1;
   if (threadIdx.x == 0) {
     for (int s = 0; s < stages; ++s) {
       mbar_init(full(s), 1);
@@ -355,6 +463,7 @@ __global__ void __launch_bounds__(384, 1)
     if (threadIdx.x == 0) {
       asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&map_a)) : "memory");
       asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&map_b)) : "memory");
+      if (p.tma_store) asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&map_o)) : "memory");
       int s = 0;
       uint32_t phase = 0;  // parity of the ring's current round
       for (long long t = blockIdx.x; t < p.num_tiles; t += gridDim.x) {
@@ -385,7 +494,7 @@ __global__ void __launch_bounds__(384, 1)
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
     const int c = wg - 1;
     const int tid = threadIdx.x & 127;
-    const int warp = tid >> 5, lane = tid & 31;
+    const int lane = tid & 31;
     const uint32_t desc_a = desc_lo(tile_a(0)), desc_b = desc_lo(tile_b(0));
     float acc0[64], acc1[64];
     long long i = c;
@@ -441,17 +550,23 @@ __global__ void __launch_bounds__(384, 1)
           phase ^= 1;
         }
       }
+      // The other consumer's turn starts once this tile's last wgmmas are issued, not done: its
+      // MMAs queue behind them instead of the tensor pipe draining at every tile (the main loop
+      // alone was 10% slower with two consumers than with one when the turn passed after
+      // wait<0>). Every stage of this tile has been waited on, so the other's waits are for later
+      // phases, and the stages still being read are not given back until they are done.
+      if (lane == 0 && consumers == 2) mbar_arrive(done(c));
       wgmma_wait<0>();
       fence_regs(acc0);
       fence_regs(acc1);
       give_back(prev, prev_kw, prev_s_a);
-      if (lane == 0 && consumers == 2) mbar_arrive(done(c));
 
       if (p.mode == 2) continue;
       // Epilogue: accumulator (slice m, register j) holds pixel 64 m + 16 warp + lane / 4 + 8 ((j >> 1) & 1)
       // and channel 8 (j >> 2) + 2 (lane & 3) + (j & 1).
-      epilogue<T, kMish>(acc0, acc1, bias_v, tile, p, out, warp, lane);
+      epilogue<T, kMish>(acc0, acc1, bias_v, tile, p, &map_o, out_buf + c * kSliceBytes, out, c, tid);
     }
+    if (p.tma_store && tid == 0) tma_store_wait_all();  // the staging buffer outlives its last stores
   }
 }
 
@@ -472,15 +587,17 @@ static EncodeTiled encode_fn(std::string& error) {
   return fn;
 }
 
-static bool make_map(CUtensorMap* map, CUtensorMapDataType dtype, int elem, const void* ptr, uint64_t inner,
-                     uint64_t rows, uint32_t box_rows, std::string& error) {
+// A tensor map of 2 or 3 dimensions (dims[0] contiguous, outer dims[1], dims[2] elements apart)
+// whose boxes are 128-byte rows of dims[0] in the 128-byte swizzle, box_rows of them.
+static bool make_map(CUtensorMap* map, CUtensorMapDataType dtype, int elem, const void* ptr, int rank,
+                     const uint64_t (&dims)[3], uint32_t box_rows, std::string& error) {
   EncodeTiled fn = encode_fn(error);
   if (fn == nullptr) return false;
-  const cuuint64_t dims[2] = {inner, rows};
-  const cuuint64_t strides[1] = {inner * elem};
-  const cuuint32_t box[2] = {static_cast<cuuint32_t>(kRowBytes / elem), box_rows};
-  const cuuint32_t estrides[2] = {1, 1};
-  CUresult r = fn(map, dtype, 2, const_cast<void*>(ptr), dims, strides, box, estrides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+  const cuuint64_t sizes[3] = {dims[0], dims[1], dims[2]};
+  const cuuint64_t strides[2] = {dims[0] * elem, dims[0] * dims[1] * elem};
+  const cuuint32_t box[3] = {static_cast<cuuint32_t>(kRowBytes / elem), box_rows, 1};
+  const cuuint32_t estrides[3] = {1, 1, 1};
+  CUresult r = fn(map, dtype, rank, const_cast<void*>(ptr), sizes, strides, box, estrides, CU_TENSOR_MAP_INTERLEAVE_NONE,
                   CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS) {
     error = "hopper_conv: cuTensorMapEncodeTiled failed with CUresult " + std::to_string(static_cast<int>(r));
@@ -489,20 +606,42 @@ static bool make_map(CUtensorMap* map, CUtensorMapDataType dtype, int elem, cons
   return true;
 }
 
+// Dynamic shared memory of a launch: the ring, the TMA stores' staging, the barriers, and room to
+// align the ring to 1024 bytes.
+static int smem_bytes(int stages, int consumers, int tma_store, int elem) {
+  return stages * kStageBytes + (tma_store ? consumers * kSliceRows * kBN * elem : 0) + 16 * stages + 16 + 1024;
+}
+
 template <typename T, int kMish>
 static std::string launch_typed(CUtensorMapDataType dtype, const void* xp, const void* wk, const void* bias, void* out,
                                 const Params& p, long long rows, int consumers, int sms, cudaStream_t stream) {
   std::string error;
-  CUtensorMap map_a, map_b;
-  if (!make_map(&map_a, dtype, sizeof(T), xp, p.cp, rows, p.rowbox ? kRowBoxRows : kBM, error)) return error;
-  if (!make_map(&map_b, dtype, sizeof(T), wk, static_cast<uint64_t>(p.taps) * p.cp, p.cout, kBN, error)) return error;
-  const int smem = p.stages * kStageBytes + 16 * p.stages + 16 + 1024;
+  CUtensorMap map_a, map_b, map_o = {};
+  if (!make_map(&map_a, dtype, sizeof(T), xp, 2, {static_cast<uint64_t>(p.cp), static_cast<uint64_t>(rows), 1},
+                p.rowbox ? kRowBoxRows : kBM, error))
+    return error;
+  if (!make_map(&map_b, dtype, sizeof(T), wk, 2, {static_cast<uint64_t>(p.taps) * p.cp, static_cast<uint64_t>(p.cout), 1},
+                kBN, error))
+    return error;
+  if (p.tma_store) {
+    // the output as TMA boxes (store_slice_tma): NCHW [N][Cout][H W], channels_last [N H][W][Cout]
+    const uint64_t images = rows / (static_cast<uint64_t>(p.hp) * p.wp);
+    const bool fits = p.channels_last
+                          ? make_map(&map_o, dtype, sizeof(T), out, 3,
+                                     {static_cast<uint64_t>(p.cout), static_cast<uint64_t>(p.out_w), images * p.out_h},
+                                     kSliceRows, error)
+                          : make_map(&map_o, dtype, sizeof(T), out, 3,
+                                     {static_cast<uint64_t>(p.out_h) * p.out_w, static_cast<uint64_t>(p.cout), images},
+                                     kBN, error);
+    if (!fits) return error;
+  }
+  const int smem = smem_bytes(p.stages, consumers, p.tma_store, sizeof(T));
   auto kernel = conv_mish_kernel<T, kMish>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return std::string("hopper_conv: cudaFuncSetAttribute: ") + cudaGetErrorString(err);
   const long long grid = p.num_tiles < sms ? p.num_tiles : sms;
   kernel<<<static_cast<unsigned>(grid), 128 * (1 + consumers), smem, stream>>>(
-      map_a, map_b, p, static_cast<const T*>(bias), static_cast<T*>(out));
+      map_a, map_b, map_o, p, static_cast<const T*>(bias), static_cast<T*>(out));
   err = cudaGetLastError();
   if (err != cudaSuccess) return std::string("hopper_conv: launch: ") + cudaGetErrorString(err);
   return "";
@@ -511,14 +650,25 @@ static std::string launch_typed(CUtensorMapDataType dtype, const void* xp, const
 // dtype: 0 fp32 (TF32 operands), 1 bf16, 2 fp16. Returns an empty string or why it failed.
 std::string launch(int dtype, int mish_count, const void* xp, const void* wk, const void* bias, void* out,
                    long long rows, int out_h, int out_w, int cout, int hp, int wp, int kh, int kw, int dh, int dw,
-                   int cp, int stages, int consumers, int rowbox, int channels_last, int sms, int mode,
-                   cudaStream_t stream) {
+                   int cp, int stages, int consumers, int rowbox, int channels_last, int tma_store, int sms,
+                   int mode, cudaStream_t stream) {
   const int elem = dtype == 0 ? 4 : 2;
   const int kelems = kRowBytes / elem;
   if (cp % kelems != 0) return "hopper_conv: padded channels not a multiple of the K block";
   if (stages < 2 || stages > kMaxStages) return "hopper_conv: stages must be 2.." + std::to_string(kMaxStages);
   if (consumers < 1 || consumers > 2) return "hopper_conv: consumers must be 1 or 2";
   if (rows >= (1LL << 31)) return "hopper_conv: 2^31 padded pixels or more in one launch";
+  if (smem_bytes(stages, consumers, tma_store, elem) > kMaxSmem)
+    return "hopper_conv: " + std::to_string(stages) + " stages" + (tma_store ? " and the TMA stores' staging" : "") +
+           " need more than " + std::to_string(kMaxSmem) + " bytes of shared memory";
+  if (tma_store) {
+    // TMA's global strides are multiples of 16 bytes: NCHW's image plane, channels_last's pixel
+    if (reinterpret_cast<uintptr_t>(out) % 16 != 0) return "hopper_conv: TMA stores need a 16-byte aligned output";
+    if (!channels_last && (static_cast<long long>(out_h) * out_w * elem) % 16 != 0)
+      return "hopper_conv: TMA stores in NCHW need H W * element size to be a multiple of 16 bytes";
+    if (channels_last && (cout * elem) % 16 != 0)
+      return "hopper_conv: TMA stores in channels_last need Cout * element size to be a multiple of 16 bytes";
+  }
   if (rowbox && (kw < 2 || kw >= stages || (kw - 1) * dw > kRowBoxRows - kBM))
     return "hopper_conv: row boxes need 2 <= kernel width < stages and (width - 1) * dilation <= " +
            std::to_string(kRowBoxRows - kBM);
@@ -540,6 +690,7 @@ std::string launch(int dtype, int mish_count, const void* xp, const void* wk, co
   p.stages = stages;
   p.rowbox = rowbox;
   p.channels_last = channels_last;
+  p.tma_store = tma_store;
   p.mode = mode;
   if (p.num_tiles == 0) return "";
 #define HOPPER_CONV_CASE(T, CU, M) \

@@ -21,6 +21,7 @@ coordinates are 32-bit) run in chunks of images.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -54,32 +55,55 @@ K_BLOCK_BYTES = 128
 
 @dataclass(frozen=True)
 class HopperConfig:
-    """How the kernel runs a launch: ring depth, one or two consumer warpgroups, and whether a
-    kernel row's taps share one activation box (``rowbox``: a third of the activation's L2 reads
-    for 3-wide kernels; needs a ring deeper than the kernel's width)."""
+    """How the kernel runs a launch: ring depth, one or two consumer warpgroups, whether a kernel
+    row's taps share one activation box (``rowbox``: a third of the activation's L2 reads for
+    3-wide kernels; needs a ring deeper than the kernel's width), and whether the epilogue stages
+    its output in shared memory and writes it with TMA stores (``tma_store``: no registers held
+    by the memory system; the staging takes shared memory from the ring)."""
 
     stages: int = 6
     #: 2: ping-pong (one consumer's epilogue overlaps the other's MMAs); 1: epilogue not hidden
     consumers: int = 2
     rowbox: bool = False
+    tma_store: bool = False
 
     @property
     def name(self) -> str:
         return (f"s{self.stages}_{'pingpong' if self.consumers == 2 else 'single'}"
-                + ("_rowbox" if self.rowbox else ""))
+                + ("_rowbox" if self.rowbox else "") + ("_tma" if self.tma_store else ""))
 
-    def fits(self, kernel_w: int, dilation_w: int) -> bool:
-        """Row boxes hold 8 rows of shift, and their stage is held until the row's last tap."""
-        return not self.rowbox or (2 <= kernel_w < self.stages and (kernel_w - 1) * dilation_w <= ROWBOX_SHIFT)
+    def fits(self, weight: torch.Tensor, dilation_w: int, out_hw: tuple[int, int], channels_last: bool) -> bool:
+        """Row boxes hold 8 rows of shift, and their stage is held until the row's last tap. TMA
+        stores need 16-byte global strides (NCHW's image plane, channels_last's pixel) and room
+        in shared memory beside the ring."""
+        kernel_w, elem, cout = weight.shape[3], weight.element_size(), weight.shape[0]
+        if self.rowbox and not (2 <= kernel_w < self.stages and (kernel_w - 1) * dilation_w <= ROWBOX_SHIFT):
+            return False
+        if not self.tma_store:
+            return True
+        stride = cout * elem if channels_last else out_hw[0] * out_hw[1] * elem
+        return stride % 16 == 0 and self.shared_memory(elem) <= MAX_SHARED_MEMORY
+
+    def shared_memory(self, elem: int) -> int:
+        """Bytes of dynamic shared memory a launch takes (``smem_bytes`` in the kernel)."""
+        staging = self.consumers * SLICE_PIXELS * TILE_CHANNELS * elem if self.tma_store else 0
+        return self.stages * STAGE_BYTES + staging + 16 * self.stages + 16 + 1024
 
 
 #: rows a row box holds beyond the tile's 128 (``kRowBoxRows - kBM`` in the kernel)
 ROWBOX_SHIFT = 8
+#: the kernel's layout of shared memory: a stage's bytes (``kStageBytes``), an m64 slice's pixels
+#: (``kSliceRows``), a tile's channels (``kBN``) and what a CTA may have (``kMaxSmem``)
+STAGE_BYTES = (128 + ROWBOX_SHIFT) * K_BLOCK_BYTES + 128 * K_BLOCK_BYTES
+SLICE_PIXELS = 64
+TILE_CHANNELS = 128
+MAX_SHARED_MEMORY = 227 * 1024
 #: the first that fits is what runs where nothing has been tuned: the fastest for fp32 NCHW at the
 #: reference shape on the H200 (benchmarks/results/h200/gpu-run6.md); one consumer stays as the
 #: baseline that hides nothing.
 CONFIGS = (HopperConfig(6, 2, True), HopperConfig(6, 2), HopperConfig(4, 2), HopperConfig(4, 2, True),
-           HopperConfig(3, 2), HopperConfig(6, 1))
+           HopperConfig(3, 2), HopperConfig(4, 2, True, True), HopperConfig(4, 2, False, True),
+           HopperConfig(5, 2, True, True), HopperConfig(6, 1))
 
 
 # --- building --------------------------------------------------------------------------------------
@@ -216,7 +240,6 @@ def conv_mish(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     """``mish^mish_count(conv2d(x, weight, bias, 1, padding, dilation))`` in ``memory_format``,
     computed in the weight's dtype (a wider ``x`` is cast by the input pass), into a new tensor
     or ``out``."""
-    config = config or next(c for c in CONFIGS if c.fits(weight.shape[3], dilation[1]))
     n, cin, h, w = x.shape
     cout, _, kh, kw = weight.shape
     (ph, pw), (dh, dw) = padding, dilation
@@ -225,17 +248,20 @@ def conv_mish(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     out = block_output(x, weight, padding, dilation, memory_format, out)
     if out.numel() == 0:
         return out
+    channels_last = memory_format == torch.channels_last
+    config = config or next(c for c in CONFIGS if c.fits(weight, dw, out.shape[2:], channels_last))
+    if config.tma_store and out.data_ptr() % 16:  # a caller's view: the same values from registers
+        config = dataclasses.replace(config, tma_store=False)
     channels = padded_channels(cin, dtype)
     xp = padded_input(x, padding, channels, dtype)
     wk = packed_weight(weight, channels)
     b = None if bias is None else bias.to(dtype).contiguous()
     ext = extension()
     per_launch = max(1, (2**31 - 1) // (hp * wp))  # TMA row coordinates are 32-bit
-    channels_last = memory_format == torch.channels_last
     for n0 in range(0, n, per_launch):
         n1 = min(n, n0 + per_launch)
         message = ext.conv_mish(xp[n0:n1], wk, b, out[n0:n1], kh, kw, dh, dw, mish_count, config.stages,
-                                config.consumers, config.rowbox, channels_last)
+                                config.consumers, config.rowbox, channels_last, config.tma_store)
         if message:
             raise RuntimeError(f"{message} (input {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)})")
     return out
@@ -306,7 +332,11 @@ class HopperConvPlan(Plan):
         tiles' K loop buys nothing, and with fewer tiles than SMs nothing overlaps an epilogue."""
         taps = weight.shape[2] * weight.shape[3]
         kiters = taps * padded_channels(x.shape[1], weight.dtype) // k_block(weight.dtype)
-        found = [c for c in CONFIGS if c.stages <= max(3, 2 * kiters) and c.fits(weight.shape[3], spec.dilation[1])]
+        (ph, pw), (dh, dw) = spec.numeric_padding(), spec.dilation
+        out_hw = (x.shape[2] + 2 * ph - dh * (weight.shape[2] - 1), x.shape[3] + 2 * pw - dw * (weight.shape[3] - 1))
+        channels_last = expected_memory_format(x, weight) == torch.channels_last
+        found = [c for c in CONFIGS
+                 if c.stages <= max(3, 2 * kiters) and c.fits(weight, dw, out_hw, channels_last)]
         return found or [CONFIGS[-1]]
 
     def forward(self, x, weight, bias, spec: ConvSpec, config: HopperConfig | None = None) -> torch.Tensor:
