@@ -66,7 +66,8 @@ struct Params {
   int stages;
   int rowbox;  // one A box per (kernel row, channel block), read by its KW taps at shifted rows
   int channels_last;
-  int tma_store;  // stage each m64 slice of the output in shared memory and write it with TMA
+  int staged;     // stage each m64 slice of the output in shared memory (store_slice_staged)
+  int pair_rows;  // NCHW rows start on a pair of elements: staged NCHW stores write pairs
   // 0: the block. Measurement modes (benchmarks/bench_hopper_conv.py): 1 epilogue computed but
   // not stored, 2 no epilogue (the main loop alone).
   int mode;
@@ -266,24 +267,26 @@ __device__ __forceinline__ void bias_mish(float* acc, const float (&bias_v)[32])
   }
 }
 
-// The TMA-store epilogue's staging (Params::tma_store): slice m (64 pixels x 128 channels) goes to
-// the consumer's buffer as TMA boxes of 128-byte rows in the 128-byte swizzle (16-byte chunk index
-// XOR row % 8 within each 1024-byte block), which also keeps the accumulators' writes free of bank
-// conflicts: NCHW boxes are [128 channels][kInner pixels], channels_last boxes [64 pixels][kInner
-// channels]. One thread then writes the slice with TMA stores, so no register waits on the memory
-// system (with direct stores, 82% of the stores' stall samples were registers held until the
-// memory system took them). NCHW's inner dimension is the image's H W pixels (a 254-wide row is
-// not 16-byte aligned, so a row cannot be a TMA dimension): a box that would run past its row's
-// end into the next row is copied by the warpgroup from shared memory instead, its pixels inside
-// the row only.
+// The staged epilogue (Params::staged): slice m (64 pixels x 128 channels) goes to the consumer's
+// buffer as boxes of 128-byte rows in TMA's 128-byte swizzle (16-byte chunk index XOR row % 8
+// within each 1024-byte block), which also keeps the accumulators' writes free of bank conflicts:
+// NCHW boxes are [128 channels][kInner pixels], channels_last boxes [64 pixels][kInner channels].
+// From there channels_last goes out by TMA stores, which one thread issues, so no register waits
+// on the memory system (with direct stores, 82% of the stores' stall samples were registers held
+// until the memory system took them). NCHW cannot: TMA needs 16-byte aligned box starts, and a
+// 254-wide fp32 row starts 8 bytes off every second row (on the H200 such stores stop the kernel
+// with an illegal instruction). There each warp writes whole channel rows of the slice, two
+// pixels a lane where rows are pair-aligned: 256 contiguous bytes an instruction instead of four
+// 32-byte pieces of four rows, half the store instructions of the direct epilogue.
 template <typename T>
-__device__ __forceinline__ void store_slice_tma(const float* acc, int m, const Tile& tile, const Params& p,
-                                                const CUtensorMap* map_o, uint8_t* buf, T* __restrict__ out, int c,
-                                                int tid) {
+__device__ __forceinline__ void store_slice_staged(const float* acc, int m, const Tile& tile, const Params& p,
+                                                   const CUtensorMap* map_o, uint8_t* buf, T* __restrict__ out, int c,
+                                                   int tid) {
   constexpr int kInner = kRowBytes / sizeof(T);
+  constexpr int kElem = sizeof(T);
   const int warp = tid >> 5, lane = tid & 31;
-  if (tid == 0) tma_store_wait_read();  // the previous slice's stores are done with the buffer
-  consumer_sync(c);
+  if (tid == 0 && p.channels_last) tma_store_wait_read();  // the previous slice's stores are done with the buffer
+  consumer_sync(c);  // ... and so are the other warps' reads (NCHW)
   // accumulator register 4 q + 2 half + cc: pixel px0 + 8 half, channel ch0 + 8 q + cc
   const int px0 = 16 * warp + (lane >> 2), ch0 = 2 * (lane & 3);
 #pragma unroll
@@ -293,48 +296,45 @@ __device__ __forceinline__ void store_slice_tma(const float* acc, int m, const T
       const int px = px0 + 8 * half, ch = ch0 + 8 * q;
       const float* a = acc + 4 * q + 2 * half;
       if (p.channels_last) {  // the pair of channels is one 8- or 4-byte write
-        const int byte = (ch / kInner) * (kSliceRows * kRowBytes) + px * kRowBytes +
-                         (((ch % kInner) * static_cast<int>(sizeof(T))) ^ ((px & 7) << 4));
+        const int byte = (ch / kInner) * (kSliceRows * kRowBytes) + px * kRowBytes + (((ch % kInner) * kElem) ^ ((px & 7) << 4));
         *reinterpret_cast<mishops::Pack<T, 2>*>(buf + byte) = mishops::Pack<T, 2>{{from_float<T>(a[0]), from_float<T>(a[1])}};
       } else {
 #pragma unroll
         for (int cc = 0; cc < 2; ++cc) {
-          const int byte = (px / kInner) * (kBN * kRowBytes) + (ch + cc) * kRowBytes +
-                           (((px % kInner) * static_cast<int>(sizeof(T))) ^ (((ch + cc) & 7) << 4));
+          const int byte = (px / kInner) * (kBN * kRowBytes) + (ch + cc) * kRowBytes + (((px % kInner) * kElem) ^ (((ch + cc) & 7) << 4));
           *reinterpret_cast<T*>(buf + byte) = from_float<T>(a[cc]);
         }
       }
     }
   }
-  fence_async_shared();
+  if (p.channels_last) fence_async_shared();
   consumer_sync(c);
   const int ws = tile.w0 + kSliceRows * m;
   if (ws >= p.out_w) return;
-  if (p.channels_last) {  // the map's pixel dimension is the row: TMA clips the tail itself
+  if (p.channels_last) {  // the map's pixel dimension is the row: TMA clips the row's end itself
     if (tid == 0) {
       for (int b = 0; b < kBN / kInner && tile.co0 + b * kInner < p.cout; ++b)
-        tma_store_3d(map_o, smem_u32(buf) + b * kSliceRows * kRowBytes, tile.co0 + b * kInner, ws,
-                     tile.n * p.out_h + tile.h);
+        tma_store_3d(map_o, smem_u32(buf) + b * kSliceRows * kRowBytes, tile.co0 + b * kInner, ws, tile.n * p.out_h + tile.h);
       tma_store_commit();
     }
     return;
   }
+  // NCHW: lanes along the row's pixels, warps along channels; element (ch, px) of the slice
   const long long hw = static_cast<long long>(p.out_h) * p.out_w;
-#pragma unroll
-  for (int b = 0; b < kSliceRows / kInner; ++b) {
-    const int wb = ws + b * kInner;
-    const uint8_t* box = buf + b * kBN * kRowBytes;
-    if (wb + kInner <= p.out_w) {
-      if (tid == 0) tma_store_3d(map_o, smem_u32(box), tile.h * p.out_w + wb, tile.co0, tile.n);
-    } else if (wb < p.out_w) {  // the row's end: lanes along pixels, warps along channels
-      const int valid = p.out_w - wb, rows = min(kBN, p.cout - tile.co0);
-      T* const o = out + (static_cast<long long>(tile.n) * p.cout + tile.co0) * hw + static_cast<long long>(tile.h) * p.out_w + wb;
+  const int valid = min(kSliceRows, p.out_w - ws), rows = min(kBN, p.cout - tile.co0);
+  T* const o = out + (static_cast<long long>(tile.n) * p.cout + tile.co0) * hw + static_cast<long long>(tile.h) * p.out_w + ws;
+  auto at = [&](int ch, int px) {
+    return buf + (px / kInner) * (kBN * kRowBytes) + ch * kRowBytes + (((px % kInner) * kElem) ^ ((ch & 7) << 4));
+  };
+  if (p.pair_rows) {  // rows start on a pair: even W, pair-aligned output, and valid is even
+    const int px = 2 * lane;
+    if (px < valid)
       for (int ch = warp; ch < rows; ch += 4)
-        for (int j = lane; j < valid; j += 32)
-          o[ch * hw + j] = *reinterpret_cast<const T*>(box + ch * kRowBytes + ((j * static_cast<int>(sizeof(T))) ^ ((ch & 7) << 4)));
-    }
+        *reinterpret_cast<mishops::Pack<T, 2>*>(o + ch * hw + px) = *reinterpret_cast<const mishops::Pack<T, 2>*>(at(ch, px));
+  } else {
+    for (int ch = warp; ch < rows; ch += 4)
+      for (int px = lane; px < valid; px += 32) o[ch * hw + px] = *reinterpret_cast<const T*>(at(ch, px));
   }
-  if (tid == 0) tma_store_commit();
 }
 
 // The direct epilogue's stores, from registers. They walk pointers instead of recomputing each
@@ -398,8 +398,8 @@ __device__ __forceinline__ void store_direct(const float* acc0, const float* acc
 }
 
 // A tile's epilogue: bias + Mish a slice at a time (both at once would hold twice the
-// temporaries), each slice staged and stored by TMA as soon as it is done, or both slices' values
-// stored from registers at the end.
+// temporaries), each slice staged and stored as soon as it is done, or both slices' values stored
+// from registers at the end.
 template <typename T, int kMish>
 __device__ __forceinline__ void epilogue(float* acc0, float* acc1, const float (&bias_v)[32], const Tile& tile,
                                          const Params& p, const CUtensorMap* map_o, uint8_t* buf,
@@ -408,13 +408,13 @@ __device__ __forceinline__ void epilogue(float* acc0, float* acc1, const float (
   for (int m = 0; m < 2; ++m) {
     float* acc = m == 0 ? acc0 : acc1;
     bias_mish<kMish>(acc, bias_v);
-    if (p.tma_store && p.mode == 0) store_slice_tma<T>(acc, m, tile, p, map_o, buf, out, c, tid);
+    if (p.staged && p.mode == 0) store_slice_staged<T>(acc, m, tile, p, map_o, buf, out, c, tid);
   }
   if (p.mode == 1) {  // computed, kept alive, not stored
     if (acc0[0] == 1234.5f && acc1[63] == -1234.5f) out[0] = from_float<T>(acc0[1]);
     return;
   }
-  if (!p.tma_store) store_direct<T>(acc0, acc1, tile, p, out, tid >> 5, tid & 31);
+  if (!p.staged) store_direct<T>(acc0, acc1, tile, p, out, tid >> 5, tid & 31);
 }
 
 template <typename T, int kMish>
@@ -429,11 +429,11 @@ __global__ void __launch_bounds__(384, 1)
   const uint32_t base = (raw + 1023) & ~1023u;
   const int stages = p.stages;
   const int consumers = blockDim.x / 128 - 1;
-  // the ring's stages, then (TMA stores) a slice's staging buffer per consumer, then the barriers:
+  // the ring's stages, then (staged epilogue) a slice's buffer per consumer, then the barriers:
   // full[s] at bars + 8 s, then empty[s], then done[c]
   constexpr int kSliceBytes = kSliceRows * kBN * sizeof(T);
   uint8_t* const out_buf = smem_raw + (base - raw) + stages * kStageBytes;
-  const uint32_t bars = base + stages * kStageBytes + (p.tma_store ? consumers * kSliceBytes : 0);
+  const uint32_t bars = base + stages * kStageBytes + (p.staged ? consumers * kSliceBytes : 0);
   auto full = [&](int s) { return bars + 8 * s; };
   auto empty = [&](int s) { return bars + 8 * (stages + s); };
   auto done = [&](int c) { return bars + 8 * (2 * stages + c); };
@@ -463,7 +463,7 @@ __global__ void __launch_bounds__(384, 1)
     if (threadIdx.x == 0) {
       asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&map_a)) : "memory");
       asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&map_b)) : "memory");
-      if (p.tma_store) asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&map_o)) : "memory");
+      if (p.staged && p.channels_last) asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&map_o)) : "memory");
       int s = 0;
       uint32_t phase = 0;  // parity of the ring's current round
       for (long long t = blockIdx.x; t < p.num_tiles; t += gridDim.x) {
@@ -566,7 +566,7 @@ __global__ void __launch_bounds__(384, 1)
       // and channel 8 (j >> 2) + 2 (lane & 3) + (j & 1).
       epilogue<T, kMish>(acc0, acc1, bias_v, tile, p, &map_o, out_buf + c * kSliceBytes, out, c, tid);
     }
-    if (p.tma_store && tid == 0) tma_store_wait_all();  // the staging buffer outlives its last stores
+    if (p.staged && p.channels_last && tid == 0) tma_store_wait_all();  // the buffer outlives its last stores
   }
 }
 
@@ -606,10 +606,10 @@ static bool make_map(CUtensorMap* map, CUtensorMapDataType dtype, int elem, cons
   return true;
 }
 
-// Dynamic shared memory of a launch: the ring, the TMA stores' staging, the barriers, and room to
+// Dynamic shared memory of a launch: the ring, the staged epilogue's buffers, the barriers, and room to
 // align the ring to 1024 bytes.
-static int smem_bytes(int stages, int consumers, int tma_store, int elem) {
-  return stages * kStageBytes + (tma_store ? consumers * kSliceRows * kBN * elem : 0) + 16 * stages + 16 + 1024;
+static int smem_bytes(int stages, int consumers, int staged, int elem) {
+  return stages * kStageBytes + (staged ? consumers * kSliceRows * kBN * elem : 0) + 16 * stages + 16 + 1024;
 }
 
 template <typename T, int kMish>
@@ -623,19 +623,13 @@ static std::string launch_typed(CUtensorMapDataType dtype, const void* xp, const
   if (!make_map(&map_b, dtype, sizeof(T), wk, 2, {static_cast<uint64_t>(p.taps) * p.cp, static_cast<uint64_t>(p.cout), 1},
                 kBN, error))
     return error;
-  if (p.tma_store) {
-    // the output as TMA boxes (store_slice_tma): NCHW [N][Cout][H W], channels_last [N H][W][Cout]
+  if (p.staged && p.channels_last) {  // the output [N H][W][Cout] as TMA boxes (store_slice_staged)
     const uint64_t images = rows / (static_cast<uint64_t>(p.hp) * p.wp);
-    const bool fits = p.channels_last
-                          ? make_map(&map_o, dtype, sizeof(T), out, 3,
-                                     {static_cast<uint64_t>(p.cout), static_cast<uint64_t>(p.out_w), images * p.out_h},
-                                     kSliceRows, error)
-                          : make_map(&map_o, dtype, sizeof(T), out, 3,
-                                     {static_cast<uint64_t>(p.out_h) * p.out_w, static_cast<uint64_t>(p.cout), images},
-                                     kBN, error);
-    if (!fits) return error;
+    if (!make_map(&map_o, dtype, sizeof(T), out, 3,
+                  {static_cast<uint64_t>(p.cout), static_cast<uint64_t>(p.out_w), images * p.out_h}, kSliceRows, error))
+      return error;
   }
-  const int smem = smem_bytes(p.stages, consumers, p.tma_store, sizeof(T));
+  const int smem = smem_bytes(p.stages, consumers, p.staged, sizeof(T));
   auto kernel = conv_mish_kernel<T, kMish>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return std::string("hopper_conv: cudaFuncSetAttribute: ") + cudaGetErrorString(err);
@@ -650,7 +644,7 @@ static std::string launch_typed(CUtensorMapDataType dtype, const void* xp, const
 // dtype: 0 fp32 (TF32 operands), 1 bf16, 2 fp16. Returns an empty string or why it failed.
 std::string launch(int dtype, int mish_count, const void* xp, const void* wk, const void* bias, void* out,
                    long long rows, int out_h, int out_w, int cout, int hp, int wp, int kh, int kw, int dh, int dw,
-                   int cp, int stages, int consumers, int rowbox, int channels_last, int tma_store, int sms,
+                   int cp, int stages, int consumers, int rowbox, int channels_last, int staged, int sms,
                    int mode, cudaStream_t stream) {
   const int elem = dtype == 0 ? 4 : 2;
   const int kelems = kRowBytes / elem;
@@ -658,17 +652,12 @@ std::string launch(int dtype, int mish_count, const void* xp, const void* wk, co
   if (stages < 2 || stages > kMaxStages) return "hopper_conv: stages must be 2.." + std::to_string(kMaxStages);
   if (consumers < 1 || consumers > 2) return "hopper_conv: consumers must be 1 or 2";
   if (rows >= (1LL << 31)) return "hopper_conv: 2^31 padded pixels or more in one launch";
-  if (smem_bytes(stages, consumers, tma_store, elem) > kMaxSmem)
-    return "hopper_conv: " + std::to_string(stages) + " stages" + (tma_store ? " and the TMA stores' staging" : "") +
+  if (smem_bytes(stages, consumers, staged, elem) > kMaxSmem)
+    return "hopper_conv: " + std::to_string(stages) + " stages" + (staged ? " and the staged epilogue" : "") +
            " need more than " + std::to_string(kMaxSmem) + " bytes of shared memory";
-  if (tma_store) {
-    // TMA's global strides are multiples of 16 bytes: NCHW's image plane, channels_last's pixel
-    if (reinterpret_cast<uintptr_t>(out) % 16 != 0) return "hopper_conv: TMA stores need a 16-byte aligned output";
-    if (!channels_last && (static_cast<long long>(out_h) * out_w * elem) % 16 != 0)
-      return "hopper_conv: TMA stores in NCHW need H W * element size to be a multiple of 16 bytes";
-    if (channels_last && (cout * elem) % 16 != 0)
-      return "hopper_conv: TMA stores in channels_last need Cout * element size to be a multiple of 16 bytes";
-  }
+  // TMA's global addresses and strides are multiples of 16 bytes
+  if (staged && channels_last && (reinterpret_cast<uintptr_t>(out) % 16 != 0 || (cout * elem) % 16 != 0))
+    return "hopper_conv: the staged epilogue in channels_last needs a 16-byte aligned output and Cout * element size a multiple of 16 bytes (TMA)";
   if (rowbox && (kw < 2 || kw >= stages || (kw - 1) * dw > kRowBoxRows - kBM))
     return "hopper_conv: row boxes need 2 <= kernel width < stages and (width - 1) * dilation <= " +
            std::to_string(kRowBoxRows - kBM);
@@ -690,7 +679,8 @@ std::string launch(int dtype, int mish_count, const void* xp, const void* wk, co
   p.stages = stages;
   p.rowbox = rowbox;
   p.channels_last = channels_last;
-  p.tma_store = tma_store;
+  p.staged = staged;
+  p.pair_rows = out_w % 2 == 0 && reinterpret_cast<uintptr_t>(out) % (2 * elem) == 0;
   p.mode = mode;
   if (p.num_tiles == 0) return "";
 #define HOPPER_CONV_CASE(T, CU, M) \

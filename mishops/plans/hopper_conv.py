@@ -58,35 +58,34 @@ class HopperConfig:
     """How the kernel runs a launch: ring depth, one or two consumer warpgroups, whether a kernel
     row's taps share one activation box (``rowbox``: a third of the activation's L2 reads for
     3-wide kernels; needs a ring deeper than the kernel's width), and whether the epilogue stages
-    its output in shared memory and writes it with TMA stores (``tma_store``: no registers held
-    by the memory system; the staging takes shared memory from the ring)."""
+    its output in shared memory (``staged``: channels_last then leaves by TMA stores, NCHW by whole
+    rows a warp; the buffers take shared memory from the ring)."""
 
     stages: int = 6
     #: 2: ping-pong (one consumer's epilogue overlaps the other's MMAs); 1: epilogue not hidden
     consumers: int = 2
     rowbox: bool = False
-    tma_store: bool = False
+    staged: bool = False
 
     @property
     def name(self) -> str:
         return (f"s{self.stages}_{'pingpong' if self.consumers == 2 else 'single'}"
-                + ("_rowbox" if self.rowbox else "") + ("_tma" if self.tma_store else ""))
+                + ("_rowbox" if self.rowbox else "") + ("_staged" if self.staged else ""))
 
-    def fits(self, weight: torch.Tensor, dilation_w: int, out_hw: tuple[int, int], channels_last: bool) -> bool:
-        """Row boxes hold 8 rows of shift, and their stage is held until the row's last tap. TMA
-        stores need 16-byte global strides (NCHW's image plane, channels_last's pixel) and room
-        in shared memory beside the ring."""
+    def fits(self, weight: torch.Tensor, dilation_w: int, channels_last: bool) -> bool:
+        """Row boxes hold 8 rows of shift, and their stage is held until the row's last tap. The
+        staged epilogue needs room in shared memory beside the ring, and in channels_last a pixel
+        of 16-byte multiples (TMA's global strides)."""
         kernel_w, elem, cout = weight.shape[3], weight.element_size(), weight.shape[0]
         if self.rowbox and not (2 <= kernel_w < self.stages and (kernel_w - 1) * dilation_w <= ROWBOX_SHIFT):
             return False
-        if not self.tma_store:
+        if not self.staged:
             return True
-        stride = cout * elem if channels_last else out_hw[0] * out_hw[1] * elem
-        return stride % 16 == 0 and self.shared_memory(elem) <= MAX_SHARED_MEMORY
+        return (not channels_last or cout * elem % 16 == 0) and self.shared_memory(elem) <= MAX_SHARED_MEMORY
 
     def shared_memory(self, elem: int) -> int:
         """Bytes of dynamic shared memory a launch takes (``smem_bytes`` in the kernel)."""
-        staging = self.consumers * SLICE_PIXELS * TILE_CHANNELS * elem if self.tma_store else 0
+        staging = self.consumers * SLICE_PIXELS * TILE_CHANNELS * elem if self.staged else 0
         return self.stages * STAGE_BYTES + staging + 16 * self.stages + 16 + 1024
 
 
@@ -249,9 +248,9 @@ def conv_mish(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     if out.numel() == 0:
         return out
     channels_last = memory_format == torch.channels_last
-    config = config or next(c for c in CONFIGS if c.fits(weight, dw, out.shape[2:], channels_last))
-    if config.tma_store and out.data_ptr() % 16:  # a caller's view: the same values from registers
-        config = dataclasses.replace(config, tma_store=False)
+    config = config or next(c for c in CONFIGS if c.fits(weight, dw, channels_last))
+    if config.staged and channels_last and out.data_ptr() % 16:  # a caller's view, which TMA cannot write
+        config = dataclasses.replace(config, staged=False)
     channels = padded_channels(cin, dtype)
     xp = padded_input(x, padding, channels, dtype)
     wk = packed_weight(weight, channels)
@@ -261,7 +260,7 @@ def conv_mish(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     for n0 in range(0, n, per_launch):
         n1 = min(n, n0 + per_launch)
         message = ext.conv_mish(xp[n0:n1], wk, b, out[n0:n1], kh, kw, dh, dw, mish_count, config.stages,
-                                config.consumers, config.rowbox, channels_last, config.tma_store)
+                                config.consumers, config.rowbox, channels_last, config.staged)
         if message:
             raise RuntimeError(f"{message} (input {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)})")
     return out
@@ -332,11 +331,9 @@ class HopperConvPlan(Plan):
         tiles' K loop buys nothing, and with fewer tiles than SMs nothing overlaps an epilogue."""
         taps = weight.shape[2] * weight.shape[3]
         kiters = taps * padded_channels(x.shape[1], weight.dtype) // k_block(weight.dtype)
-        (ph, pw), (dh, dw) = spec.numeric_padding(), spec.dilation
-        out_hw = (x.shape[2] + 2 * ph - dh * (weight.shape[2] - 1), x.shape[3] + 2 * pw - dw * (weight.shape[3] - 1))
         channels_last = expected_memory_format(x, weight) == torch.channels_last
         found = [c for c in CONFIGS
-                 if c.stages <= max(3, 2 * kiters) and c.fits(weight, dw, out_hw, channels_last)]
+                 if c.stages <= max(3, 2 * kiters) and c.fits(weight, spec.dilation[1], channels_last)]
         return found or [CONFIGS[-1]]
 
     def forward(self, x, weight, bias, spec: ConvSpec, config: HopperConfig | None = None) -> torch.Tensor:
