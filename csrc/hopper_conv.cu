@@ -54,7 +54,6 @@ constexpr int kABytes = kRowBoxRows * kRowBytes;  // A's place in a stage: a mul
 constexpr int kStageBytes = kABytes + kTileBytes;
 constexpr int kMaxStages = 6;
 constexpr int kMaxSmem = 227 * 1024;  // an sm_90 CTA's dynamic shared memory at most
-constexpr int kBiasBytes = 2 * kBN * 4;     // a consumer's bias buffers: two tiles' channels in fp32
 constexpr int kSliceRows = 64;  // output pixels of one m64 wgmma slice: the unit the TMA-store epilogue stages
 
 struct Params {
@@ -232,13 +231,18 @@ __device__ __forceinline__ Tile decode(long long t, const Params& p) {
   return r;
 }
 
-// The tile's 128 channel biases in the consumer's shared memory (one per thread, written before
-// the tile's main loop so that the loads' latency hides behind the MMAs; channels past Cout take
-// the last one's), read back in the epilogue a pair at a time: in registers they were 32 of the
-// epilogue's, beside 128 live accumulators, leaving the Mish chains few to run side by side in.
+// The channels' bias of a lane (channel co_base + 8 q + c at 2 q + c), read before the tile's main
+// loop so that the loads' latency hides behind the MMAs instead of opening the epilogue (they
+// were a tenth of the kernel's stall samples there). Channels past Cout take the last one's.
 template <typename T>
-__device__ __forceinline__ void stage_bias(const T* __restrict__ bias, int co0, int cout, float* bias_s, int tid) {
-  bias_s[tid] = bias != nullptr ? to_float(bias[min(co0 + tid, cout - 1)]) : 0.f;
+__device__ __forceinline__ void load_bias(const T* __restrict__ bias, int co_base, int cout, float (&bias_v)[32]) {
+#pragma unroll
+  for (int q = 0; q < 16; ++q) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      bias_v[2 * q + c] = bias != nullptr ? to_float(bias[min(co_base + 8 * q + c, cout - 1)]) : 0.f;
+    }
+  }
 }
 
 // Bias + Mish over one accumulator slice, with no branch between the evaluations, so the compiler
@@ -247,15 +251,12 @@ __device__ __forceinline__ void stage_bias(const T* __restrict__ bias, int co0, 
 // channels lie past Cout compute on the last channel's bias and store nothing; pixels past the
 // row likewise.
 template <int kMish>
-__device__ __forceinline__ void bias_mish(float* acc, const float* bias_s, int lane) {
-  static_assert(mishops::kRcpGroup == 4, "a group is one channel pair's two pixels: registers 4 q .. 4 q + 3");
+__device__ __forceinline__ void bias_mish(float* acc, const float (&bias_v)[32]) {
 #pragma unroll
   for (int j = 0; j < 64; j += mishops::kRcpGroup) {
     float v[mishops::kRcpGroup], unused[mishops::kRcpGroup];
-    // registers 4 q + 2 half + c: channel 8 q + 2 (lane & 3) + c
-    const float2 b = *reinterpret_cast<const float2*>(bias_s + 2 * j + 2 * (lane & 3));
 #pragma unroll
-    for (int i = 0; i < mishops::kRcpGroup; ++i) v[i] = acc[j + i] + ((i & 1) ? b.y : b.x);
+    for (int i = 0; i < mishops::kRcpGroup; ++i) v[i] = acc[j + i] + bias_v[2 * ((j + i) >> 2) + ((j + i) & 1)];
     // ex2.approx for both exps (the accurate expf is for the elementwise passes' 1e-6; here the TF32
     // or 16-bit operands' error is far larger) and one reciprocal per group: 2.5 MUFU an element
     // where each Mish's own reciprocal made 4, which kept the MUFU pipe the epilogue's limit.
@@ -400,13 +401,13 @@ __device__ __forceinline__ void store_direct(const float* acc0, const float* acc
 // temporaries), each slice staged and stored as soon as it is done, or both slices' values stored
 // from registers at the end.
 template <typename T, int kMish>
-__device__ __forceinline__ void epilogue(float* acc0, float* acc1, const float* bias_s, const Tile& tile,
+__device__ __forceinline__ void epilogue(float* acc0, float* acc1, const float (&bias_v)[32], const Tile& tile,
                                          const Params& p, const CUtensorMap* map_o, uint8_t* buf,
                                          T* __restrict__ out, int c, int tid) {
 #pragma unroll
   for (int m = 0; m < 2; ++m) {
     float* acc = m == 0 ? acc0 : acc1;
-    bias_mish<kMish>(acc, bias_s, tid & 31);
+    bias_mish<kMish>(acc, bias_v);
     if (p.staged && p.mode == 0) store_slice_staged<T>(acc, m, tile, p, map_o, buf, out, c, tid);
   }
   if (p.mode == 1) {  // computed, kept alive, not stored
@@ -428,12 +429,11 @@ __global__ void __launch_bounds__(384, 1)
   const uint32_t base = (raw + 1023) & ~1023u;
   const int stages = p.stages;
   const int consumers = blockDim.x / 128 - 1;
-  // the ring's stages, then (staged epilogue) a slice's buffer per consumer, then two tiles' bias
-  // per consumer, then the barriers: full[s] at bars + 8 s, then empty[s], then done[c]
+  // the ring's stages, then (staged epilogue) a slice's buffer per consumer, then the barriers:
+  // full[s] at bars + 8 s, then empty[s], then done[c]
   constexpr int kSliceBytes = kSliceRows * kBN * sizeof(T);
   uint8_t* const out_buf = smem_raw + (base - raw) + stages * kStageBytes;
-  float* const bias_buf = reinterpret_cast<float*>(out_buf + (p.staged ? consumers * kSliceBytes : 0));
-  const uint32_t bars = smem_u32(bias_buf) + consumers * kBiasBytes;
+  const uint32_t bars = base + stages * kStageBytes + (p.staged ? consumers * kSliceBytes : 0);
   auto full = [&](int s) { return bars + 8 * s; };
   auto empty = [&](int s) { return bars + 8 * (stages + s); };
   auto done = [&](int c) { return bars + 8 * (2 * stages + c); };
@@ -507,11 +507,8 @@ __global__ void __launch_bounds__(384, 1)
       if (consumers == 2 && i > 0) mbar_wait(done(static_cast<int>((i - 1) & 1)), static_cast<uint32_t>(((i - 1) >> 1) & 1));
       // This tile's place in the ring: the producer filled it in tile order, kiters stages a tile.
       const Tile tile = decode(t, p);
-      // two buffers a consumer, by tile parity: all its threads are past the previous epilogue's
-      // reads of this one once they are past this tile's barrier below
-      float* const bias_s = bias_buf + (2 * c + (i & 1)) * kBN;
-      stage_bias(bias, tile.co0, p.cout, bias_s, tid);
-      consumer_sync(c);
+      float bias_v[32];
+      if (p.mode != 2) load_bias(bias, tile.co0 + 2 * (lane & 3), p.cout, bias_v);
       const long long g = i * kiters;
       int s = static_cast<int>(g % stages);
       uint32_t phase = static_cast<uint32_t>(g / stages) & 1;
@@ -567,7 +564,7 @@ __global__ void __launch_bounds__(384, 1)
       if (p.mode == 2) continue;
       // Epilogue: accumulator (slice m, register j) holds pixel 64 m + 16 warp + lane / 4 + 8 ((j >> 1) & 1)
       // and channel 8 (j >> 2) + 2 (lane & 3) + (j & 1).
-      epilogue<T, kMish>(acc0, acc1, bias_s, tile, p, &map_o, out_buf + c * kSliceBytes, out, c, tid);
+      epilogue<T, kMish>(acc0, acc1, bias_v, tile, p, &map_o, out_buf + c * kSliceBytes, out, c, tid);
     }
     if (p.staged && p.channels_last && tid == 0) tma_store_wait_all();  // the buffer outlives its last stores
   }
@@ -609,11 +606,10 @@ static bool make_map(CUtensorMap* map, CUtensorMapDataType dtype, int elem, cons
   return true;
 }
 
-// Dynamic shared memory of a launch: the ring, the staged epilogue's buffers, the bias, the barriers, and room to
+// Dynamic shared memory of a launch: the ring, the staged epilogue's buffers, the barriers, and room to
 // align the ring to 1024 bytes.
 static int smem_bytes(int stages, int consumers, int staged, int elem) {
-  return stages * kStageBytes + (staged ? consumers * kSliceRows * kBN * elem : 0) + consumers * kBiasBytes +
-         16 * stages + 16 + 1024;
+  return stages * kStageBytes + (staged ? consumers * kSliceRows * kBN * elem : 0) + 16 * stages + 16 + 1024;
 }
 
 template <typename T, int kMish>

@@ -86,18 +86,16 @@ class HopperConfig:
     def shared_memory(self, elem: int) -> int:
         """Bytes of dynamic shared memory a launch takes (``smem_bytes`` in the kernel)."""
         staging = self.consumers * SLICE_PIXELS * TILE_CHANNELS * elem if self.staged else 0
-        return self.stages * STAGE_BYTES + staging + self.consumers * BIAS_BYTES + 16 * self.stages + 16 + 1024
+        return self.stages * STAGE_BYTES + staging + 16 * self.stages + 16 + 1024
 
 
 #: rows a row box holds beyond the tile's 128 (``kRowBoxRows - kBM`` in the kernel)
 ROWBOX_SHIFT = 8
 #: the kernel's layout of shared memory: a stage's bytes (``kStageBytes``), an m64 slice's pixels
-#: (``kSliceRows``), a tile's channels (``kBN``), a consumer's bias (``kBiasBytes``) and what a CTA
-#: may have (``kMaxSmem``)
+#: (``kSliceRows``), a tile's channels (``kBN``) and what a CTA may have (``kMaxSmem``)
 STAGE_BYTES = (128 + ROWBOX_SHIFT) * K_BLOCK_BYTES + 128 * K_BLOCK_BYTES
 SLICE_PIXELS = 64
 TILE_CHANNELS = 128
-BIAS_BYTES = 2 * 128 * 4
 MAX_SHARED_MEMORY = 227 * 1024
 #: the first that fits is what runs where nothing has been tuned: the fastest for fp32 NCHW at the
 #: reference shape on the H200 (benchmarks/results/h200/gpu-run6.md); one consumer stays as the
