@@ -33,8 +33,8 @@ results = {"checks": [], "timings": []}
 DEFAULT = {"config": None}
 
 
-def block_ref(x, w, b, padding, dilation, mish_count):
-    z = F.conv2d(x, w, b, 1, padding, dilation)
+def block_ref(x, w, b, padding, dilation, mish_count, stride=(1, 1)):
+    z = F.conv2d(x, w, b, stride, padding, dilation)
     for _ in range(mish_count):
         z = F.mish(z)
     return z
@@ -46,7 +46,7 @@ def max_err(y, ref):
 
 
 def check(name, n, cin, cout, h, w, k, padding=(0, 0), dilation=(1, 1), dtype=torch.float32, cl=False,
-          bias=True, mish_count=2, config=None, ref_images=None, special=False):
+          bias=True, mish_count=2, config=None, ref_images=None, special=False, stride=(1, 1)):
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cuda.matmul.allow_tf32 = True
     x = torch.randn(n, cin, h, w, device="cuda")
@@ -60,14 +60,15 @@ def check(name, n, cin, cout, h, w, k, padding=(0, 0), dilation=(1, 1), dtype=to
         x = x.to(memory_format=CL)
     xd, wd, bd = x.to(dtype), wt.to(dtype), None if b is None else b.to(dtype)
     fmt = CL if cl else torch.contiguous_format
-    oh = h + 2 * padding[0] - dilation[0] * (k[0] - 1)
-    ow = w + 2 * padding[1] - dilation[1] * (k[1] - 1)
+    oh = (h + 2 * padding[0] - dilation[0] * (k[0] - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (k[1] - 1) - 1) // stride[1] + 1
     out = torch.full((n, cout, oh, ow), float("nan"), dtype=dtype, device="cuda").contiguous(memory_format=fmt)
-    hc.conv_mish(xd, wd, bd, padding, dilation, mish_count, fmt, config or DEFAULT["config"], out=out)
+    hc.conv_mish(xd, wd, bd, padding, dilation, mish_count, fmt, config or DEFAULT["config"], out=out, stride=stride)
     torch.cuda.synchronize()
-    eager = block_ref(xd, wd, bd, padding, dilation, mish_count)
+    eager = block_ref(xd, wd, bd, padding, dilation, mish_count, stride)
     m = ref_images or n
-    ref = block_ref(xd[:m].double(), wd.double(), None if bd is None else bd.double(), padding, dilation, mish_count)
+    ref = block_ref(xd[:m].double(), wd.double(), None if bd is None else bd.double(), padding, dilation, mish_count,
+                    stride)
     ok_fmt = out.is_contiguous(memory_format=fmt)
     if special:
         # NaN where eager has NaN; elsewhere finite parts compared
@@ -86,7 +87,7 @@ def check(name, n, cin, cout, h, w, k, padding=(0, 0), dilation=(1, 1), dtype=to
         if dtype == torch.float32:  # what TF32 operands rounded to nearest cost, whatever eager picked
             rx, rw = tc.tf32_rounded(xd[:m].contiguous()), tc.tf32_rounded(wd.contiguous())
             floor = max_err(block_ref(rx.double(), rw.double(), None if bd is None else bd.double(), padding,
-                                      dilation, mish_count), ref)
+                                      dilation, mish_count, stride), ref)
         unwritten = int(out.isnan().sum())
         tol = 2 * max(eager_err, floor) + 1e-6 * float(ref.abs().max())
         passed = unwritten == 0 and err <= tol and ok_fmt
@@ -139,7 +140,7 @@ def timing(quick, configs):
         out = torch.empty((n, cout, 254, 254), dtype=dtype, device="cuda", memory_format=fmt)
         for cfg in (c for c in configs if c.fits(wd, 1, cl)):
             def kern(cfg=cfg, mish_count=2, mode=0):
-                msg = ext.conv_mish(xp, wk, bd, out, 3, 3, 1, 1, mish_count, cfg.stages, cfg.consumers, cfg.rowbox,
+                msg = ext.conv_mish(xp, wk, bd, out, 3, 3, 1, 1, 1, 1, mish_count, cfg.stages, cfg.consumers, cfg.rowbox,
                                     cl, cfg.staged, mode)
                 if msg:
                     raise RuntimeError(msg)
@@ -240,7 +241,15 @@ def main():
         ("special_fp32_rowbox", dict(n=2, cin=64, cout=128, h=20, w=150, k=(3, 3), special=True, config=rowbox)),
         ("ref_fp32_nchw_rowbox", dict(n=64, cin=64, cout=128, h=256, w=256, k=(3, 3), ref_images=2, config=rowbox)),
     ]
-    cases += [
+    cases += [  # strides: odd padded widths (a zero column added), unequal strides, 1x1 and dilated kernels
+        ("stride2_fp32_nchw", dict(n=2, cin=64, cout=128, h=75, w=301, k=(3, 3), padding=(1, 1), stride=(2, 2))),
+        ("stride2_bf16_cl_staged", dict(n=2, cin=64, cout=128, h=75, w=300, k=(3, 3), padding=(1, 1), stride=(2, 2),
+                                        dtype=torch.bfloat16, cl=True, config=staged)),
+        ("stride2_fp32_nchw_staged", dict(n=3, cin=8, cout=24, h=37, w=53, k=(3, 3), padding=(1, 1), stride=(2, 2),
+                                          config=staged)),
+        ("stride_2x3_k5_dil2_fp16", dict(n=2, cin=40, cout=64, h=33, w=41, k=(5, 5), padding=(2, 2), dilation=(2, 2),
+                                         stride=(2, 3), dtype=torch.float16, bias=False)),
+        ("stride2_k1_fp32_cl", dict(n=2, cin=96, cout=256, h=17, w=300, k=(1, 1), stride=(2, 2), cl=True)),
         ("ref_fp32_nchw", dict(n=64, cin=64, cout=128, h=256, w=256, k=(3, 3), ref_images=2)),
         ("ref_fp32_cl", dict(n=64, cin=64, cout=128, h=256, w=256, k=(3, 3), ref_images=2, cl=True)),
         ("ref_bf16_nchw", dict(n=64, cin=64, cout=128, h=256, w=256, k=(3, 3), ref_images=2, dtype=torch.bfloat16)),

@@ -41,7 +41,7 @@ def main() -> None:
     for _ in range(args.launches):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        msg = ext.conv_mish(xp, wk, b, out, 3, 3, 1, 1, 2, cfg.stages, cfg.consumers, cfg.rowbox, args.cl,
+        msg = ext.conv_mish(xp, wk, b, out, 3, 3, 1, 1, 1, 1, 2, cfg.stages, cfg.consumers, cfg.rowbox, args.cl,
                             cfg.staged, args.mode)
         end.record()
         torch.cuda.synchronize()

@@ -1,13 +1,15 @@
 // Implicit-GEMM Conv2d + bias + Mish (once or twice) for Hopper (sm_90a): wgmma on TMA-loaded tiles,
 // warp-specialised and persistent, writing the block's output once in NCHW or channels_last.
 //
-// The conv is a GEMM over a zero-padded NHWC copy of the input ([N * Hp * Wp, Cp], channels
-// contiguous, fp32 already rounded to TF32 to nearest by the pass that made it): with stride 1, the
-// BM pixels of one output row at tap (kh, kw) are BM consecutive rows of that view, starting at
-// row0 + kh * dh * Wp + kw * dw, so every (tap, channel block) operand tile is one 2-D TMA box and
-// the main loop does no index arithmetic. Pixels past the row's end read the next row's data (or
-// TMA's zero fill past the tensor) and are never stored. The weight is repacked to
-// [Cout, KH * KW * Cp], K-major, as wgmma needs for 32-bit operands.
+// The conv is a GEMM over a zero-padded NHWC copy of the input (channels contiguous, padded to the
+// K block; fp32 already rounded to TF32 to nearest by the pass that made it), seen by TMA as
+// [N Hp][Wp / sw][sw][Cp]: the padded row's pixels as (pixel / sw, pixel % sw). The BM output
+// pixels w0 .. w0 + BM - 1 of output row h at tap (kh, kw) read padded pixels (w0 + j) sw + kw dw
+// of padded row h sh + kh dh, which in that view are BM consecutive entries (w0 + (kw dw) / sw + j)
+// at the fixed phase (kw dw) % sw: every (tap, channel block) operand tile is one TMA box, whatever
+// the stride, and the main loop does no index arithmetic. Pixels past the row's end read TMA's
+// zero fill and are never stored. The weight is repacked to [Cout, KH * KW * Cp], K-major, as
+// wgmma needs for 32-bit operands.
 //
 // Row boxes (Params::rowbox): the KW taps of one kernel row read the same pixels shifted by kw dw
 // rows, so one box of 128 + 8 rows at kw = 0 serves them all, each tap's descriptor pointing kw dw
@@ -58,7 +60,7 @@ constexpr int kSliceRows = 64;  // output pixels of one m64 wgmma slice: the uni
 
 struct Params {
   int out_h, out_w, cout, hp, wp;
-  int taps, taps_w, dh, dw;
+  int taps, taps_w, dh, dw, sh, sw;
   int cp;              // padded channels (a multiple of the K block)
   int kblocks;         // channel blocks per tap
   int tiles_w, tiles_co;
@@ -125,6 +127,15 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
   asm volatile(
       "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];" ::"r"(dst),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1)
+      : "memory");
+}
+
+__device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1, int c2,
+                                            int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, %6}], [%2];" ::"r"(
+          dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
       : "memory");
 }
 
@@ -468,7 +479,7 @@ __global__ void __launch_bounds__(384, 1)
       uint32_t phase = 0;  // parity of the ring's current round
       for (long long t = blockIdx.x; t < p.num_tiles; t += gridDim.x) {
         const Tile tile = decode(t, p);
-        const int row0 = (tile.n * p.hp + tile.h) * p.wp + tile.w0;
+        const int row0 = tile.n * p.hp + tile.h * p.sh;  // padded row of kernel row 0
         // kernel rows, channel blocks, then the taps of the row: the consumers' K order
         for (int kh = 0; kh < p.taps / p.taps_w; ++kh) {
           for (int cb = 0; cb < p.kblocks; ++cb) {
@@ -476,9 +487,10 @@ __global__ void __launch_bounds__(384, 1)
               const bool load_a = !p.rowbox || kw == 0;
               mbar_wait_idle(empty(s), phase ^ 1);
               mbar_expect_tx(full(s), kTileBytes + (load_a ? a_box_bytes : 0));
-              if (load_a) {
-                tma_load_2d(tile_a(s), &map_a, full(s), cb * kElems,
-                            row0 + kh * p.dh * p.wp + (p.rowbox ? 0 : kw * p.dw));
+              if (load_a) {  // row boxes: sw is 1 and the box starts at kw = 0
+                const int shift = p.rowbox ? 0 : kw * p.dw;
+                tma_load_4d(tile_a(s), &map_a, full(s), cb * kElems, shift % p.sw, tile.w0 + shift / p.sw,
+                            row0 + kh * p.dh);
               }
               tma_load_2d(tile_b(s), &map_b, full(s), (kh * p.taps_w + kw) * p.cp + cb * kElems, tile.co0);
               if (++s == stages) {
@@ -587,17 +599,20 @@ static EncodeTiled encode_fn(std::string& error) {
   return fn;
 }
 
-// A tensor map of 2 or 3 dimensions (dims[0] contiguous, outer dims[1], dims[2] elements apart)
-// whose boxes are 128-byte rows of dims[0] in the 128-byte swizzle, box_rows of them.
+// A tensor map of up to 4 dimensions (dims[0] contiguous; strides of the others in bytes) whose
+// boxes are 128-byte rows of dims[0] in the 128-byte swizzle: box_rows along dimension row_dim,
+// one along the others.
 static bool make_map(CUtensorMap* map, CUtensorMapDataType dtype, int elem, const void* ptr, int rank,
-                     const uint64_t (&dims)[3], uint32_t box_rows, std::string& error) {
+                     const uint64_t (&dims)[4], const uint64_t (&strides)[3], int row_dim, uint32_t box_rows,
+                     std::string& error) {
   EncodeTiled fn = encode_fn(error);
   if (fn == nullptr) return false;
-  const cuuint64_t sizes[3] = {dims[0], dims[1], dims[2]};
-  const cuuint64_t strides[2] = {dims[0] * elem, dims[0] * dims[1] * elem};
-  const cuuint32_t box[3] = {static_cast<cuuint32_t>(kRowBytes / elem), box_rows, 1};
-  const cuuint32_t estrides[3] = {1, 1, 1};
-  CUresult r = fn(map, dtype, rank, const_cast<void*>(ptr), sizes, strides, box, estrides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+  cuuint32_t box[4] = {static_cast<cuuint32_t>(kRowBytes / elem), 1, 1, 1};
+  box[row_dim] = box_rows;
+  const cuuint64_t sizes[4] = {dims[0], dims[1], dims[2], dims[3]};
+  const cuuint64_t byte_strides[3] = {strides[0], strides[1], strides[2]};
+  const cuuint32_t estrides[4] = {1, 1, 1, 1};
+  CUresult r = fn(map, dtype, rank, const_cast<void*>(ptr), sizes, byte_strides, box, estrides, CU_TENSOR_MAP_INTERLEAVE_NONE,
                   CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS) {
     error = "hopper_conv: cuTensorMapEncodeTiled failed with CUresult " + std::to_string(static_cast<int>(r));
@@ -617,16 +632,18 @@ static std::string launch_typed(CUtensorMapDataType dtype, const void* xp, const
                                 const Params& p, long long rows, int consumers, int sms, cudaStream_t stream) {
   std::string error;
   CUtensorMap map_a, map_b, map_o = {};
-  if (!make_map(&map_a, dtype, sizeof(T), xp, 2, {static_cast<uint64_t>(p.cp), static_cast<uint64_t>(rows), 1},
-                p.rowbox ? kRowBoxRows : kBM, error))
+  const uint64_t e = sizeof(T), cp = p.cp, sw = p.sw, wp = p.wp;
+  // the padded input as [N Hp][Wp / sw][sw][Cp] (the file's head says why)
+  if (!make_map(&map_a, dtype, e, xp, 4, {cp, sw, wp / sw, static_cast<uint64_t>(rows) / wp},
+                {cp * e, sw * cp * e, wp * cp * e}, 2, p.rowbox ? kRowBoxRows : kBM, error))
     return error;
-  if (!make_map(&map_b, dtype, sizeof(T), wk, 2, {static_cast<uint64_t>(p.taps) * p.cp, static_cast<uint64_t>(p.cout), 1},
-                kBN, error))
+  const uint64_t k = static_cast<uint64_t>(p.taps) * cp;
+  if (!make_map(&map_b, dtype, e, wk, 2, {k, static_cast<uint64_t>(p.cout), 1, 1}, {k * e, 0, 0}, 1, kBN, error))
     return error;
   if (p.staged && p.channels_last) {  // the output [N H][W][Cout] as TMA boxes (store_slice_staged)
-    const uint64_t images = rows / (static_cast<uint64_t>(p.hp) * p.wp);
-    if (!make_map(&map_o, dtype, sizeof(T), out, 3,
-                  {static_cast<uint64_t>(p.cout), static_cast<uint64_t>(p.out_w), images * p.out_h}, kSliceRows, error))
+    const uint64_t images = rows / (static_cast<uint64_t>(p.hp) * p.wp), cout = p.cout, ow = p.out_w;
+    if (!make_map(&map_o, dtype, e, out, 3, {cout, ow, images * p.out_h, 1}, {cout * e, ow * cout * e, 0}, 1,
+                  kSliceRows, error))
       return error;
   }
   const int smem = smem_bytes(p.stages, consumers, p.staged, sizeof(T));
@@ -644,8 +661,8 @@ static std::string launch_typed(CUtensorMapDataType dtype, const void* xp, const
 // dtype: 0 fp32 (TF32 operands), 1 bf16, 2 fp16. Returns an empty string or why it failed.
 std::string launch(int dtype, int mish_count, const void* xp, const void* wk, const void* bias, void* out,
                    long long rows, int out_h, int out_w, int cout, int hp, int wp, int kh, int kw, int dh, int dw,
-                   int cp, int stages, int consumers, int rowbox, int channels_last, int staged, int sms,
-                   int mode, cudaStream_t stream) {
+                   int sh, int sw, int cp, int stages, int consumers, int rowbox, int channels_last, int staged,
+                   int sms, int mode, cudaStream_t stream) {
   const int elem = dtype == 0 ? 4 : 2;
   const int kelems = kRowBytes / elem;
   if (cp % kelems != 0) return "hopper_conv: padded channels not a multiple of the K block";
@@ -658,9 +675,10 @@ std::string launch(int dtype, int mish_count, const void* xp, const void* wk, co
   // TMA's global addresses and strides are multiples of 16 bytes
   if (staged && channels_last && (reinterpret_cast<uintptr_t>(out) % 16 != 0 || (cout * elem) % 16 != 0))
     return "hopper_conv: the staged epilogue in channels_last needs a 16-byte aligned output and Cout * element size a multiple of 16 bytes (TMA)";
-  if (rowbox && (kw < 2 || kw >= stages || (kw - 1) * dw > kRowBoxRows - kBM))
-    return "hopper_conv: row boxes need 2 <= kernel width < stages and (width - 1) * dilation <= " +
-           std::to_string(kRowBoxRows - kBM);
+  if (sh < 1 || sw < 1 || wp % sw != 0) return "hopper_conv: strides must be positive and divide the padded width";
+  if (rowbox && (sw != 1 || kw < 2 || kw >= stages || (kw - 1) * dw > kRowBoxRows - kBM))
+    return "hopper_conv: row boxes need stride 1 along the width, 2 <= kernel width < stages and (width - 1) * "
+           "dilation <= " + std::to_string(kRowBoxRows - kBM);
   Params p;
   p.out_h = out_h;
   p.out_w = out_w;
@@ -671,6 +689,8 @@ std::string launch(int dtype, int mish_count, const void* xp, const void* wk, co
   p.taps_w = kw;
   p.dh = dh;
   p.dw = dw;
+  p.sh = sh;
+  p.sw = sw;
   p.cp = cp;
   p.kblocks = cp / kelems;
   p.tiles_w = (out_w + kBM - 1) / kBM;

@@ -12,8 +12,8 @@
 namespace hopper_conv {
 std::string launch(int dtype, int mish_count, const void* xp, const void* wk, const void* bias, void* out,
                    long long rows, int out_h, int out_w, int cout, int hp, int wp, int kh, int kw, int dh, int dw,
-                   int cp, int stages, int consumers, int rowbox, int channels_last, int staged, int sms,
-                   int mode, cudaStream_t stream);
+                   int sh, int sw, int cp, int stages, int consumers, int rowbox, int channels_last, int staged,
+                   int sms, int mode, cudaStream_t stream);
 }
 
 namespace {
@@ -30,7 +30,8 @@ int dtype_code(const torch::Tensor& t) {
 // xp: [N, Hp, Wp, Cp] padded NHWC input; wk: [Cout, KH * KW * Cp]; out: [N, Cout, OH, OW], contiguous
 // (NCHW) or channels_last.
 std::string conv_mish(const torch::Tensor& xp, const torch::Tensor& wk, const c10::optional<torch::Tensor>& bias,
-                      const torch::Tensor& out, int64_t kh, int64_t kw, int64_t dh, int64_t dw, int64_t mish_count,
+                      const torch::Tensor& out, int64_t kh, int64_t kw, int64_t dh, int64_t dw, int64_t sh, int64_t sw,
+                      int64_t mish_count,
                       int64_t stages, int64_t consumers, bool rowbox, bool channels_last, bool staged,
                       int64_t mode) {
   if (!xp.is_cuda() || !wk.is_cuda() || !out.is_cuda()) return "hopper_conv: operands must be CUDA tensors";
@@ -43,9 +44,14 @@ std::string conv_mish(const torch::Tensor& xp, const torch::Tensor& wk, const c1
   if (wk.dim() != 2 || !wk.is_contiguous() || wk.size(1) != kh * kw * cp)
     return "hopper_conv: packed weight must be contiguous [Cout, KH * KW * Cp]";
   const int64_t cout = wk.size(0);
-  const int64_t out_h = hp - dh * (kh - 1), out_w = wp - dw * (kw - 1);
-  if (out.dim() != 4 || out.size(0) != n || out.size(1) != cout || out.size(2) != out_h || out.size(3) != out_w)
+  // the padded width may carry zero columns past the conv's own padding (a multiple of sw)
+  if (sh < 1 || sw < 1) return "hopper_conv: strides must be positive";
+  if (hp - dh * (kh - 1) < 1 || wp - dw * (kw - 1) < 1) return "hopper_conv: the kernel is larger than the padded input";
+  const int64_t out_h = (hp - dh * (kh - 1) - 1) / sh + 1;
+  if (out.dim() != 4 || out.size(0) != n || out.size(1) != cout || out.size(2) != out_h || out.size(3) < 1 ||
+      (out.size(3) - 1) * sw + dw * (kw - 1) >= wp)
     return "hopper_conv: output has the wrong shape";
+  const int64_t out_w = out.size(3);
   if (!out.is_contiguous(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous))
     return "hopper_conv: output is not in the asked layout";
   if (channels_last && cout % 2 != 0) return "hopper_conv: channels_last output needs an even Cout";
@@ -66,7 +72,8 @@ std::string conv_mish(const torch::Tensor& xp, const torch::Tensor& wk, const c1
   return hopper_conv::launch(dtype, static_cast<int>(mish_count), xp.data_ptr(), wk.data_ptr(), bias_ptr,
                              out.data_ptr(), n * hp * wp, static_cast<int>(out_h), static_cast<int>(out_w),
                              static_cast<int>(cout), static_cast<int>(hp), static_cast<int>(wp), static_cast<int>(kh),
-                             static_cast<int>(kw), static_cast<int>(dh), static_cast<int>(dw), static_cast<int>(cp),
+                             static_cast<int>(kw), static_cast<int>(dh), static_cast<int>(dw),
+                             static_cast<int>(sh), static_cast<int>(sw), static_cast<int>(cp),
                              static_cast<int>(stages), static_cast<int>(consumers), rowbox ? 1 : 0, channels_last ? 1 : 0,
                              staged ? 1 : 0, sms,
                              static_cast<int>(mode), stream);
@@ -76,7 +83,7 @@ std::string conv_mish(const torch::Tensor& xp, const torch::Tensor& wk, const c1
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_mish", &conv_mish, "implicit-GEMM conv + bias + Mish (x mish_count) on sm_90a", py::arg("xp"),
-        py::arg("wk"), py::arg("bias"), py::arg("out"), py::arg("kh"), py::arg("kw"), py::arg("dh"), py::arg("dw"),
+        py::arg("wk"), py::arg("bias"), py::arg("out"), py::arg("kh"), py::arg("kw"), py::arg("dh"), py::arg("dw"), py::arg("sh"), py::arg("sw"),
         py::arg("mish_count"), py::arg("stages"), py::arg("consumers"), py::arg("rowbox"), py::arg("channels_last"),
         py::arg("staged"), py::arg("mode") = 0);
 }

@@ -59,7 +59,6 @@ def _spec(**conv_args) -> ConvSpec:
 
 
 @pytest.mark.parametrize("conv_args,why", [
-    ({"stride": 2}, "stride (2, 2)"),
     ({"groups": 2}, "grouped conv"),
     ({"padding": "same"}, "padding 'same'"),
     ({"padding": 1, "padding_mode": "reflect"}, "mode 'reflect'"),
@@ -68,6 +67,18 @@ def test_declines_what_it_cannot_compute(conv_args, why):
     x, w = torch.randn(1, 8, 8, 8), torch.randn(16, 8 // conv_args.get("groups", 1), 3, 3)
     reasons = plans.get_plan("hopper_conv").not_supported_reasons(x, w, None, _spec(**conv_args))
     assert any(why in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("stride", [2, (2, 3), (1, 2)])
+def test_strided_convs_are_taken_without_row_boxes(stride):
+    """Any stride: the kernel views a padded row as (pixel / stride, pixel % stride). A kernel row's
+    taps then start at different phases, so they cannot share one row box."""
+    plan = plans.get_plan("hopper_conv")
+    conv = nn.Conv2d(64, 128, 3, stride=stride)
+    x = torch.randn(1, 64, 40, 40)
+    assert not any("stride" in r for r in plan.not_supported_reasons(x, conv.weight, None, ConvSpec.of(conv)))
+    found = plan.configs(x, conv.weight.detach(), None, ConvSpec.of(conv))
+    assert found and not any(c.rowbox for c in found)
 
 
 def test_declines_odd_channel_counts_and_fp32_without_tf32(monkeypatch):
@@ -137,10 +148,12 @@ def test_unavailable_without_a_hopper_gpu_says_why(monkeypatch):
 
 # --- on a Hopper GPU ----------------------------------------------------------------------------------
 
-GPU_SHAPES = [  # (batch, cin, cout, h, w, k, padding)
-    pytest.param((64, 64, 128, 256, 256, 3, 0), id="reference"),
-    pytest.param((1, 64, 128, 256, 256, 3, 0), id="batch1"),
-    pytest.param((3, 8, 24, 37, 53, 3, 1), id="8to24_37x53_pad1"),
+GPU_SHAPES = [  # (batch, cin, cout, h, w, k, padding, stride)
+    pytest.param((64, 64, 128, 256, 256, 3, 0, 1), id="reference"),
+    pytest.param((1, 64, 128, 256, 256, 3, 0, 1), id="batch1"),
+    pytest.param((3, 8, 24, 37, 53, 3, 1, 1), id="8to24_37x53_pad1"),
+    pytest.param((4, 64, 128, 75, 301, 3, 1, 2), id="stride2_75x301_pad1"),  # an odd padded width
+    pytest.param((2, 16, 32, 33, 47, 5, 2, (2, 3)), id="stride2x3_k5"),
 ]
 SETTINGS = ["tf32", "bf16-autocast", "fp16-autocast"]
 
@@ -151,11 +164,11 @@ SETTINGS = ["tf32", "bf16-autocast", "fp16-autocast"]
 @pytest.mark.parametrize("setting", SETTINGS)
 @pytest.mark.parametrize("input_cl", [False, True], ids=["nchw", "channels_last"])
 def test_block_matches_float64_within_twice_eager(monkeypatch, shape, setting, input_cl):
-    n, cin, cout, h, w, k, pad = shape
+    n, cin, cout, h, w, k, pad, stride = shape
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     monkeypatch.setenv("MISHOPS_PLAN", "hopper_conv")
     torch.manual_seed(0)
-    conv = nn.Conv2d(cin, cout, k, padding=pad).cuda()
+    conv = nn.Conv2d(cin, cout, k, padding=pad, stride=stride).cuda()
     x = torch.randn(n, cin, h, w, device="cuda")
     if input_cl:
         x = x.contiguous(memory_format=CL)
@@ -169,7 +182,7 @@ def test_block_matches_float64_within_twice_eager(monkeypatch, shape, setting, i
     m = min(n, 2)  # float64 on a slice of the batch
     if amp is not None:  # the float64 reference sees the operands autocast gave the conv
         xq, wq, bq = x[:m].to(amp), conv.weight.to(amp), conv.bias.to(amp)
-        z = F.conv2d(xq.double(), wq.double(), bq.double(), 1, conv.padding)
+        z = F.conv2d(xq.double(), wq.double(), bq.double(), conv.stride, conv.padding)
         ref = F.mish(F.mish(z))
         floor = 0.0
     else:

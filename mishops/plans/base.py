@@ -47,11 +47,11 @@ class ConvSpec:
             _SPECS[(conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode, mish_count)] = spec
         return spec
 
-    def kernel_reasons(self) -> list[str]:
+    def kernel_reasons(self, strided: bool = False) -> list[str]:
         """Why our own conv kernels (``triton_conv``, ``hopper_conv``) cannot take this spec: they do
-        stride 1 and zero padding of known size."""
+        zero padding of known size, and stride 1 unless ``strided``."""
         reasons = []
-        if tuple(self.stride) != (1, 1):
+        if not strided and tuple(self.stride) != (1, 1):
             reasons.append(f"stride {tuple(self.stride)} (this kernel does stride 1)")
         if self.numeric_padding() is None:
             reasons.append(f"padding {self.padding!r} with mode {self.padding_mode!r} (needs numbers or 'valid', "
@@ -172,13 +172,14 @@ class Plan:
 
 
 def block_output(x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int], dilation: tuple[int, int],
-                 memory_format: torch.memory_format, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The tensor a stride-1 conv kernel of ours writes the block into: a new one in the weight's dtype
-    and ``memory_format``, or ``out`` once checked to be exactly that."""
+                 memory_format: torch.memory_format, out: torch.Tensor | None = None,
+                 stride: tuple[int, int] = (1, 1)) -> torch.Tensor:
+    """The tensor a conv kernel of ours writes the block into: a new one in the weight's dtype and
+    ``memory_format``, or ``out`` once checked to be exactly that."""
     n, _, h, w = x.shape
     cout, _, kh, kw = weight.shape
-    (ph, pw), (dh, dw) = padding, dilation
-    shape = (n, cout, h + 2 * ph - dh * (kh - 1), w + 2 * pw - dw * (kw - 1))
+    (ph, pw), (dh, dw), (sh, sw) = padding, dilation, stride
+    shape = (n, cout, (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
     dtype = weight.dtype
     if out is None:
         return torch.empty(shape, dtype=dtype, device=x.device, memory_format=memory_format)

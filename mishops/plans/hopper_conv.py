@@ -13,7 +13,7 @@ channels padded to the K block (32 fp32 or 64 16-bit values, one 128-byte swizzl
 rounded to TF32 to nearest, as cuDNN's TF32 conv rounds (wgmma would otherwise truncate, which
 gives several times the eager block's error). Without Triton the same buffer is made with torch ops.
 
-Stride 1, groups 1, numeric zero padding, any kernel size and dilation, Cout a multiple of 8;
+Any stride, groups 1, numeric zero padding, any kernel size and dilation, Cout a multiple of 8;
 fp32 (TF32, so only with ``torch.backends.cudnn.allow_tf32``), bf16 and fp16; output NCHW or
 channels_last as PyTorch's rule asks. Batches whose padded input has 2^31 pixels or more (TMA
 coordinates are 32-bit) run in chunks of images.
@@ -72,12 +72,14 @@ class HopperConfig:
         return (f"s{self.stages}_{'pingpong' if self.consumers == 2 else 'single'}"
                 + ("_rowbox" if self.rowbox else "") + ("_staged" if self.staged else ""))
 
-    def fits(self, weight: torch.Tensor, dilation_w: int, channels_last: bool) -> bool:
-        """Row boxes hold 8 rows of shift, and their stage is held until the row's last tap. The
-        staged epilogue needs room in shared memory beside the ring, and in channels_last a pixel
-        of 16-byte multiples (TMA's global strides)."""
+    def fits(self, weight: torch.Tensor, dilation_w: int, channels_last: bool, stride_w: int = 1) -> bool:
+        """Row boxes hold 8 rows of shift, their stage is held until the row's last tap, and a kernel
+        row's taps read the same box only at stride 1. The staged epilogue needs room in shared
+        memory beside the ring, and in channels_last a pixel of 16-byte multiples (TMA's global
+        strides)."""
         kernel_w, elem, cout = weight.shape[3], weight.element_size(), weight.shape[0]
-        if self.rowbox and not (2 <= kernel_w < self.stages and (kernel_w - 1) * dilation_w <= ROWBOX_SHIFT):
+        if self.rowbox and not (stride_w == 1 and 2 <= kernel_w < self.stages
+                                and (kernel_w - 1) * dilation_w <= ROWBOX_SHIFT):
             return False
         if not self.staged:
             return True
@@ -212,16 +214,18 @@ def padded_channels(cin: int, dtype: torch.dtype) -> int:
     return -(-cin // kb) * kb
 
 
-def padded_input(x: torch.Tensor, padding: tuple[int, int], channels: int, dtype: torch.dtype) -> torch.Tensor:
-    """Zero-padded NHWC ``[N, Hp, Wp, channels]`` of ``dtype``, fp32 rounded to TF32 to nearest."""
+def padded_input(x: torch.Tensor, padding: tuple[int, int], channels: int, dtype: torch.dtype,
+                 width: int | None = None) -> torch.Tensor:
+    """Zero-padded NHWC ``[N, Hp, Wp, channels]`` of ``dtype``, fp32 rounded to TF32 to nearest;
+    ``width`` widens Wp with zero columns (to a multiple of the stride)."""
     from mishops.plans import triton_conv
 
     round_tf32 = dtype == torch.float32
     if importlib.util.find_spec("triton") is not None and x.is_cuda:
-        return triton_conv.padded_input(x, padding, channels, round_tf32, dtype)
+        return triton_conv.padded_input(x, padding, channels, round_tf32, dtype, width)
     n, c, h, w = x.shape
     ph, pw = padding
-    xp = torch.zeros((n, h + 2 * ph, w + 2 * pw, channels), dtype=dtype, device=x.device)
+    xp = torch.zeros((n, h + 2 * ph, width or w + 2 * pw, channels), dtype=dtype, device=x.device)
     xp[:, ph:ph + h, pw:pw + w, :c] = x.permute(0, 2, 3, 1).to(dtype)
     return triton_conv.tf32_rounded(xp) if round_tf32 else xp
 
@@ -235,31 +239,32 @@ def packed_weight(weight: torch.Tensor, channels: int) -> torch.Tensor:
 def conv_mish(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: tuple[int, int],
               dilation: tuple[int, int], mish_count: int = 2,
               memory_format: torch.memory_format = torch.contiguous_format,
-              config: HopperConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``mish^mish_count(conv2d(x, weight, bias, 1, padding, dilation))`` in ``memory_format``,
+              config: HopperConfig | None = None, out: torch.Tensor | None = None,
+              stride: tuple[int, int] = (1, 1)) -> torch.Tensor:
+    """``mish^mish_count(conv2d(x, weight, bias, stride, padding, dilation))`` in ``memory_format``,
     computed in the weight's dtype (a wider ``x`` is cast by the input pass), into a new tensor
     or ``out``."""
     n, cin, h, w = x.shape
     cout, _, kh, kw = weight.shape
-    (ph, pw), (dh, dw) = padding, dilation
-    hp, wp = h + 2 * ph, w + 2 * pw
+    (ph, pw), (dh, dw), (sh, sw) = padding, dilation, stride
+    hp, wp = h + 2 * ph, -(-(w + 2 * pw) // sw) * sw  # the kernel views a row as (pixel / sw, pixel % sw)
     dtype = weight.dtype
-    out = block_output(x, weight, padding, dilation, memory_format, out)
+    out = block_output(x, weight, padding, dilation, memory_format, out, stride)
     if out.numel() == 0:
         return out
     channels_last = memory_format == torch.channels_last
-    config = config or next(c for c in CONFIGS if c.fits(weight, dw, channels_last))
+    config = config or next(c for c in CONFIGS if c.fits(weight, dw, channels_last, sw))
     if config.staged and channels_last and out.data_ptr() % 16:  # a caller's view, which TMA cannot write
         config = dataclasses.replace(config, staged=False)
     channels = padded_channels(cin, dtype)
-    xp = padded_input(x, padding, channels, dtype)
+    xp = padded_input(x, padding, channels, dtype, wp)
     wk = packed_weight(weight, channels)
     b = None if bias is None else bias.to(dtype).contiguous()
     ext = extension()
     per_launch = max(1, (2**31 - 1) // (hp * wp))  # TMA row coordinates are 32-bit
     for n0 in range(0, n, per_launch):
         n1 = min(n, n0 + per_launch)
-        message = ext.conv_mish(xp[n0:n1], wk, b, out[n0:n1], kh, kw, dh, dw, mish_count, config.stages,
+        message = ext.conv_mish(xp[n0:n1], wk, b, out[n0:n1], kh, kw, dh, dw, sh, sw, mish_count, config.stages,
                                 config.consumers, config.rowbox, channels_last, config.staged)
         if message:
             raise RuntimeError(f"{message} (input {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)})")
@@ -304,7 +309,7 @@ class HopperConvPlan(Plan):
         if x.is_cuda and torch.cuda.get_device_capability(x.device) != (9, 0):
             reasons.append(f"{x.device} is compute capability {torch.cuda.get_device_capability(x.device)}; "
                            "this kernel is built for sm_90a (Hopper) only")
-        reasons += spec.kernel_reasons()
+        reasons += spec.kernel_reasons(strided=True)
         padding = spec.numeric_padding()
         if spec.mish_count not in (1, 2):
             reasons.append(f"mish_count={spec.mish_count} (1 or 2 only)")
@@ -333,7 +338,8 @@ class HopperConvPlan(Plan):
         kiters = taps * padded_channels(x.shape[1], weight.dtype) // k_block(weight.dtype)
         channels_last = expected_memory_format(x, weight) == torch.channels_last
         found = [c for c in CONFIGS
-                 if c.stages <= max(3, 2 * kiters) and c.fits(weight, spec.dilation[1], channels_last)]
+                 if c.stages <= max(3, 2 * kiters)
+                 and c.fits(weight, spec.dilation[1], channels_last, spec.stride[1])]
         return found or [CONFIGS[-1]]
 
     def forward(self, x, weight, bias, spec: ConvSpec, config: HopperConfig | None = None) -> torch.Tensor:
@@ -341,4 +347,4 @@ class HopperConvPlan(Plan):
             config = self.config_for(x, weight, bias, spec)
         with torch.no_grad(), torch.cuda.device(x.device):
             return conv_mish(x, weight, bias, spec.numeric_padding(), tuple(spec.dilation), spec.mish_count,
-                             expected_memory_format(x, weight), config)
+                             expected_memory_format(x, weight), config, stride=tuple(spec.stride))

@@ -143,12 +143,13 @@ def tf32_rounded(t: torch.Tensor) -> torch.Tensor:
 
 
 def padded_input(x: torch.Tensor, padding: tuple[int, int], channels: int, round_tf32: bool,
-                 dtype: torch.dtype | None = None) -> torch.Tensor:
+                 dtype: torch.dtype | None = None, width: int | None = None) -> torch.Tensor:
     """``x`` as a zero-padded NHWC buffer ``[N, H + 2 ph, W + 2 pw, channels]`` of ``dtype`` (x's
-    by default; a narrower one is autocast's cast, done in the same pass), TF32-rounded if asked."""
+    by default; a narrower one is autocast's cast, done in the same pass), TF32-rounded if asked;
+    ``width`` (at least W + 2 pw) widens its rows with more zero columns on the right."""
     n, c, h, w = x.shape
     ph, pw = padding
-    hp, wp = h + 2 * ph, w + 2 * pw
+    hp, wp = h + 2 * ph, width or w + 2 * pw
     xp = torch.empty((n, hp, wp, channels), dtype=dtype or x.dtype, device=x.device)
     block_c = min(64, 1 << (channels - 1).bit_length())
     block_w = max(1, 4096 // block_c)
