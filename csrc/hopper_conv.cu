@@ -56,7 +56,7 @@ constexpr int kABytes = kRowBoxRows * kRowBytes;  // A's place in a stage: a mul
 constexpr int kStageBytes = kABytes + kTileBytes;
 constexpr int kMaxStages = 6;
 constexpr int kMaxSmem = 227 * 1024;  // an sm_90 CTA's dynamic shared memory at most
-constexpr int kSliceRows = 64;  // output pixels of one m64 wgmma slice: the unit the TMA-store epilogue stages
+constexpr int kSliceRows = 64;  // output pixels of one m64 wgmma slice: the unit the staged epilogue stages
 
 struct Params {
   int out_h, out_w, cout, hp, wp;
