@@ -121,6 +121,23 @@ def test_run_block_output_layout_follows_pytorch(module_cl, input_cl):
     assert y.stride() == model(x).stride()
 
 
+@pytest.mark.parametrize("conv_args", [{}, {"stride": 2, "padding": 1}, {"stride": (2, 3), "dilation": 2},
+                                       {"stride": 3, "padding": (0, 2)}], ids=str)
+def test_block_output_has_the_convs_shape(conv_args):
+    """The tensor our kernels write into: PyTorch's conv output shape, for strides too."""
+    from mishops.plans.base import block_output
+
+    conv = nn.Conv2d(3, 8, 3, **conv_args)
+    x = torch.randn(2, 3, 19, 23)
+    spec = ConvSpec.of(conv)
+    out = block_output(x, conv.weight, spec.numeric_padding(), tuple(spec.dilation), torch.contiguous_format,
+                       stride=tuple(spec.stride))
+    assert out.shape == conv(x).shape
+    with pytest.raises(ValueError, match="out must be"):  # an ``out`` of another shape
+        block_output(x, conv.weight, spec.numeric_padding(), tuple(spec.dilation), torch.contiguous_format,
+                     torch.empty(2, 8, 1, 1), tuple(spec.stride))
+
+
 # --- the plans that run on CPU: torch_conv and eager ----------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from mishops import plans
 from mishops.plans import ConvSpec, run_block
 from mishops.plans import hopper_conv as hc
-from tests.blocks import block64, isolated_plans, tf32_floor  # noqa: F401 (fixture: no forced plan, a short budget, the registry restored)
+from tests.blocks import block64, isolated_plans, tf32_floor, tf32_round  # noqa: F401 (fixture: no forced plan, a short budget, the registry restored)
 
 CL = torch.channels_last
 HAS_HOPPER = torch.cuda.is_available() and any(
@@ -79,6 +79,16 @@ def test_strided_convs_are_taken_without_row_boxes(stride):
     assert not any("stride" in r for r in plan.not_supported_reasons(x, conv.weight, None, ConvSpec.of(conv)))
     found = plan.configs(x, conv.weight.detach(), None, ConvSpec.of(conv))
     assert found and not any(c.rowbox for c in found)
+
+
+def test_pad_pass_widens_rows_to_a_multiple_of_the_stride():
+    """The kernel views a padded row as (pixel / stride, pixel % stride), so the pass adds zero columns
+    (here the torch path, which runs where Triton does not)."""
+    x = torch.randn(2, 5, 6, 9)
+    xp = hc.padded_input(x, (1, 1), 32, torch.float32, width=12)
+    assert xp.shape == (2, 8, 12, 32)
+    assert torch.equal(xp[:, 1:7, 1:10, :5], tf32_round(x.permute(0, 2, 3, 1)))
+    assert not xp[:, :, 10:].any() and not xp[..., 5:].any() and not xp[:, 0].any()
 
 
 def test_declines_odd_channel_counts_and_fp32_without_tf32(monkeypatch):

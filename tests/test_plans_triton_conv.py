@@ -90,13 +90,14 @@ def test_round_tf32_is_round_to_nearest_ties_away():
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("input_cl", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_padded_input_is_padded_nhwc_rounded(device, input_cl, dtype):
+@pytest.mark.parametrize("width", [None, 14], ids=["width-own", "width-14"])  # 14: hopper_conv's zero columns
+def test_padded_input_is_padded_nhwc_rounded(device, input_cl, dtype, width):
     x = torch.randn(2, 5, 6, 9).to(device, dtype)
     x.view(-1)[:len(SPECIAL_VALUES)] = torch.tensor(SPECIAL_VALUES).to(dtype)
     if input_cl:
         x = x.contiguous(memory_format=CL)
-    xp = tc.padded_input(x, (2, 1), 16, dtype == torch.float32)
-    expected = torch.zeros(2, 10, 11, 16, dtype=dtype)
+    xp = tc.padded_input(x, (2, 1), 16, dtype == torch.float32, width=width)
+    expected = torch.zeros(2, 10, width or 11, 16, dtype=dtype)
     expected[:, 2:8, 1:10, :5] = x.cpu().permute(0, 2, 3, 1)
     if dtype == torch.float32:
         expected = tc.tf32_rounded(expected)
