@@ -31,9 +31,8 @@ int dtype_code(const torch::Tensor& t) {
 // (NCHW) or channels_last.
 std::string conv_mish(const torch::Tensor& xp, const torch::Tensor& wk, const c10::optional<torch::Tensor>& bias,
                       const torch::Tensor& out, int64_t kh, int64_t kw, int64_t dh, int64_t dw, int64_t sh, int64_t sw,
-                      int64_t mish_count,
-                      int64_t stages, int64_t consumers, bool rowbox, bool channels_last, bool staged,
-                      int64_t mode) {
+                      int64_t mish_count, int64_t stages, int64_t consumers, bool rowbox, bool channels_last,
+                      bool staged, int64_t mode) {
   if (!xp.is_cuda() || !wk.is_cuda() || !out.is_cuda()) return "hopper_conv: operands must be CUDA tensors";
   if (xp.device() != wk.device() || xp.device() != out.device()) return "hopper_conv: operands on different devices";
   const int dtype = dtype_code(xp);
@@ -74,16 +73,15 @@ std::string conv_mish(const torch::Tensor& xp, const torch::Tensor& wk, const c1
                              static_cast<int>(cout), static_cast<int>(hp), static_cast<int>(wp), static_cast<int>(kh),
                              static_cast<int>(kw), static_cast<int>(dh), static_cast<int>(dw),
                              static_cast<int>(sh), static_cast<int>(sw), static_cast<int>(cp),
-                             static_cast<int>(stages), static_cast<int>(consumers), rowbox ? 1 : 0, channels_last ? 1 : 0,
-                             staged ? 1 : 0, sms,
-                             static_cast<int>(mode), stream);
+                             static_cast<int>(stages), static_cast<int>(consumers), rowbox ? 1 : 0,
+                             channels_last ? 1 : 0, staged ? 1 : 0, sms, static_cast<int>(mode), stream);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_mish", &conv_mish, "implicit-GEMM conv + bias + Mish (x mish_count) on sm_90a", py::arg("xp"),
-        py::arg("wk"), py::arg("bias"), py::arg("out"), py::arg("kh"), py::arg("kw"), py::arg("dh"), py::arg("dw"), py::arg("sh"), py::arg("sw"),
-        py::arg("mish_count"), py::arg("stages"), py::arg("consumers"), py::arg("rowbox"), py::arg("channels_last"),
-        py::arg("staged"), py::arg("mode") = 0);
+        py::arg("wk"), py::arg("bias"), py::arg("out"), py::arg("kh"), py::arg("kw"), py::arg("dh"), py::arg("dw"),
+        py::arg("sh"), py::arg("sw"), py::arg("mish_count"), py::arg("stages"), py::arg("consumers"), py::arg("rowbox"),
+        py::arg("channels_last"), py::arg("staged"), py::arg("mode") = 0);
 }
