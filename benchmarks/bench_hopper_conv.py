@@ -140,8 +140,7 @@ def timing(quick, configs):
         out = torch.empty((n, cout, 254, 254), dtype=dtype, device="cuda", memory_format=fmt)
         for cfg in (c for c in configs if c.fits(wd, 1, cl)):
             def kern(cfg=cfg, mish_count=2, mode=0):
-                msg = ext.conv_mish(xp, wk, bd, out, 3, 3, 1, 1, 1, 1, mish_count, cfg.stages, cfg.consumers, cfg.rowbox,
-                                    cl, cfg.staged, mode)
+                msg = ext.conv_mish(xp, wk, bd, out, 3, 3, 1, 1, 1, 1, mish_count, cl, *cfg.kernel_args, mode)
                 if msg:
                     raise RuntimeError(msg)
             rows[f"kernel_{cfg.name}"] = timeit(kern, reps)
@@ -206,28 +205,33 @@ def main():
         cases.append((f"small_{'fp32' if fp32 else 'bf16'}_{cfg.name}",
                       dict(n=2, cin=64, cout=128, h=20, w=150, k=(3, 3), config=cfg,
                            dtype=torch.float32 if fp32 else torch.bfloat16)))
-    staged = hc.HopperConfig(4, 2, True, True)
-    cases += [  # the staged epilogue: rows' ends, odd widths (NCHW), TMA's clipped rows and channels (channels_last)
-        ("multitile_fp32_staged", dict(n=1, cin=64, cout=128, h=256, w=256, k=(3, 3), config=staged)),
-        ("multitile_bf16_cl_staged", dict(n=2, cin=64, cout=128, h=130, w=256, k=(3, 3), dtype=torch.bfloat16,
-                                       cl=True, config=staged)),
-        ("small_bf16_nchw_staged", dict(n=2, cin=64, cout=128, h=20, w=150, k=(3, 3), dtype=torch.bfloat16,
-                                     config=staged)),
-        ("c8_24_37x53_pad1_cl_bf16_staged", dict(n=3, cin=8, cout=24, h=37, w=53, k=(3, 3), padding=(1, 1), cl=True,
-                                              dtype=torch.bfloat16, config=staged)),
-        ("c8_24_37x53_pad1_fp32_staged", dict(n=3, cin=8, cout=24, h=37, w=53, k=(3, 3), padding=(1, 1),
-                                           config=staged)),
-        ("k1_cout256_staged", dict(n=2, cin=96, cout=256, h=17, w=300, k=(1, 1), config=hc.HopperConfig(4, 2, False,
-                                                                                                     True))),
-        ("special_fp32_staged", dict(n=2, cin=64, cout=128, h=20, w=150, k=(3, 3), special=True, config=staged)),
-        ("mish1_fp16_cl_staged", dict(n=2, cin=64, cout=128, h=12, w=254, k=(3, 3), mish_count=1,
-                                   dtype=torch.float16, cl=True, config=staged)),
-        ("ref_fp32_nchw_staged", dict(n=64, cin=64, cout=128, h=256, w=256, k=(3, 3), ref_images=2, config=staged)),
-        ("ref_fp32_cl_staged", dict(n=64, cin=64, cout=128, h=256, w=256, k=(3, 3), ref_images=2, cl=True,
-                                 config=staged)),
-        ("ref_bf16_nchw_staged", dict(n=64, cin=64, cout=128, h=256, w=256, k=(3, 3), ref_images=2,
-                                      dtype=torch.bfloat16, config=staged)),
-    ]
+    for epilogue in ("staged", "split"):
+        # the buffered epilogues: rows' ends, odd widths (NCHW), clipped rows and channels (channels_last)
+        cfg, flat = hc.HopperConfig(4, 2, True, epilogue), hc.HopperConfig(4, 2, False, epilogue)
+        cases += [(f"{name}_{epilogue}", dict(kw, config=kw.get("config", cfg))) for name, kw in (
+            ("multitile_fp32", dict(n=1, cin=64, cout=128, h=256, w=256, k=(3, 3))),
+            ("multitile_bf16_cl", dict(n=2, cin=64, cout=128, h=130, w=256, k=(3, 3), dtype=torch.bfloat16, cl=True)),
+            ("small_bf16_nchw", dict(n=2, cin=64, cout=128, h=20, w=150, k=(3, 3), dtype=torch.bfloat16)),
+            ("c8_24_37x53_pad1_cl_bf16", dict(n=3, cin=8, cout=24, h=37, w=53, k=(3, 3), padding=(1, 1), cl=True,
+                                              dtype=torch.bfloat16)),
+            ("c8_24_37x53_pad1_fp32", dict(n=3, cin=8, cout=24, h=37, w=53, k=(3, 3), padding=(1, 1))),
+            ("k1_cout256", dict(n=2, cin=96, cout=256, h=17, w=300, k=(1, 1), config=flat)),
+            ("k1_cout256_cl_fp16", dict(n=2, cin=96, cout=256, h=17, w=300, k=(1, 1), cl=True, dtype=torch.float16,
+                                        config=flat)),
+            ("special_fp32", dict(n=2, cin=64, cout=128, h=20, w=150, k=(3, 3), special=True)),
+            ("mish1_fp16_cl", dict(n=2, cin=64, cout=128, h=12, w=254, k=(3, 3), mish_count=1, dtype=torch.float16,
+                                   cl=True)),
+            ("stride2_bf16_cl", dict(n=2, cin=64, cout=128, h=75, w=300, k=(3, 3), padding=(1, 1), stride=(2, 2),
+                                     dtype=torch.bfloat16, cl=True, config=flat)),
+            ("stride2_fp32_nchw", dict(n=3, cin=8, cout=24, h=37, w=53, k=(3, 3), padding=(1, 1), stride=(2, 2),
+                                       config=flat)),
+            ("ref_fp32_nchw", dict(n=64, cin=64, cout=128, h=256, w=256, k=(3, 3), ref_images=2)),
+            ("ref_fp32_cl", dict(n=64, cin=64, cout=128, h=256, w=256, k=(3, 3), ref_images=2, cl=True)),
+            ("ref_bf16_nchw", dict(n=64, cin=64, cout=128, h=256, w=256, k=(3, 3), ref_images=2,
+                                   dtype=torch.bfloat16)),
+        )]
+    cases.append(("multitile_fp32_single_split", dict(n=1, cin=64, cout=128, h=256, w=256, k=(3, 3),
+                                                      config=hc.HopperConfig(4, 1, True, "split"))))
     rowbox = hc.HopperConfig(6, 2, True)
     cases += [  # row boxes on the shapes that exercise their shifts, ring hold and guards
         ("multitile_fp32_rowbox", dict(n=1, cin=64, cout=128, h=256, w=256, k=(3, 3), config=rowbox)),
@@ -241,13 +245,8 @@ def main():
         ("special_fp32_rowbox", dict(n=2, cin=64, cout=128, h=20, w=150, k=(3, 3), special=True, config=rowbox)),
         ("ref_fp32_nchw_rowbox", dict(n=64, cin=64, cout=128, h=256, w=256, k=(3, 3), ref_images=2, config=rowbox)),
     ]
-    staged_no_rowbox = hc.HopperConfig(4, 2, False, True)  # row boxes are for stride 1
     cases += [  # strides: odd padded widths (a zero column added), unequal strides, 1x1 and dilated kernels
         ("stride2_fp32_nchw", dict(n=2, cin=64, cout=128, h=75, w=301, k=(3, 3), padding=(1, 1), stride=(2, 2))),
-        ("stride2_bf16_cl_staged", dict(n=2, cin=64, cout=128, h=75, w=300, k=(3, 3), padding=(1, 1), stride=(2, 2),
-                                        dtype=torch.bfloat16, cl=True, config=staged_no_rowbox)),
-        ("stride2_fp32_nchw_staged", dict(n=3, cin=8, cout=24, h=37, w=53, k=(3, 3), padding=(1, 1), stride=(2, 2),
-                                          config=staged_no_rowbox)),
         ("stride_2x3_k5_dil2_fp16", dict(n=2, cin=40, cout=64, h=33, w=41, k=(5, 5), padding=(2, 2), dilation=(2, 2),
                                          stride=(2, 3), dtype=torch.float16, bias=False)),
         ("stride2_k1_fp32_cl", dict(n=2, cin=96, cout=256, h=17, w=300, k=(1, 1), stride=(2, 2), cl=True)),

@@ -41,8 +41,7 @@ def main() -> None:
     for _ in range(args.launches):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        msg = ext.conv_mish(xp, wk, b, out, 3, 3, 1, 1, 1, 1, 2, cfg.stages, cfg.consumers, cfg.rowbox, args.cl,
-                            cfg.staged, args.mode)
+        msg = ext.conv_mish(xp, wk, b, out, 3, 3, 1, 1, 1, 1, 2, args.cl, *cfg.kernel_args, args.mode)
         end.record()
         torch.cuda.synchronize()
         if msg:

@@ -57,6 +57,16 @@ constexpr int kStageBytes = kABytes + kTileBytes;
 constexpr int kMaxStages = 6;
 constexpr int kMaxSmem = 227 * 1024;  // an sm_90 CTA's dynamic shared memory at most
 constexpr int kSliceRows = 64;  // output pixels of one m64 wgmma slice: the unit the staged epilogue stages
+// The split epilogue's buffer: a tile's fp32 accumulators, [channel][pixel] rows for NCHW and
+// [pixel][channel] rows for channels_last, each row padded so that the consumers' writes from the
+// wgmma fragment layout hit 32 distinct banks (NCHW: a warp's scalar writes span 4 channel rows
+// of 8 pixels, 132 = 8 mod 32 words apart; channels_last: its pair writes span 8 pixel rows of 4
+// pairs, half a warp at a time, 136 = 8 mod 32 apart).
+constexpr int kSplitPitchNchw = kBM + 4;
+constexpr int kSplitPitchCl = kBN + 8;
+constexpr int kSplitBytes = kBM * kSplitPitchCl * 4;
+constexpr int kSplitWarpgroups = 2;
+enum Epilogue { kDirect = 0, kStaged = 1, kSplit = 2 };
 
 struct Params {
   int out_h, out_w, cout, hp, wp;
@@ -66,10 +76,12 @@ struct Params {
   int tiles_w, tiles_co;
   long long num_tiles;
   int stages;
+  int consumers;
   int rowbox;  // one A box per (kernel row, channel block), read by its KW taps at shifted rows
   int channels_last;
-  int staged;     // stage each m64 slice of the output in shared memory (store_slice_staged)
-  int pair_rows;  // NCHW rows start on a pair of elements: staged NCHW stores write pairs
+  int epilogue;   // Epilogue: from registers (store_direct), staged a slice at a time (store_slice_staged),
+                  // or by warpgroups of its own (split_epilogue)
+  int pair_rows;  // NCHW rows start on a pair of elements: staged and split NCHW stores write pairs
   // 0: the block. Measurement modes (benchmarks/bench_hopper_conv.py): 1 epilogue computed but
   // not stored, 2 no epilogue (the main loop alone).
   int mode;
@@ -278,7 +290,7 @@ __device__ __forceinline__ void bias_mish(float* acc, const float (&bias_v)[32])
   }
 }
 
-// The staged epilogue (Params::staged): slice m (64 pixels x 128 channels) goes to the consumer's
+// The staged epilogue (kStaged): slice m (64 pixels x 128 channels) goes to the consumer's
 // buffer as boxes of 128-byte rows in TMA's 128-byte swizzle (16-byte chunk index XOR row % 8
 // within each 1024-byte block), which also keeps the accumulators' writes free of bank conflicts:
 // NCHW boxes are [128 channels][kInner pixels], channels_last boxes [64 pixels][kInner channels].
@@ -419,17 +431,152 @@ __device__ __forceinline__ void epilogue(float* acc0, float* acc1, const float (
   for (int m = 0; m < 2; ++m) {
     float* acc = m == 0 ? acc0 : acc1;
     bias_mish<kMish>(acc, bias_v);
-    if (p.staged && p.mode == 0) store_slice_staged<T>(acc, m, tile, p, map_o, buf, out, c, tid);
+    if (p.epilogue == kStaged && p.mode == 0) store_slice_staged<T>(acc, m, tile, p, map_o, buf, out, c, tid);
   }
   if (p.mode == 1) {  // computed, kept alive, not stored
     if (acc0[0] == 1234.5f && acc1[63] == -1234.5f) out[0] = from_float<T>(acc0[1]);
     return;
   }
-  if (!p.staged) store_direct<T>(acc0, acc1, tile, p, out, tid >> 5, tid & 31);
+  if (p.epilogue == kDirect) store_direct<T>(acc0, acc1, tile, p, out, tid >> 5, tid & 31);
 }
 
-template <typename T, int kMish>
-__global__ void __launch_bounds__(384, 1)
+// The split epilogue (kSplit): the consumer only writes its accumulators to the shared buffer and
+// goes back to its MMAs; two warpgroups of their own (8 warps, 2 a scheduler) add the bias, apply
+// Mish and store. In the consumer's own epilogue one warp a scheduler ran the math beside 128 live
+// accumulators and bias registers, too few registers left for enough independent chains: over
+// half its samples waited on a dependency or the MUFU queue, and it outlasted the other
+// consumer's main loop. Here the math has its own warps, registers and a tile's whole main loop.
+__device__ __forceinline__ void write_accumulators(const float* acc0, const float* acc1, bool channels_last,
+                                                   float* buf, int warp, int lane) {
+  // accumulator (slice m, register 4 q + 2 half + cc): pixel px0 + 64 m + 8 half, channel ch0 + 8 q + cc
+  const int px0 = 16 * warp + (lane >> 2), ch0 = 2 * (lane & 3);
+  float* const at = channels_last ? buf + px0 * kSplitPitchCl + ch0 : buf + ch0 * kSplitPitchNchw + px0;
+#pragma unroll
+  for (int m = 0; m < 2; ++m) {
+    const float* acc = m == 0 ? acc0 : acc1;
+#pragma unroll
+    for (int q = 0; q < 16; ++q) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int px = 64 * m + 8 * half, ch = 8 * q;
+        const float* a = acc + 4 * q + 2 * half;
+        if (channels_last) {
+          *reinterpret_cast<float2*>(at + px * kSplitPitchCl + ch) = make_float2(a[0], a[1]);
+        } else {
+          at[ch * kSplitPitchNchw + px] = a[0];
+          at[(ch + 1) * kSplitPitchNchw + px] = a[1];
+        }
+      }
+    }
+  }
+}
+
+// One tile's bias + Mish + stores by the split epilogue's thread et (0..255): 64 values each,
+// kBatch rows (channels in NCHW, pixels in channels_last) at a time. NCHW: warp w takes channel
+// rows w + 8 r, a lane pixel pairs 2 lane + 64 j, so a store writes 256 contiguous bytes of a row;
+// channels_last: warp w takes pixels w + 8 r, a lane channels 4 lane .. 4 lane + 3, so a store
+// writes a pixel's 128 channels. wait_full is called once the bias is in registers. The output
+// pointer steps 8 rows at a time: per-row 64-bit offsets, which the compiler hoists out of the
+// tile loop, spilled.
+template <typename T, int kMish, bool kCl, typename WaitFull>
+__device__ __forceinline__ void split_epilogue(const float* buf, const Tile& tile, const Params& p,
+                                               const T* __restrict__ bias, T* __restrict__ out, int et,
+                                               WaitFull wait_full) {
+  constexpr int kBatch = 4;
+  const int warp = et >> 5, lane = et & 31;
+  const int rows = min(kBN, p.cout - tile.co0), valid = min(kBM, p.out_w - tile.w0);
+  float b[4];  // NCHW: channel co0 + lane + 32 k (spread by shuffles); channels_last: co0 + 4 lane + k
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const int ch = tile.co0 + (kCl ? 4 * lane + k : lane + 32 * k);
+    b[k] = bias != nullptr ? to_float(bias[min(ch, p.cout - 1)]) : 0.f;
+  }
+  wait_full();
+  const long long hw = static_cast<long long>(p.out_h) * p.out_w;
+  // row warp's first element of this thread, and the step to row warp + 8
+  T* o;
+  long long step;
+  if constexpr (kCl) {
+    o = out + ((static_cast<long long>(tile.n) * p.out_h + tile.h) * p.out_w + tile.w0 + warp) * p.cout + tile.co0 +
+        4 * lane;
+    step = 8LL * p.cout;
+  } else {
+    o = out + (static_cast<long long>(tile.n) * p.cout + tile.co0 + warp) * hw + static_cast<long long>(tile.h) * p.out_w +
+        tile.w0 + 2 * lane;
+    step = 8 * hw;
+  }
+  const float* in = buf + (kCl ? warp * kSplitPitchCl + 4 * lane : warp * kSplitPitchNchw + 2 * lane);
+  constexpr int kInStep = 8 * (kCl ? kSplitPitchCl : kSplitPitchNchw);
+#pragma unroll
+  for (int r0 = 0; r0 < 16; r0 += kBatch) {
+    float v[kBatch][4];
+#pragma unroll
+    for (int r = 0; r < kBatch; ++r) {
+      const float* x = in + (r0 + r) * kInStep;
+      if constexpr (kCl) {
+        const float4 x4 = *reinterpret_cast<const float4*>(x);
+        v[r][0] = x4.x + b[0];
+        v[r][1] = x4.y + b[1];
+        v[r][2] = x4.z + b[2];
+        v[r][3] = x4.w + b[3];
+      } else {
+        // row warp + 8 (r0 + r) is channel co0 + row: lane row % 32 holds its bias in b[row / 32],
+        // and row / 32 is (r0 + r) / 4 since warp < 8
+        const float bc = __shfl_sync(0xffffffffu, b[(r0 + r) >> 2], warp + 8 * ((r0 + r) & 3));
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const float2 x2 = *reinterpret_cast<const float2*>(x + 64 * j);
+          v[r][2 * j] = x2.x + bc;
+          v[r][2 * j + 1] = x2.y + bc;
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kBatch; ++r) {
+      float unused[4];
+      mishops::mish_group<false, false, false, 4>(v[r], unused);
+      if constexpr (kMish == 2) mishops::mish_group<false, true, false, 4>(v[r], unused);
+    }
+    if (p.mode == 1) {  // computed, kept alive, not stored
+      if (v[0][0] == 1234.5f && v[kBatch - 1][3] == -1234.5f) out[0] = from_float<T>(v[0][1]);
+      continue;
+    }
+#pragma unroll
+    for (int r = 0; r < kBatch; ++r, o += step) {
+      const int row = warp + 8 * (r0 + r);
+      if constexpr (kCl) {  // Cout and co0 are multiples of 8: a lane's 4 channels are all in or all out
+        if (row < valid && 4 * lane < rows)
+          *reinterpret_cast<mishops::Pack<T, 4>*>(o) = mishops::Pack<T, 4>{
+              {from_float<T>(v[r][0]), from_float<T>(v[r][1]), from_float<T>(v[r][2]), from_float<T>(v[r][3])}};
+      } else if (row < rows) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int px = 2 * lane + 64 * j;
+          if (p.pair_rows) {  // valid is even
+            if (px < valid)
+              *reinterpret_cast<mishops::Pack<T, 2>*>(o + 64 * j) =
+                  mishops::Pack<T, 2>{{from_float<T>(v[r][2 * j]), from_float<T>(v[r][2 * j + 1])}};
+          } else {
+            if (px < valid) o[64 * j] = from_float<T>(v[r][2 * j]);
+            if (px + 1 < valid) o[64 * j + 1] = from_float<T>(v[r][2 * j + 1]);
+          }
+        }
+      }
+    }
+  }
+}
+
+// Shared memory beside the ring for a tile's output: a slice per consumer (kStaged), a tile's
+// accumulators (kSplit), or none.
+__host__ __device__ constexpr int epilogue_buffer_bytes(int epilogue, int consumers, int elem) {
+  return epilogue == kStaged ? consumers * kSliceRows * kBN * elem : epilogue == kSplit ? kSplitBytes : 0;
+}
+
+// kSplitWarpgroups: the split epilogue's two warpgroups follow the consumers (640 threads), and the
+// register file is shared out as producer 32, consumers 168 (accumulators and the main loop),
+// epilogue 72 a thread: 32 + 2 * 168 + 2 * 72 = 512 = 65536 / 128. Without them, 40 and 232.
+template <typename T, int kMish, bool kSplitWgs>
+__global__ void __launch_bounds__(kSplitWgs ? 640 : 384, 1)
     conv_mish_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
                      const __grid_constant__ CUtensorMap map_o, const Params p, const T* __restrict__ bias,
                      T* __restrict__ out) {
@@ -439,15 +586,16 @@ __global__ void __launch_bounds__(384, 1)
   const uint32_t raw = smem_u32(smem_raw);
   const uint32_t base = (raw + 1023) & ~1023u;
   const int stages = p.stages;
-  const int consumers = blockDim.x / 128 - 1;
-  // the ring's stages, then (staged epilogue) a slice's buffer per consumer, then the barriers:
-  // full[s] at bars + 8 s, then empty[s], then done[c]
+  const int consumers = p.consumers;
+  // the ring's stages, then the epilogue's buffer, then the barriers: full[s] at bars + 8 s, then
+  // empty[s], then done[c], then (kSplit) acc_full and acc_empty, which hand the buffer over
   constexpr int kSliceBytes = kSliceRows * kBN * sizeof(T);
   uint8_t* const out_buf = smem_raw + (base - raw) + stages * kStageBytes;
-  const uint32_t bars = base + stages * kStageBytes + (p.staged ? consumers * kSliceBytes : 0);
+  const uint32_t bars = base + stages * kStageBytes + epilogue_buffer_bytes(p.epilogue, consumers, sizeof(T));
   auto full = [&](int s) { return bars + 8 * s; };
   auto empty = [&](int s) { return bars + 8 * (stages + s); };
   auto done = [&](int c) { return bars + 8 * (2 * stages + c); };
+  const uint32_t acc_full = bars + 8 * (2 * stages + 2), acc_empty = acc_full + 8;
   auto tile_a = [&](int s) { return base + s * kStageBytes; };
   auto tile_b = [&](int s) { return base + s * kStageBytes + kABytes; };
 
@@ -461,6 +609,8 @@ __global__ void __launch_bounds__(384, 1)
     }
     mbar_init(done(0), 4);
     mbar_init(done(1), 4);
+    mbar_init(acc_full, 128);                    // every thread of the writing consumer
+    mbar_init(acc_empty, 128 * kSplitWarpgroups);  // every thread of the epilogue warpgroups
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
@@ -470,11 +620,15 @@ __global__ void __launch_bounds__(384, 1)
   const uint32_t a_box_bytes = (p.rowbox ? kRowBoxRows : kBM) * kRowBytes;
 
   if (wg == 0) {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if constexpr (kSplitWgs) {
+      asm volatile("setmaxnreg.dec.sync.aligned.u32 32;\n" ::: "memory");
+    } else {
+      asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    }
     if (threadIdx.x == 0) {
       asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&map_a)) : "memory");
       asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&map_b)) : "memory");
-      if (p.staged && p.channels_last) asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&map_o)) : "memory");
+      if (p.epilogue == kStaged && p.channels_last) asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&map_o)) : "memory");
       int s = 0;
       uint32_t phase = 0;  // parity of the ring's current round
       for (long long t = blockIdx.x; t < p.num_tiles; t += gridDim.x) {
@@ -502,8 +656,12 @@ __global__ void __launch_bounds__(384, 1)
         }
       }
     }
-  } else {
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  } else if (wg <= consumers) {
+    if constexpr (kSplitWgs) {
+      asm volatile("setmaxnreg.inc.sync.aligned.u32 160;\n" ::: "memory");
+    } else {
+      asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+    }
     const int c = wg - 1;
     const int tid = threadIdx.x & 127;
     const int lane = tid & 31;
@@ -520,7 +678,7 @@ __global__ void __launch_bounds__(384, 1)
       // This tile's place in the ring: the producer filled it in tile order, kiters stages a tile.
       const Tile tile = decode(t, p);
       float bias_v[32];
-      if (p.mode != 2) load_bias(bias, tile.co0 + 2 * (lane & 3), p.cout, bias_v);
+      if (!kSplitWgs && p.mode != 2) load_bias(bias, tile.co0 + 2 * (lane & 3), p.cout, bias_v);
       const long long g = i * kiters;
       int s = static_cast<int>(g % stages);
       uint32_t phase = static_cast<uint32_t>(g / stages) & 1;
@@ -574,11 +732,32 @@ __global__ void __launch_bounds__(384, 1)
       give_back(prev, prev_kw, prev_s_a);
 
       if (p.mode == 2) continue;
-      // Epilogue: accumulator (slice m, register j) holds pixel 64 m + 16 warp + lane / 4 + 8 ((j >> 1) & 1)
-      // and channel 8 (j >> 2) + 2 (lane & 3) + (j & 1).
-      epilogue<T, kMish>(acc0, acc1, bias_v, tile, p, &map_o, out_buf + c * kSliceBytes, out, c, tid);
+      if constexpr (kSplitWgs) {  // the buffer's i-th use: the epilogue is done with the (i-1)-th
+        mbar_wait(acc_empty, static_cast<uint32_t>((i & 1) ^ 1));
+        write_accumulators(acc0, acc1, p.channels_last, reinterpret_cast<float*>(out_buf), tid >> 5, lane);
+        mbar_arrive(acc_full);
+      } else {
+        // Epilogue: accumulator (slice m, register j) holds pixel 64 m + 16 warp + lane / 4 + 8 ((j >> 1) & 1)
+        // and channel 8 (j >> 2) + 2 (lane & 3) + (j & 1).
+        epilogue<T, kMish>(acc0, acc1, bias_v, tile, p, &map_o, out_buf + c * kSliceBytes, out, c, tid);
+      }
     }
-    if (p.staged && p.channels_last && tid == 0) tma_store_wait_all();  // the buffer outlives its last stores
+    if (p.epilogue == kStaged && p.channels_last && tid == 0) tma_store_wait_all();  // the buffer outlives its last stores
+  } else if constexpr (kSplitWgs) {  // the split epilogue's warpgroups: every tile of the CTA, in order
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 80;\n" ::: "memory");
+    if (p.mode == 2) return;
+    const int et = threadIdx.x - 128 * (1 + consumers);
+    const float* const buf = reinterpret_cast<const float*>(out_buf);
+    long long i = 0;
+    for (long long t = blockIdx.x; t < p.num_tiles; t += gridDim.x, ++i) {
+      auto wait_full = [&] { mbar_wait_idle(acc_full, static_cast<uint32_t>(i & 1)); };
+      if (p.channels_last) {
+        split_epilogue<T, kMish, true>(buf, decode(t, p), p, bias, out, et, wait_full);
+      } else {
+        split_epilogue<T, kMish, false>(buf, decode(t, p), p, bias, out, et, wait_full);
+      }
+      mbar_arrive(acc_empty);
+    }
   }
 }
 
@@ -621,15 +800,15 @@ static bool make_map(CUtensorMap* map, CUtensorMapDataType dtype, int elem, cons
   return true;
 }
 
-// Dynamic shared memory of a launch: the ring, the staged epilogue's buffers, the barriers, and room to
+// Dynamic shared memory of a launch: the ring, the epilogue's buffer, the barriers, and room to
 // align the ring to 1024 bytes.
-static int smem_bytes(int stages, int consumers, int staged, int elem) {
-  return stages * kStageBytes + (staged ? consumers * kSliceRows * kBN * elem : 0) + 16 * stages + 16 + 1024;
+static int smem_bytes(int stages, int consumers, int epilogue, int elem) {
+  return stages * kStageBytes + epilogue_buffer_bytes(epilogue, consumers, elem) + 16 * stages + 32 + 1024;
 }
 
-template <typename T, int kMish>
+template <typename T, int kMish, bool kSplitWgs>
 static std::string launch_typed(CUtensorMapDataType dtype, const void* xp, const void* wk, const void* bias, void* out,
-                                const Params& p, long long rows, int consumers, int sms, cudaStream_t stream) {
+                                const Params& p, long long rows, int sms, cudaStream_t stream) {
   std::string error;
   CUtensorMap map_a, map_b, map_o = {};
   const uint64_t e = sizeof(T), cp = p.cp, sw = p.sw, wp = p.wp;
@@ -640,18 +819,19 @@ static std::string launch_typed(CUtensorMapDataType dtype, const void* xp, const
   const uint64_t k = static_cast<uint64_t>(p.taps) * cp;
   if (!make_map(&map_b, dtype, e, wk, 2, {k, static_cast<uint64_t>(p.cout), 1, 1}, {k * e, 0, 0}, 1, kBN, error))
     return error;
-  if (p.staged && p.channels_last) {  // the output [N H][W][Cout] as TMA boxes (store_slice_staged)
+  if (p.epilogue == kStaged && p.channels_last) {  // the output [N H][W][Cout] as TMA boxes (store_slice_staged)
     const uint64_t images = rows / (static_cast<uint64_t>(p.hp) * p.wp), cout = p.cout, ow = p.out_w;
     if (!make_map(&map_o, dtype, e, out, 3, {cout, ow, images * p.out_h, 1}, {cout * e, ow * cout * e, 0}, 1,
                   kSliceRows, error))
       return error;
   }
-  const int smem = smem_bytes(p.stages, consumers, p.staged, sizeof(T));
-  auto kernel = conv_mish_kernel<T, kMish>;
+  const int smem = smem_bytes(p.stages, p.consumers, p.epilogue, sizeof(T));
+  auto kernel = conv_mish_kernel<T, kMish, kSplitWgs>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return std::string("hopper_conv: cudaFuncSetAttribute: ") + cudaGetErrorString(err);
   const long long grid = p.num_tiles < sms ? p.num_tiles : sms;
-  kernel<<<static_cast<unsigned>(grid), 128 * (1 + consumers), smem, stream>>>(
+  const int threads = 128 * (1 + p.consumers + (kSplitWgs ? kSplitWarpgroups : 0));
+  kernel<<<static_cast<unsigned>(grid), threads, smem, stream>>>(
       map_a, map_b, map_o, p, static_cast<const T*>(bias), static_cast<T*>(out));
   err = cudaGetLastError();
   if (err != cudaSuccess) return std::string("hopper_conv: launch: ") + cudaGetErrorString(err);
@@ -661,7 +841,7 @@ static std::string launch_typed(CUtensorMapDataType dtype, const void* xp, const
 // dtype: 0 fp32 (TF32 operands), 1 bf16, 2 fp16. Returns an empty string or why it failed.
 std::string launch(int dtype, int mish_count, const void* xp, const void* wk, const void* bias, void* out,
                    long long rows, int out_h, int out_w, int cout, int hp, int wp, int kh, int kw, int dh, int dw,
-                   int sh, int sw, int cp, int stages, int consumers, int rowbox, int channels_last, int staged,
+                   int sh, int sw, int cp, int stages, int consumers, int rowbox, int channels_last, int epilogue,
                    int sms, int mode, cudaStream_t stream) {
   const int elem = dtype == 0 ? 4 : 2;
   const int kelems = kRowBytes / elem;
@@ -669,12 +849,16 @@ std::string launch(int dtype, int mish_count, const void* xp, const void* wk, co
   if (stages < 2 || stages > kMaxStages) return "hopper_conv: stages must be 2.." + std::to_string(kMaxStages);
   if (consumers < 1 || consumers > 2) return "hopper_conv: consumers must be 1 or 2";
   if (rows >= (1LL << 31)) return "hopper_conv: 2^31 padded pixels or more in one launch";
-  if (smem_bytes(stages, consumers, staged, elem) > kMaxSmem)
-    return "hopper_conv: " + std::to_string(stages) + " stages" + (staged ? " and the staged epilogue" : "") +
+  if (epilogue < kDirect || epilogue > kSplit) return "hopper_conv: epilogue must be 0 (direct), 1 (staged) or 2 (split)";
+  if (smem_bytes(stages, consumers, epilogue, elem) > kMaxSmem)
+    return "hopper_conv: " + std::to_string(stages) + " stages" +
+           (epilogue == kStaged ? " and the staged epilogue" : epilogue == kSplit ? " and the split epilogue" : "") +
            " need more than " + std::to_string(kMaxSmem) + " bytes of shared memory";
   // TMA's global addresses and strides are multiples of 16 bytes
-  if (staged && channels_last && (reinterpret_cast<uintptr_t>(out) % 16 != 0 || (cout * elem) % 16 != 0))
+  if (epilogue == kStaged && channels_last && (reinterpret_cast<uintptr_t>(out) % 16 != 0 || (cout * elem) % 16 != 0))
     return "hopper_conv: the staged epilogue in channels_last needs a 16-byte aligned output and Cout * element size a multiple of 16 bytes (TMA)";
+  if (epilogue == kSplit && channels_last && reinterpret_cast<uintptr_t>(out) % (4 * elem) != 0)
+    return "hopper_conv: the split epilogue in channels_last needs an output aligned to 4 elements";
   if (sh < 1 || sw < 1 || wp % sw != 0) return "hopper_conv: strides must be positive and divide the padded width";
   if (rowbox && (sw != 1 || kw < 2 || kw >= stages || (kw - 1) * dw > kRowBoxRows - kBM))
     return "hopper_conv: row boxes need stride 1 along the width, 2 <= kernel width < stages and (width - 1) * "
@@ -697,14 +881,16 @@ std::string launch(int dtype, int mish_count, const void* xp, const void* wk, co
   p.tiles_co = (cout + kBN - 1) / kBN;
   p.num_tiles = (rows / (static_cast<long long>(hp) * wp)) * out_h * p.tiles_w * p.tiles_co;
   p.stages = stages;
+  p.consumers = consumers;
   p.rowbox = rowbox;
   p.channels_last = channels_last;
-  p.staged = staged;
+  p.epilogue = epilogue;
   p.pair_rows = out_w % 2 == 0 && reinterpret_cast<uintptr_t>(out) % (2 * elem) == 0;
   p.mode = mode;
   if (p.num_tiles == 0) return "";
-#define HOPPER_CONV_CASE(T, CU, M) \
-  return launch_typed<T, M>(CU, xp, wk, bias, out, p, rows, consumers, sms, stream)
+#define HOPPER_CONV_CASE(T, CU, M)                                                      \
+  return epilogue == kSplit ? launch_typed<T, M, true>(CU, xp, wk, bias, out, p, rows, sms, stream) \
+                            : launch_typed<T, M, false>(CU, xp, wk, bias, out, p, rows, sms, stream)
   if (dtype == 0) {
     if (mish_count == 1) HOPPER_CONV_CASE(float, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 1);
     HOPPER_CONV_CASE(float, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 2);

@@ -12,7 +12,7 @@
 namespace hopper_conv {
 std::string launch(int dtype, int mish_count, const void* xp, const void* wk, const void* bias, void* out,
                    long long rows, int out_h, int out_w, int cout, int hp, int wp, int kh, int kw, int dh, int dw,
-                   int sh, int sw, int cp, int stages, int consumers, int rowbox, int channels_last, int staged,
+                   int sh, int sw, int cp, int stages, int consumers, int rowbox, int channels_last, int epilogue,
                    int sms, int mode, cudaStream_t stream);
 }
 
@@ -31,8 +31,8 @@ int dtype_code(const torch::Tensor& t) {
 // (NCHW) or channels_last.
 std::string conv_mish(const torch::Tensor& xp, const torch::Tensor& wk, const c10::optional<torch::Tensor>& bias,
                       const torch::Tensor& out, int64_t kh, int64_t kw, int64_t dh, int64_t dw, int64_t sh, int64_t sw,
-                      int64_t mish_count, int64_t stages, int64_t consumers, bool rowbox, bool channels_last,
-                      bool staged, int64_t mode) {
+                      int64_t mish_count, bool channels_last, int64_t stages, int64_t consumers, bool rowbox,
+                      int64_t epilogue, int64_t mode) {
   if (!xp.is_cuda() || !wk.is_cuda() || !out.is_cuda()) return "hopper_conv: operands must be CUDA tensors";
   if (xp.device() != wk.device() || xp.device() != out.device()) return "hopper_conv: operands on different devices";
   const int dtype = dtype_code(xp);
@@ -74,7 +74,7 @@ std::string conv_mish(const torch::Tensor& xp, const torch::Tensor& wk, const c1
                              static_cast<int>(kw), static_cast<int>(dh), static_cast<int>(dw),
                              static_cast<int>(sh), static_cast<int>(sw), static_cast<int>(cp),
                              static_cast<int>(stages), static_cast<int>(consumers), rowbox ? 1 : 0,
-                             channels_last ? 1 : 0, staged ? 1 : 0, sms, static_cast<int>(mode), stream);
+                             channels_last ? 1 : 0, static_cast<int>(epilogue), sms, static_cast<int>(mode), stream);
 }
 
 }  // namespace
@@ -82,6 +82,6 @@ std::string conv_mish(const torch::Tensor& xp, const torch::Tensor& wk, const c1
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_mish", &conv_mish, "implicit-GEMM conv + bias + Mish (x mish_count) on sm_90a", py::arg("xp"),
         py::arg("wk"), py::arg("bias"), py::arg("out"), py::arg("kh"), py::arg("kw"), py::arg("dh"), py::arg("dw"),
-        py::arg("sh"), py::arg("sw"), py::arg("mish_count"), py::arg("stages"), py::arg("consumers"), py::arg("rowbox"),
-        py::arg("channels_last"), py::arg("staged"), py::arg("mode") = 0);
+        py::arg("sh"), py::arg("sw"), py::arg("mish_count"), py::arg("channels_last"), py::arg("stages"),
+        py::arg("consumers"), py::arg("rowbox"), py::arg("epilogue"), py::arg("mode") = 0);
 }

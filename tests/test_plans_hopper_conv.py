@@ -33,8 +33,9 @@ def _nvcc() -> str | None:
 
 
 def test_kernel_compiles_for_sm90a_without_spills(tmp_path):
-    """ptxas's report for every instance (fp32/bf16/fp16 x one or two Mish): no stack, no spills,
-    and the wgmma and TMA instructions are there (a plain sm_90 build would reject them)."""
+    """ptxas's report for every instance (fp32/bf16/fp16 x one or two Mish x with or without the split
+    epilogue's warpgroups): no stack, no spills, registers within one CTA an SM, and no warning
+    (a plain sm_90 build would reject the wgmma and TMA instructions)."""
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found (no CUDA toolkit on this machine): cannot check the sm_90a build")
@@ -45,11 +46,12 @@ def test_kernel_compiles_for_sm90a_without_spills(tmp_path):
     report = done.stdout + done.stderr
     assert done.returncode == 0, report
     functions = re.findall(r"Compiling entry function '(\w+)'", report)
-    assert len(functions) == 6, report
+    assert len(functions) == 12, report
     spills = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", report)
-    assert len(spills) == 6 and all(s == ("0", "0", "0") for s in spills), report
-    registers = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
-    assert registers and max(registers) <= 168, report  # 384 threads, one CTA an SM
+    assert len(spills) == 12 and all(s == ("0", "0", "0") for s in spills), report
+    registers = dict(zip(functions, (int(r) for r in re.findall(r"Used (\d+) registers", report))))
+    for name, count in registers.items():  # 640 threads with the split epilogue (template flag Lb1), else 384
+        assert count <= (96 if "Lb1E" in name else 168), report
     print(f"registers per instance: {registers}")
     assert "warning" not in report.lower(), report  # e.g. wgmma serialised, setmaxnreg ignored
 
@@ -131,20 +133,30 @@ def test_row_boxes_only_where_the_ring_and_box_hold_a_kernel_row(kernel, dilatio
     assert {c.stages for c in found if c.rowbox} == rowbox_stages
 
 
+SPLIT = {"s4_pingpong_rowbox_split", "s4_pingpong_split", "s4_single_rowbox_split"}
+
+
 @pytest.mark.parametrize("dtype,cl,offered", [
-    (torch.float32, False, {"s4_pingpong_rowbox_staged", "s4_pingpong_staged"}),
-    (torch.float32, True, {"s4_pingpong_rowbox_staged", "s4_pingpong_staged"}),
-    (torch.bfloat16, False, {"s4_pingpong_rowbox_staged", "s4_pingpong_staged", "s5_pingpong_rowbox_staged"}),
+    (torch.float32, False, {"s4_pingpong_rowbox_staged", "s4_pingpong_staged"} | SPLIT),
+    (torch.float32, True, {"s4_pingpong_rowbox_staged", "s4_pingpong_staged"} | SPLIT),
+    (torch.bfloat16, False, {"s4_pingpong_rowbox_staged", "s4_pingpong_staged", "s5_pingpong_rowbox_staged"} | SPLIT),
 ], ids=["fp32-nchw", "fp32-cl", "bf16-nchw"])
-def test_staged_epilogue_only_where_shared_memory_holds_it(dtype, cl, offered):
-    """An fp32 slice buffer per consumer (2 x 32 KB) leaves room for 4 stages, a 16-bit one for 5."""
+def test_buffered_epilogues_only_where_shared_memory_holds_them(dtype, cl, offered):
+    """An fp32 slice buffer per consumer (2 x 32 KB) leaves room for 4 stages, a 16-bit one for 5;
+    the split epilogue's fp32 tile (68 KB) for 4 in either."""
     fmt = CL if cl else torch.contiguous_format
     x = torch.randn(1, 64, 20, 20, dtype=dtype).contiguous(memory_format=fmt)
     w = torch.randn(128, 64, 3, 3, dtype=dtype).contiguous(memory_format=fmt)
     found = plans.get_plan("hopper_conv").configs(x, w, None, _spec())
-    assert {c.name for c in found if c.staged} == offered
+    assert {c.name for c in found if c.epilogue != "direct"} == offered
     for c in hc.CONFIGS:
         assert c.fits(w, 1, cl) == (c.shared_memory(w.element_size()) <= hc.MAX_SHARED_MEMORY)
+
+
+def test_config_names_an_epilogue_it_has():
+    assert hc.HopperConfig(4, 2, True, "split").kernel_args == (4, 2, True, 2)
+    with pytest.raises(ValueError, match="one of"):
+        hc.HopperConfig(4, 2, epilogue="tma")
 
 
 @pytest.mark.skipif(HAS_HOPPER, reason="checks the answer without a Hopper GPU")

@@ -6,7 +6,8 @@ coalesced into 128-byte lines) stalls that program's tensor cores. ``csrc/hopper
 persistent (one CTA per SM walking a static tile schedule) and warp-specialised: one thread of a
 producer warpgroup issues TMA loads into an mbarrier ring, and two consumer warpgroups take
 alternate tiles, their main loops in strict turn, so one runs its epilogue while the other's
-wgmmas run (``consumers=2``, "ping-pong").
+wgmmas run (``consumers=2``, "ping-pong"), or hands its accumulators through shared memory to two
+epilogue warpgroups of their own (``epilogue="split"``).
 
 The input goes through ``triton_conv``'s pass first (``padded_input``): zero-padded NHWC with the
 channels padded to the K block (32 fp32 or 64 16-bit values, one 128-byte swizzle row), fp32
@@ -53,58 +54,78 @@ EXTRA_CFLAGS = ("-O3",)
 K_BLOCK_BYTES = 128
 
 
+#: how a tile's output leaves, by the kernel's code for it (``Epilogue`` in the kernel): from the
+#: consumer's registers; staged by the consumer a slice at a time in shared memory (channels_last
+#: then leaves by TMA stores, NCHW by whole rows a warp); or handed through shared memory to two
+#: warpgroups that do only the epilogue, so the consumer's registers and issue slots go back to MMAs.
+EPILOGUES = ("direct", "staged", "split")
+
+
 @dataclass(frozen=True)
 class HopperConfig:
     """How the kernel runs a launch: ring depth, one or two consumer warpgroups, whether a kernel
     row's taps share one activation box (``rowbox``: a third of the activation's L2 reads for
-    3-wide kernels; needs a ring deeper than the kernel's width), and whether the epilogue stages
-    its output in shared memory (``staged``: channels_last then leaves by TMA stores, NCHW by whole
-    rows a warp; the buffers take shared memory from the ring)."""
+    3-wide kernels; needs a ring deeper than the kernel's width), and the epilogue (one of
+    ``EPILOGUES``; its buffers take shared memory from the ring)."""
 
     stages: int = 6
-    #: 2: ping-pong (one consumer's epilogue overlaps the other's MMAs); 1: epilogue not hidden
+    #: 2: ping-pong (one consumer's epilogue, or its hand-over, overlaps the other's MMAs);
+    #: 1: the tensor pipe drains at each tile's end
     consumers: int = 2
     rowbox: bool = False
-    staged: bool = False
+    epilogue: str = "direct"
+
+    def __post_init__(self):
+        if self.epilogue not in EPILOGUES:
+            raise ValueError(f"epilogue {self.epilogue!r}: one of {EPILOGUES}")
 
     @property
     def name(self) -> str:
         return (f"s{self.stages}_{'pingpong' if self.consumers == 2 else 'single'}"
-                + ("_rowbox" if self.rowbox else "") + ("_staged" if self.staged else ""))
+                + ("_rowbox" if self.rowbox else "") + ("" if self.epilogue == "direct" else f"_{self.epilogue}"))
+
+    @property
+    def kernel_args(self) -> tuple[int, int, bool, int]:
+        """``stages, consumers, rowbox, epilogue`` as the extension's ``conv_mish`` takes them."""
+        return self.stages, self.consumers, self.rowbox, EPILOGUES.index(self.epilogue)
 
     def fits(self, weight: torch.Tensor, dilation_w: int, channels_last: bool, stride_w: int = 1) -> bool:
         """Row boxes hold 8 rows of shift, their stage is held until the row's last tap, and a kernel
-        row's taps read the same box only at stride 1. The staged epilogue needs room in shared
-        memory beside the ring, and in channels_last a pixel of 16-byte multiples (TMA's global
-        strides)."""
+        row's taps read the same box only at stride 1. The staged and split epilogues need room in
+        shared memory beside the ring; the staged one in channels_last a pixel of 16-byte multiples
+        (TMA's global strides)."""
         kernel_w, elem, cout = weight.shape[3], weight.element_size(), weight.shape[0]
         if self.rowbox and not (stride_w == 1 and 2 <= kernel_w < self.stages
                                 and (kernel_w - 1) * dilation_w <= ROWBOX_SHIFT):
             return False
-        if not self.staged:
-            return True
-        return (not channels_last or cout * elem % 16 == 0) and self.shared_memory(elem) <= MAX_SHARED_MEMORY
+        if self.epilogue == "staged" and channels_last and cout * elem % 16:
+            return False
+        return self.shared_memory(elem) <= MAX_SHARED_MEMORY
 
     def shared_memory(self, elem: int) -> int:
         """Bytes of dynamic shared memory a launch takes (``smem_bytes`` in the kernel)."""
-        staging = self.consumers * SLICE_PIXELS * TILE_CHANNELS * elem if self.staged else 0
-        return self.stages * STAGE_BYTES + staging + 16 * self.stages + 16 + 1024
+        buffer = {"direct": 0, "staged": self.consumers * SLICE_PIXELS * TILE_CHANNELS * elem,
+                  "split": SPLIT_BUFFER_BYTES}[self.epilogue]
+        return self.stages * STAGE_BYTES + buffer + 16 * self.stages + 32 + 1024
 
 
 #: rows a row box holds beyond the tile's 128 (``kRowBoxRows - kBM`` in the kernel)
 ROWBOX_SHIFT = 8
 #: the kernel's layout of shared memory: a stage's bytes (``kStageBytes``), an m64 slice's pixels
-#: (``kSliceRows``), a tile's channels (``kBN``) and what a CTA may have (``kMaxSmem``)
+#: (``kSliceRows``), a tile's channels (``kBN``), the split epilogue's buffer (``kSplitBytes``: a
+#: tile's fp32 accumulators in rows padded to 136 words) and what a CTA may have (``kMaxSmem``)
 STAGE_BYTES = (128 + ROWBOX_SHIFT) * K_BLOCK_BYTES + 128 * K_BLOCK_BYTES
 SLICE_PIXELS = 64
 TILE_CHANNELS = 128
+SPLIT_BUFFER_BYTES = 128 * (TILE_CHANNELS + 8) * 4
 MAX_SHARED_MEMORY = 227 * 1024
 #: the first that fits is what runs where nothing has been tuned: the fastest for fp32 NCHW at the
 #: reference shape on the H200 (benchmarks/results/h200/gpu-run6.md); one consumer stays as the
 #: baseline that hides nothing.
 CONFIGS = (HopperConfig(6, 2, True), HopperConfig(6, 2), HopperConfig(4, 2), HopperConfig(4, 2, True),
-           HopperConfig(3, 2), HopperConfig(4, 2, True, True), HopperConfig(4, 2, False, True),
-           HopperConfig(5, 2, True, True), HopperConfig(6, 1))
+           HopperConfig(3, 2), HopperConfig(4, 2, True, "staged"), HopperConfig(4, 2, False, "staged"),
+           HopperConfig(5, 2, True, "staged"), HopperConfig(4, 2, True, "split"), HopperConfig(4, 2, False, "split"),
+           HopperConfig(4, 1, True, "split"), HopperConfig(6, 1))
 
 
 # --- building --------------------------------------------------------------------------------------
@@ -254,8 +275,8 @@ def conv_mish(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
         return out
     channels_last = memory_format == torch.channels_last
     config = config or next(c for c in CONFIGS if c.fits(weight, dw, channels_last, sw))
-    if config.staged and channels_last and out.data_ptr() % 16:  # a caller's view, which TMA cannot write
-        config = dataclasses.replace(config, staged=False)
+    if config.epilogue != "direct" and channels_last and out.data_ptr() % 16:  # a caller's view
+        config = dataclasses.replace(config, epilogue="direct")  # (TMA, or the split's 4-element stores)
     channels = padded_channels(cin, dtype)
     xp = padded_input(x, padding, channels, dtype, wp)
     wk = packed_weight(weight, channels)
@@ -264,8 +285,8 @@ def conv_mish(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     per_launch = max(1, (2**31 - 1) // (hp * wp))  # TMA row coordinates are 32-bit
     for n0 in range(0, n, per_launch):
         n1 = min(n, n0 + per_launch)
-        message = ext.conv_mish(xp[n0:n1], wk, b, out[n0:n1], kh, kw, dh, dw, sh, sw, mish_count, config.stages,
-                                config.consumers, config.rowbox, channels_last, config.staged)
+        message = ext.conv_mish(xp[n0:n1], wk, b, out[n0:n1], kh, kw, dh, dw, sh, sw, mish_count, channels_last,
+                                *config.kernel_args)
         if message:
             raise RuntimeError(f"{message} (input {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)})")
     return out
