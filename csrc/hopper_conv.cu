@@ -572,11 +572,33 @@ __host__ __device__ constexpr int epilogue_buffer_bytes(int epilogue, int consum
   return epilogue == kStaged ? consumers * kSliceRows * kBN * elem : epilogue == kSplit ? kSplitBytes : 0;
 }
 
-// kSplitWarpgroups: the split epilogue's two warpgroups follow the consumers (640 threads), and the
-// register file is shared out as producer 32, consumers 168 (accumulators and the main loop),
-// epilogue 72 a thread: 32 + 2 * 168 + 2 * 72 = 512 = 65536 / 128. Without them, 40 and 232.
+// kSplitWgs: the split epilogue's two warpgroups follow the consumers (640 threads). A CTA gets its
+// launch registers (96 a thread at 640) and setmaxnreg only moves them between warpgroups, so the
+// shares must add up to 5 x 96 = 480: producer 32, consumers 160 (the 128 accumulators and the main
+// loop; 152 spilled), epilogue 64 a thread (32 + 2 * 160 + 2 * 64). Asking for more than was given
+// back blocks the consumers' setmaxnreg forever (the first split build, 168 and 72, hung on the
+// H200). Without the split: 168 at launch, producer 40, consumers 232 (40 + 2 * 232 = 3 * 168).
+template <bool kSplitWgs>
+struct Registers {
+  static constexpr int kThreads = kSplitWgs ? 640 : 384;
+  static constexpr int kLaunch = 65536 / kThreads / 8 * 8;
+  static constexpr int kProducer = kSplitWgs ? 32 : 40;
+  static constexpr int kConsumer = kSplitWgs ? 160 : 232;
+  static constexpr int kEpilogue = 64;
+  static_assert(kProducer + 2 * kConsumer + (kSplitWgs ? kSplitWarpgroups * kEpilogue : 0) <= kLaunch * kThreads / 128,
+                "setmaxnreg cannot hand out more registers than the launch gave the CTA");
+};
+template <int kRegs>
+__device__ __forceinline__ void set_max_registers_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs) : "memory");
+}
+template <int kRegs>
+__device__ __forceinline__ void set_max_registers_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs) : "memory");
+}
+
 template <typename T, int kMish, bool kSplitWgs>
-__global__ void __launch_bounds__(kSplitWgs ? 640 : 384, 1)
+__global__ void __launch_bounds__(Registers<kSplitWgs>::kThreads, 1)
     conv_mish_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
                      const __grid_constant__ CUtensorMap map_o, const Params p, const T* __restrict__ bias,
                      T* __restrict__ out) {
@@ -620,11 +642,7 @@ __global__ void __launch_bounds__(kSplitWgs ? 640 : 384, 1)
   const uint32_t a_box_bytes = (p.rowbox ? kRowBoxRows : kBM) * kRowBytes;
 
   if (wg == 0) {
-    if constexpr (kSplitWgs) {
-      asm volatile("setmaxnreg.dec.sync.aligned.u32 32;\n" ::: "memory");
-    } else {
-      asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-    }
+    set_max_registers_dec<Registers<kSplitWgs>::kProducer>();
     if (threadIdx.x == 0) {
       asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&map_a)) : "memory");
       asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&map_b)) : "memory");
@@ -657,11 +675,7 @@ __global__ void __launch_bounds__(kSplitWgs ? 640 : 384, 1)
       }
     }
   } else if (wg <= consumers) {
-    if constexpr (kSplitWgs) {
-      asm volatile("setmaxnreg.inc.sync.aligned.u32 160;\n" ::: "memory");
-    } else {
-      asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-    }
+    set_max_registers_inc<Registers<kSplitWgs>::kConsumer>();
     const int c = wg - 1;
     const int tid = threadIdx.x & 127;
     const int lane = tid & 31;
@@ -744,7 +758,7 @@ __global__ void __launch_bounds__(kSplitWgs ? 640 : 384, 1)
     }
     if (p.epilogue == kStaged && p.channels_last && tid == 0) tma_store_wait_all();  // the buffer outlives its last stores
   } else if constexpr (kSplitWgs) {  // the split epilogue's warpgroups: every tile of the CTA, in order
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 80;\n" ::: "memory");
+    set_max_registers_dec<Registers<kSplitWgs>::kEpilogue>();
     if (p.mode == 2) return;
     const int et = threadIdx.x - 128 * (1 + consumers);
     const float* const buf = reinterpret_cast<const float*>(out_buf);
@@ -830,7 +844,7 @@ static std::string launch_typed(CUtensorMapDataType dtype, const void* xp, const
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return std::string("hopper_conv: cudaFuncSetAttribute: ") + cudaGetErrorString(err);
   const long long grid = p.num_tiles < sms ? p.num_tiles : sms;
-  const int threads = 128 * (1 + p.consumers + (kSplitWgs ? kSplitWarpgroups : 0));
+  const int threads = 128 * (1 + p.consumers + (kSplitWgs ? kSplitWarpgroups : 0));  // at most Registers::kThreads
   kernel<<<static_cast<unsigned>(grid), threads, smem, stream>>>(
       map_a, map_b, map_o, p, static_cast<const T*>(bias), static_cast<T*>(out));
   err = cudaGetLastError();

@@ -50,8 +50,10 @@ def test_kernel_compiles_for_sm90a_without_spills(tmp_path):
     spills = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", report)
     assert len(spills) == 12 and all(s == ("0", "0", "0") for s in spills), report
     registers = dict(zip(functions, (int(r) for r in re.findall(r"Used (\d+) registers", report))))
+    # setmaxnreg only moves the launch's registers between warpgroups, and the kernel's shares add up
+    # to all of them (Registers in the kernel): with fewer at launch the consumers would wait forever
     for name, count in registers.items():  # 640 threads with the split epilogue (template flag Lb1), else 384
-        assert count <= (96 if "Lb1E" in name else 168), report
+        assert count == (96 if "Lb1E" in name else 168), report
     print(f"registers per instance: {registers}")
     assert "warning" not in report.lower(), report  # e.g. wgmma serialised, setmaxnreg ignored
 
