@@ -610,14 +610,15 @@ __global__ void __launch_bounds__(Registers<kSplitWgs>::kThreads, 1)
   const int stages = p.stages;
   const int consumers = p.consumers;
   // the ring's stages, then the epilogue's buffer, then the barriers: full[s] at bars + 8 s, then
-  // empty[s], then done[c], then (kSplit) acc_full and acc_empty, which hand the buffer over
+  // empty[s], then done[c], then (kSplit) acc_full and acc_empty[2], which hand the buffer over
   constexpr int kSliceBytes = kSliceRows * kBN * sizeof(T);
   uint8_t* const out_buf = smem_raw + (base - raw) + stages * kStageBytes;
   const uint32_t bars = base + stages * kStageBytes + epilogue_buffer_bytes(p.epilogue, consumers, sizeof(T));
   auto full = [&](int s) { return bars + 8 * s; };
   auto empty = [&](int s) { return bars + 8 * (stages + s); };
   auto done = [&](int c) { return bars + 8 * (2 * stages + c); };
-  const uint32_t acc_full = bars + 8 * (2 * stages + 2), acc_empty = acc_full + 8;
+  const uint32_t acc_full = bars + 8 * (2 * stages + 2);
+  auto acc_empty = [&](long long i) { return acc_full + 8 + 8 * static_cast<uint32_t>(i & 1); };
   auto tile_a = [&](int s) { return base + s * kStageBytes; };
   auto tile_b = [&](int s) { return base + s * kStageBytes + kABytes; };
 
@@ -632,7 +633,8 @@ __global__ void __launch_bounds__(Registers<kSplitWgs>::kThreads, 1)
     mbar_init(done(0), 4);
     mbar_init(done(1), 4);
     mbar_init(acc_full, 128);                    // every thread of the writing consumer
-    mbar_init(acc_empty, 128 * kSplitWarpgroups);  // every thread of the epilogue warpgroups
+    mbar_init(acc_empty(0), 128 * kSplitWarpgroups);  // every thread of the epilogue warpgroups
+    mbar_init(acc_empty(1), 128 * kSplitWarpgroups);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
@@ -746,8 +748,15 @@ __global__ void __launch_bounds__(Registers<kSplitWgs>::kThreads, 1)
       give_back(prev, prev_kw, prev_s_a);
 
       if (p.mode == 2) continue;
-      if constexpr (kSplitWgs) {  // the buffer's i-th use: the epilogue is done with the (i-1)-th
-        mbar_wait(acc_empty, static_cast<uint32_t>((i & 1) ^ 1));
+      if constexpr (kSplitWgs) {
+        // The buffer's i-th use waits for the epilogue to be done with the (i-1)-th, which
+        // acc_empty[(i - 1) & 1] records as its phase (i - 1) / 2. One barrier for every tile
+        // hung: where the epilogue outlasts a main loop (bf16, whose main loop is half fp32's),
+        // this consumer may arrive while the other still waits for tile i - 2's, and the
+        // barrier's even/odd phase would pass it two tiles early (run 8). Per parity, tile i - 3
+        // is known done (this consumer waited for it before tile i - 2), so the barrier is never
+        // two phases behind.
+        if (i > 0) mbar_wait(acc_empty(i - 1), static_cast<uint32_t>(((i - 1) >> 1) & 1));
         write_accumulators(acc0, acc1, p.channels_last, reinterpret_cast<float*>(out_buf), tid >> 5, lane);
         mbar_arrive(acc_full);
       } else {
@@ -770,7 +779,7 @@ __global__ void __launch_bounds__(Registers<kSplitWgs>::kThreads, 1)
       } else {
         split_epilogue<T, kMish, false>(buf, decode(t, p), p, bias, out, et, wait_full);
       }
-      mbar_arrive(acc_empty);
+      mbar_arrive(acc_empty(i));
     }
   }
 }
@@ -817,7 +826,7 @@ static bool make_map(CUtensorMap* map, CUtensorMapDataType dtype, int elem, cons
 // Dynamic shared memory of a launch: the ring, the epilogue's buffer, the barriers, and room to
 // align the ring to 1024 bytes.
 static int smem_bytes(int stages, int consumers, int epilogue, int elem) {
-  return stages * kStageBytes + epilogue_buffer_bytes(epilogue, consumers, elem) + 16 * stages + 32 + 1024;
+  return stages * kStageBytes + epilogue_buffer_bytes(epilogue, consumers, elem) + 16 * stages + 40 + 1024;
 }
 
 template <typename T, int kMish, bool kSplitWgs>

@@ -106,7 +106,7 @@ class HopperConfig:
         """Bytes of dynamic shared memory a launch takes (``smem_bytes`` in the kernel)."""
         buffer = {"direct": 0, "staged": self.consumers * SLICE_PIXELS * TILE_CHANNELS * elem,
                   "split": SPLIT_BUFFER_BYTES}[self.epilogue]
-        return self.stages * STAGE_BYTES + buffer + 16 * self.stages + 32 + 1024
+        return self.stages * STAGE_BYTES + buffer + 16 * self.stages + 40 + 1024
 
 
 #: rows a row box holds beyond the tile's 128 (``kRowBoxRows - kBM`` in the kernel)
@@ -119,13 +119,17 @@ SLICE_PIXELS = 64
 TILE_CHANNELS = 128
 SPLIT_BUFFER_BYTES = 128 * (TILE_CHANNELS + 8) * 4
 MAX_SHARED_MEMORY = 227 * 1024
-#: the first that fits is what runs where nothing has been tuned: the fastest for fp32 NCHW and
-#: channels_last at the reference shape on the H200 (benchmarks/results/h200/gpu-run8.md); one
-#: consumer with its own epilogue stays as the baseline that hides nothing.
-CONFIGS = (HopperConfig(4, 2, True, "split"), HopperConfig(6, 2, True), HopperConfig(4, 2, False, "split"),
-           HopperConfig(6, 2), HopperConfig(4, 2), HopperConfig(4, 2, True), HopperConfig(3, 2),
-           HopperConfig(4, 2, True, "staged"), HopperConfig(4, 2, False, "staged"), HopperConfig(5, 2, True, "staged"),
-           HopperConfig(4, 1, True, "split"), HopperConfig(6, 1))
+#: what the plan offers the tuner. The first that fits is what runs where nothing has been tuned:
+#: the fastest for fp32 NCHW at the reference shape on the H200 (benchmarks/results/h200/gpu-run6.md);
+#: one consumer stays as the baseline that hides nothing.
+CONFIGS = (HopperConfig(6, 2, True), HopperConfig(6, 2), HopperConfig(4, 2), HopperConfig(4, 2, True),
+           HopperConfig(3, 2), HopperConfig(4, 2, True, "staged"), HopperConfig(4, 2, False, "staged"),
+           HopperConfig(5, 2, True, "staged"), HopperConfig(6, 1))
+#: configs the kernel runs when asked (``conv_mish(config=...)``, the benchmarks, the GPU tests) that the
+#: plan does not offer yet: the split epilogue was the fastest fp32 kernel in run 8 but hung in bf16
+#: there, and its fix has not yet run on a GPU (benchmarks/results/h200/gpu-run8.md).
+PENDING_CONFIGS = (HopperConfig(4, 2, True, "split"), HopperConfig(4, 2, False, "split"),
+                   HopperConfig(4, 1, True, "split"))
 
 
 # --- building --------------------------------------------------------------------------------------
