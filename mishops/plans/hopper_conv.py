@@ -6,8 +6,9 @@ coalesced into 128-byte lines) stalls that program's tensor cores. ``csrc/hopper
 persistent (one CTA per SM walking a static tile schedule) and warp-specialised: one thread of a
 producer warpgroup issues TMA loads into an mbarrier ring, and two consumer warpgroups take
 alternate tiles, their main loops in strict turn, so one runs its epilogue while the other's
-wgmmas run (``consumers=2``, "ping-pong"), or hands its accumulators through shared memory to two
-epilogue warpgroups of their own (``epilogue="split"``).
+wgmmas run (``consumers=2``, "ping-pong"). With ``epilogue="split"`` a consumer instead hands its
+accumulators through shared memory to two epilogue warpgroups of their own; the plan does not offer
+that yet (``PENDING_CONFIGS``).
 
 The input goes through ``triton_conv``'s pass first (``padded_input``): zero-padded NHWC with the
 channels padded to the K block (32 fp32 or 64 16-bit values, one 128-byte swizzle row), fp32
