@@ -27,7 +27,9 @@
 // for its tile, the other's MMAs for the next tile proceed: the epilogue, whose ex2/rcp and
 // uncoalescable NCHW stores would otherwise stall the tensor cores, overlaps them (as far as it is
 // no longer than a tile's main loop; where it is longer, the difference is the kernel's excess over
-// its main loop: benchmarks/results/h200/hopper-conv.md says where it goes).
+// its main loop: benchmarks/results/h200/hopper-conv.md says where it goes). With the split
+// epilogue (kSplit) two more warpgroups take every tile's accumulators from the consumers through
+// shared memory and do the epilogue alone.
 
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -445,7 +447,9 @@ __device__ __forceinline__ void epilogue(float* acc0, float* acc1, const float (
 // Mish and store. In the consumer's own epilogue one warp a scheduler ran the math beside 128 live
 // accumulators and bias registers, too few registers left for enough independent chains: over
 // half its samples waited on a dependency or the MUFU queue, and it outlasted the other
-// consumer's main loop. Here the math has its own warps, registers and a tile's whole main loop.
+// consumer's main loop. Here the math has its own warps, registers and a tile's whole main loop;
+// what it costs instead is the hand-over's shared-memory traffic, beside the main loop's own, and
+// the ring depth its buffer takes (gpu-run8.md).
 __device__ __forceinline__ void write_accumulators(const float* acc0, const float* acc1, bool channels_last,
                                                    float* buf, int warp, int lane) {
   // accumulator (slice m, register 4 q + 2 half + cc): pixel px0 + 64 m + 8 half, channel ch0 + 8 q + cc
