@@ -270,6 +270,18 @@ __device__ __forceinline__ void load_bias(const T* __restrict__ bias, int co_bas
   }
 }
 
+// v <- mish(v), once or twice, for a group of G values with one shared reciprocal a Mish (kRcpGroup
+// in mish_math.cuh says why 4): ex2.approx for both exps (the accurate expf is for the elementwise
+// passes' 1e-6; here the TF32 or 16-bit operands' error is far larger) and one reciprocal per group,
+// 2.5 MUFU an element where each Mish's own reciprocal made 4, which kept the MUFU pipe the
+// epilogue's limit.
+template <int kMish, int G>
+__device__ __forceinline__ void mish_times(float (&v)[G]) {
+  float unused[G];
+  mishops::mish_group<false, false, false, G>(v, unused);
+  if constexpr (kMish == 2) mishops::mish_group<false, true, false, G>(v, unused);
+}
+
 // Bias + Mish over one accumulator slice, with no branch between the evaluations, so the compiler
 // interleaves dozens of independent ex2/rcp chains (with a guard between pairs of values only two
 // were in flight, and the one epilogue warp per scheduler waited on their latency). Lanes whose
@@ -279,14 +291,10 @@ template <int kMish>
 __device__ __forceinline__ void bias_mish(float* acc, const float (&bias_v)[32]) {
 #pragma unroll
   for (int j = 0; j < 64; j += mishops::kRcpGroup) {
-    float v[mishops::kRcpGroup], unused[mishops::kRcpGroup];
+    float v[mishops::kRcpGroup];
 #pragma unroll
     for (int i = 0; i < mishops::kRcpGroup; ++i) v[i] = acc[j + i] + bias_v[2 * ((j + i) >> 2) + ((j + i) & 1)];
-    // ex2.approx for both exps (the accurate expf is for the elementwise passes' 1e-6; here the TF32
-    // or 16-bit operands' error is far larger) and one reciprocal per group: 2.5 MUFU an element
-    // where each Mish's own reciprocal made 4, which kept the MUFU pipe the epilogue's limit.
-    mishops::mish_group<false, false, false, mishops::kRcpGroup>(v, unused);
-    if constexpr (kMish == 2) mishops::mish_group<false, true, false, mishops::kRcpGroup>(v, unused);
+    mish_times<kMish>(v);
 #pragma unroll
     for (int i = 0; i < mishops::kRcpGroup; ++i) acc[j + i] = v[i];
   }
@@ -536,11 +544,7 @@ __device__ __forceinline__ void split_epilogue(const float* buf, const Tile& til
       }
     }
 #pragma unroll
-    for (int r = 0; r < kBatch; ++r) {
-      float unused[4];
-      mishops::mish_group<false, false, false, 4>(v[r], unused);
-      if constexpr (kMish == 2) mishops::mish_group<false, true, false, 4>(v[r], unused);
-    }
+    for (int r = 0; r < kBatch; ++r) mish_times<kMish>(v[r]);
     if (p.mode == 1) {  // computed, kept alive, not stored
       if (v[0][0] == 1234.5f && v[kBatch - 1][3] == -1234.5f) out[0] = from_float<T>(v[0][1]);
       continue;
