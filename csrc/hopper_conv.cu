@@ -318,6 +318,9 @@ __device__ __forceinline__ void store_slice_staged(const float* acc, int m, cons
   constexpr int kInner = kRowBytes / sizeof(T);
   constexpr int kElem = sizeof(T);
   const int warp = tid >> 5, lane = tid & 31;
+  auto at = [&](int ch, int px) {  // NCHW: element (ch, px) of the slice
+    return buf + (px / kInner) * (kBN * kRowBytes) + ch * kRowBytes + (((px % kInner) * kElem) ^ ((ch & 7) << 4));
+  };
   if (tid == 0 && p.channels_last) tma_store_wait_read();  // the previous slice's stores are done with the buffer
   consumer_sync(c);  // ... and so are the other warps' reads (NCHW)
   // accumulator register 4 q + 2 half + cc: pixel px0 + 8 half, channel ch0 + 8 q + cc
@@ -333,10 +336,7 @@ __device__ __forceinline__ void store_slice_staged(const float* acc, int m, cons
         *reinterpret_cast<mishops::Pack<T, 2>*>(buf + byte) = mishops::Pack<T, 2>{{from_float<T>(a[0]), from_float<T>(a[1])}};
       } else {
 #pragma unroll
-        for (int cc = 0; cc < 2; ++cc) {
-          const int byte = (px / kInner) * (kBN * kRowBytes) + (ch + cc) * kRowBytes + (((px % kInner) * kElem) ^ (((ch + cc) & 7) << 4));
-          *reinterpret_cast<T*>(buf + byte) = from_float<T>(a[cc]);
-        }
+        for (int cc = 0; cc < 2; ++cc) *reinterpret_cast<T*>(at(ch + cc, px)) = from_float<T>(a[cc]);
       }
     }
   }
@@ -352,13 +352,10 @@ __device__ __forceinline__ void store_slice_staged(const float* acc, int m, cons
     }
     return;
   }
-  // NCHW: lanes along the row's pixels, warps along channels; element (ch, px) of the slice
+  // NCHW: lanes along the row's pixels, warps along channels
   const long long hw = static_cast<long long>(p.out_h) * p.out_w;
   const int valid = min(kSliceRows, p.out_w - ws), rows = min(kBN, p.cout - tile.co0);
   T* const o = out + (static_cast<long long>(tile.n) * p.cout + tile.co0) * hw + static_cast<long long>(tile.h) * p.out_w + ws;
-  auto at = [&](int ch, int px) {
-    return buf + (px / kInner) * (kBN * kRowBytes) + ch * kRowBytes + (((px % kInner) * kElem) ^ ((ch & 7) << 4));
-  };
   if (p.pair_rows) {  // rows start on a pair: even W, pair-aligned output, and valid is even
     const int px = 2 * lane;
     if (px < valid)
