@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, ".")
 from mishops.plans import hopper_conv as hc  # noqa: E402
 
-CONFIGS = {c.name: c for c in hc.CONFIGS + hc.PENDING_CONFIGS}
+CONFIGS = {c.name: c for c in hc.KERNEL_CONFIGS}
 
 
 def main() -> None:

@@ -148,7 +148,7 @@ def test_buffered_epilogues_only_where_shared_memory_holds_them(dtype, cl, offer
     w = torch.randn(128, 64, 3, 3, dtype=dtype).contiguous(memory_format=fmt)
     found = plans.get_plan("hopper_conv").configs(x, w, None, _spec())
     assert {c.name for c in found if c.epilogue != "direct"} == offered
-    for c in hc.CONFIGS + hc.PENDING_CONFIGS:
+    for c in hc.KERNEL_CONFIGS:
         assert c.fits(w, 1, cl) == (c.shared_memory(w.element_size()) <= hc.MAX_SHARED_MEMORY)
     assert all(c.fits(w, 1, cl) for c in hc.PENDING_CONFIGS)
 
@@ -219,7 +219,7 @@ def test_block_matches_float64_within_twice_eager(monkeypatch, shape, setting, i
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_HOPPER, reason="needs a Hopper GPU (compute capability 9.0)")
-@pytest.mark.parametrize("config", hc.CONFIGS + hc.PENDING_CONFIGS, ids=lambda c: c.name)
+@pytest.mark.parametrize("config", hc.KERNEL_CONFIGS, ids=lambda c: c.name)
 @pytest.mark.parametrize("dtype,cl", [(torch.float32, False), (torch.bfloat16, True)], ids=["fp32-nchw", "bf16-cl"])
 def test_every_config_matches_float64(monkeypatch, config, dtype, cl):
     """Each config the tuner may time, on a shape with partial tiles (150-wide rows) and several tiles

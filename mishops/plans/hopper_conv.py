@@ -131,6 +131,8 @@ CONFIGS = (HopperConfig(6, 2, True), HopperConfig(6, 2), HopperConfig(4, 2), Hop
 #: there, and its fix has not yet run on a GPU (benchmarks/results/h200/gpu-run8.md).
 PENDING_CONFIGS = (HopperConfig(4, 2, True, "split"), HopperConfig(4, 2, False, "split"),
                    HopperConfig(4, 1, True, "split"))
+#: every config the kernel has: what the benchmarks and the GPU test of every config run
+KERNEL_CONFIGS = CONFIGS + PENDING_CONFIGS
 
 
 # --- building --------------------------------------------------------------------------------------
