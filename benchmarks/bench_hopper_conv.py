@@ -207,7 +207,8 @@ def main():
                            dtype=torch.float32 if fp32 else torch.bfloat16)))
     for epilogue in ("staged", "split"):
         # the buffered epilogues: rows' ends, odd widths (NCHW), clipped rows and channels (channels_last)
-        cfg, flat = hc.HopperConfig(4, 2, True, epilogue), hc.HopperConfig(4, 2, False, epilogue)
+        stages = {"staged": 4, "split": 5}[epilogue]  # the deepest ring beside each one's fp32 buffer
+        cfg, flat = hc.HopperConfig(stages, 2, True, epilogue), hc.HopperConfig(stages, 2, False, epilogue)
         cases += [(f"{name}_{epilogue}", dict(kw, config=kw.get("config", cfg))) for name, kw in (
             ("multitile_fp32", dict(n=1, cin=64, cout=128, h=256, w=256, k=(3, 3))),
             ("multitile_bf16_cl", dict(n=2, cin=64, cout=128, h=130, w=256, k=(3, 3), dtype=torch.bfloat16, cl=True)),
@@ -231,7 +232,7 @@ def main():
                                    dtype=torch.bfloat16)),
         )]
     cases.append(("multitile_fp32_single_split", dict(n=1, cin=64, cout=128, h=256, w=256, k=(3, 3),
-                                                      config=hc.HopperConfig(4, 1, True, "split"))))
+                                                      config=hc.HopperConfig(5, 1, True, "split"))))
     rowbox = hc.HopperConfig(6, 2, True)
     cases += [  # row boxes on the shapes that exercise their shifts, ring hold and guards
         ("multitile_fp32_rowbox", dict(n=1, cin=64, cout=128, h=256, w=256, k=(3, 3), config=rowbox)),

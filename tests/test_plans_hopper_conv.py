@@ -142,7 +142,7 @@ def test_row_boxes_only_where_the_ring_and_box_hold_a_kernel_row(kernel, dilatio
 ], ids=["fp32-nchw", "fp32-cl", "bf16-nchw"])
 def test_buffered_epilogues_only_where_shared_memory_holds_them(dtype, cl, offered):
     """An fp32 slice buffer per consumer (2 x 32 KB) leaves room for 4 stages, a 16-bit one for 5;
-    the split epilogue's fp32 tile (68 KB) for 4 in either, and the plan does not offer it yet."""
+    the split epilogue's fp32 slice (34 KB) for 5 in either, and the plan does not offer it yet."""
     fmt = CL if cl else torch.contiguous_format
     x = torch.randn(1, 64, 20, 20, dtype=dtype).contiguous(memory_format=fmt)
     w = torch.randn(128, 64, 3, 3, dtype=dtype).contiguous(memory_format=fmt)

@@ -1,0 +1,4 @@
+export MISHOPS_CACHE_DIR=/tmp/mishops-cache PYTHONUNBUFFERED=1
+S=multitile_fp32_split,multitile_bf16_cl_split,small_bf16_nchw_split,c8_24_37x53_pad1_cl_bf16_split,c8_24_37x53_pad1_fp32_split,k1_cout256_split,k1_cout256_cl_fp16_split,special_fp32_split,mish1_fp16_cl_split,stride2_bf16_cl_split,stride2_fp32_nchw_split,ref_bf16_nchw_split,ref_fp32_nchw_split,ref_fp32_cl_split,multitile_fp32_single_split,small_fp32_s5_pingpong_rowbox_split,small_fp32_s5_pingpong_split,small_fp32_s5_single_rowbox_split
+mkdir -p $OUT; timeout -k 10 200 python3 benchmarks/bench_hopper_conv.py --no-time --cases $S --json $OUT/split-checks.json > $OUT/split-checks.log 2>&1; echo "split checks exit $?"; grep -c ^PASS $OUT/split-checks.log; grep "^FAIL\|checks passed" $OUT/split-checks.log | head
+ARCHIVE=$OUT/results.tgz STEPS="env tests" TESTS="tests/test_plans_hopper_conv.py tests/test_plans.py" TEST_JOBS=2 TEST_TIMEOUT=330 bash benchmarks/run_gpu.sh
