@@ -200,7 +200,7 @@ def main():
         ("special_fp32", dict(n=2, cin=64, cout=128, h=20, w=150, k=(3, 3), special=True)),
         ("batch1_ref", dict(n=1, cin=64, cout=128, h=256, w=256, k=(3, 3))),
     ]
-    for cfg in hc.KERNEL_CONFIGS:  # fp32 where it fits, else bf16 (a ring and staging too deep for fp32)
+    for cfg in hc.CONFIGS:  # fp32 where it fits, else bf16 (a ring and staging too deep for fp32)
         fp32 = cfg.fits(torch.empty(128, 64, 3, 3), 1, False)
         cases.append((f"small_{'fp32' if fp32 else 'bf16'}_{cfg.name}",
                       dict(n=2, cin=64, cout=128, h=20, w=150, k=(3, 3), config=cfg,
@@ -256,7 +256,7 @@ def main():
         ("ref_bf16_nchw", dict(n=64, cin=64, cout=128, h=256, w=256, k=(3, 3), ref_images=2, dtype=torch.bfloat16)),
     ]
     if args.configs:
-        DEFAULT["config"] = next(c for c in hc.KERNEL_CONFIGS if c.name == args.configs.split(",")[0])
+        DEFAULT["config"] = next(c for c in hc.CONFIGS if c.name == args.configs.split(",")[0])
         print(f"checks without a config use {DEFAULT['config'].name}", flush=True)
     if args.cases:
         cases = [c for c in cases if c[0] in args.cases.split(",")]
@@ -272,7 +272,7 @@ def main():
     passed = sum(r["passed"] for r in results["checks"])
     print(f"checks passed {passed}/{len(results['checks'])}", flush=True)
     if not args.no_time and passed == len(results["checks"]):
-        timing(args.quick, [c for c in hc.KERNEL_CONFIGS if not args.configs or c.name in args.configs.split(",")])
+        timing(args.quick, [c for c in hc.CONFIGS if not args.configs or c.name in args.configs.split(",")])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, ".")
 from mishops.plans import hopper_conv as hc  # noqa: E402
 
-CONFIGS = {c.name: c for c in hc.KERNEL_CONFIGS}
+CONFIGS = {c.name: c for c in hc.CONFIGS}
 
 
 def main() -> None:

@@ -7,8 +7,8 @@ persistent (one CTA per SM walking a static tile schedule) and warp-specialised:
 producer warpgroup issues TMA loads into an mbarrier ring, and two consumer warpgroups take
 alternate tiles, their main loops in strict turn, so one runs its epilogue while the other's
 wgmmas run (``consumers=2``, "ping-pong"). With ``epilogue="split"`` a consumer instead hands its
-accumulators through shared memory to two epilogue warpgroups of their own; the plan does not offer
-that yet (``PENDING_CONFIGS``).
+accumulators, half a tile at a time, through shared memory to two epilogue warpgroups of their own,
+and goes straight back to its MMAs.
 
 The input goes through ``triton_conv``'s pass first (``padded_input``): zero-padded NHWC with the
 channels padded to the K block (32 fp32 or 64 16-bit values, one 128-byte swizzle row), fp32
@@ -121,20 +121,14 @@ SLICE_PIXELS = 64
 TILE_CHANNELS = 128
 SPLIT_BUFFER_BYTES = SLICE_PIXELS * (TILE_CHANNELS + 8) * 4
 MAX_SHARED_MEMORY = 227 * 1024
-#: what the plan offers the tuner. The first that fits is what runs where nothing has been tuned:
-#: the fastest for fp32 NCHW at the reference shape on the H200 (benchmarks/results/h200/gpu-run6.md);
-#: one consumer stays as the baseline that hides nothing.
-CONFIGS = (HopperConfig(6, 2, True), HopperConfig(6, 2), HopperConfig(4, 2), HopperConfig(4, 2, True),
+#: what the plan offers the tuner, and every config the benchmarks and the GPU test of every config
+#: run. The first that fits is what runs where nothing has been tuned: the fastest for fp32 NCHW at
+#: the reference shape on the H200 (benchmarks/results/h200/gpu-run9.md); one consumer stays as the
+#: baseline that hides nothing.
+CONFIGS = (HopperConfig(5, 2, True, "split"), HopperConfig(5, 2, False, "split"),
+           HopperConfig(6, 2, True), HopperConfig(6, 2), HopperConfig(4, 2), HopperConfig(4, 2, True),
            HopperConfig(3, 2), HopperConfig(4, 2, True, "staged"), HopperConfig(4, 2, False, "staged"),
            HopperConfig(5, 2, True, "staged"), HopperConfig(6, 1))
-#: configs the kernel runs when asked (``conv_mish(config=...)``, the benchmarks, the GPU tests) that the
-#: plan does not offer yet: the split epilogue was the fastest fp32 kernel in run 8 but hung in bf16
-#: there, and its fix (with the hand-over by slices, which leaves room for 5 stages) has not yet run
-#: on a GPU (benchmarks/results/h200/gpu-run8.md).
-PENDING_CONFIGS = (HopperConfig(5, 2, True, "split"), HopperConfig(5, 2, False, "split"),
-                   HopperConfig(5, 1, True, "split"))
-#: every config the kernel has: what the benchmarks and the GPU test of every config run
-KERNEL_CONFIGS = CONFIGS + PENDING_CONFIGS
 
 
 # --- building --------------------------------------------------------------------------------------
