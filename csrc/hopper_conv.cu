@@ -59,23 +59,19 @@ constexpr int kStageBytes = kABytes + kTileBytes;
 constexpr int kMaxStages = 6;
 constexpr int kMaxSmem = 227 * 1024;  // an sm_90 CTA's dynamic shared memory at most
 constexpr int kSliceRows = 64;  // output pixels of one m64 wgmma slice: the unit the staged epilogue stages
-// The split epilogue's buffers: two fills of a quarter tile each (one m64 slice's pixels, half the
-// channels), so that the consumer writes one while the epilogue reads the other, and the ring keeps
-// 5 stages beside them (a whole tile's took it down to 4). A fill's fp32 accumulators are
-// [channel][pixel] rows for NCHW and [pixel][channel] rows for channels_last, each row padded so
-// that the consumers' writes from the wgmma fragment layout hit 32 distinct banks (NCHW: a warp's
-// scalar writes span 4 channel rows of 8 pixels, 2 x 68 = 8 mod 32 words apart; channels_last: its
-// pair writes span 8 pixel rows of 4 pairs, half a warp at a time, 72 = 8 mod 32 apart).
-constexpr int kFillChannels = kBN / 2;
-constexpr int kFillPitchNchw = kSliceRows + 4;
-constexpr int kFillPitchCl = kFillChannels + 8;
-constexpr int kFillBytes = kSliceRows * kFillPitchCl * 4;
-static_assert(kFillChannels * kFillPitchNchw <= kSliceRows * kFillPitchCl, "a fill's NCHW layout fits its buffer");
-constexpr int kSplitBytes = 2 * kFillBytes;
-// A tile is handed over in four fills, fill f = 4 i + 2 m + k (slice m, channel half k) of the CTA's
-// i-th tile into buffer f % 2; acc_empty has a barrier per f % kFillBarriers (the kernel's hand-over
-// says why 8).
-constexpr int kFillBarriers = 8;
+// The split epilogue's buffer: one m64 slice's fp32 accumulators (half a tile, so that the ring
+// keeps 5 stages beside it; a whole tile's took it down to 4), [channel][pixel] rows for NCHW and
+// [pixel][channel] rows for channels_last, each row padded so that the consumers' writes from the
+// wgmma fragment layout hit 32 distinct banks (NCHW: a warp's scalar writes span 4 channel rows of
+// 8 pixels, 2 x 68 = 8 mod 32 words apart; channels_last: its pair writes span 8 pixel rows of 4
+// pairs, half a warp at a time, 136 = 8 mod 32 apart).
+constexpr int kSplitPitchNchw = kSliceRows + 4;
+constexpr int kSplitPitchCl = kBN + 8;
+constexpr int kSplitBytes = kSliceRows * kSplitPitchCl * 4;
+static_assert(kBN * kSplitPitchNchw * 4 == kSplitBytes, "both layouts of a slice take the same buffer");
+// A tile is handed over in two fills of the buffer, fill f = 2 i + slice for the CTA's i-th tile;
+// acc_empty has a barrier per f % kFillBarriers (the kernel's hand-over says why 4).
+constexpr int kFillBarriers = 4;
 constexpr int kSplitWarpgroups = 2;
 enum Epilogue { kDirect = 0, kStaged = 1, kSplit = 2 };
 
@@ -464,140 +460,147 @@ __device__ __forceinline__ void epilogue(float* acc0, float* acc1, const float (
 // outlasted the other consumer's main loop. Here the math has its own warps, registers and a
 // tile's whole main loop; what it costs instead is the hand-over's shared-memory traffic, beside
 // the main loop's own (gpu-run8.md).
-__device__ __forceinline__ void write_fill(const float* acc, int k, bool channels_last, float* buf, int warp,
-                                           int lane) {
+__device__ __forceinline__ void write_slice(const float* acc, bool channels_last, float* buf, int warp, int lane) {
   // accumulator register 4 q + 2 half + cc: pixel px0 + 8 half of the slice, channel ch0 + 8 q + cc
   const int px0 = 16 * warp + (lane >> 2), ch0 = 2 * (lane & 3);
-  float* const at = channels_last ? buf + px0 * kFillPitchCl + ch0 : buf + ch0 * kFillPitchNchw + px0;
+  float* const at = channels_last ? buf + px0 * kSplitPitchCl + ch0 : buf + ch0 * kSplitPitchNchw + px0;
 #pragma unroll
-  for (int q = 0; q < 8; ++q) {
+  for (int q = 0; q < 16; ++q) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int px = 8 * half, ch = 8 * q;
-      const float* a = acc + 4 * (8 * k + q) + 2 * half;
+      const float* a = acc + 4 * q + 2 * half;
       if (channels_last) {
-        *reinterpret_cast<float2*>(at + px * kFillPitchCl + ch) = make_float2(a[0], a[1]);
+        *reinterpret_cast<float2*>(at + px * kSplitPitchCl + ch) = make_float2(a[0], a[1]);
       } else {
-        at[ch * kFillPitchNchw + px] = a[0];
-        at[(ch + 1) * kFillPitchNchw + px] = a[1];
+        at[ch * kSplitPitchNchw + px] = a[0];
+        at[(ch + 1) * kSplitPitchNchw + px] = a[1];
       }
     }
   }
 }
 
-// A split epilogue thread's part of a fill, 16 values: NCHW: warp w takes channel rows 8 w .. 8 w + 7,
-// a lane a pixel pair of each; channels_last: warp w takes pixels 8 w .. 8 w + 7, two at a time (a
-// half warp a pixel), a lane 4 channels of each.
+// A split epilogue thread's rows of a slice: warp w takes rows kRows w .. kRows w + kRows - 1 of
+// kVals values a lane (NCHW: 16 channel rows of 64 pixels, a pixel pair a lane; channels_last: 8
+// pixel rows of 128 channels, 4 a lane), 32 values a thread.
 template <bool kCl>
-struct FillRows {
-  static constexpr int kVals = kCl ? 4 : 2;        // a lane's values of one row
-  static constexpr int kRows = 16 / kVals;         // its rows
-  static constexpr int kLanesPerRow = kCl ? 16 : 32;
-  static constexpr int kPitch = kCl ? kFillPitchCl : kFillPitchNchw;
+struct SplitRows {
+  static constexpr int kVals = kCl ? 4 : 2;
+  static constexpr int kRows = 32 / kVals;
+  static constexpr int kPitch = kCl ? kSplitPitchCl : kSplitPitchNchw;
 };
 
-// Fill (m, k) of a tile: bias + Mish + stores by the split epilogue's thread et (0..255). A store
-// writes a row's 64 pixels (NCHW: 256 contiguous bytes in fp32) or two pixels' 64 channels
-// (channels_last). The bias is read before the fill is waited for (wait_full), so its latency
-// hides there; NCHW rows take theirs by a shuffle from an immediate lane. The output pointer steps
-// a row at a time: per-row 64-bit offsets, which the compiler hoists out of the tile loop, spilled.
-template <typename T, int kMish, bool kCl, typename WaitFull>
-__device__ __forceinline__ void split_fill(const float* buf, const Tile& tile, int m, int k, const Params& p,
-                                           const T* __restrict__ bias, T* __restrict__ out, int et,
-                                           WaitFull wait_full) {
-  using R = FillRows<kCl>;
+// The split epilogue's bias for a tile, read before its first slice is waited for. NCHW: b[0] is
+// the channel of row lane % 16 of the warp's (rows reach it by a shuffle from an immediate lane);
+// channels_last: b[k] is channel 4 lane + k.
+template <typename T, bool kCl>
+__device__ __forceinline__ void split_bias(const T* __restrict__ bias, const Tile& tile, int cout, int warp, int lane,
+                                           float (&b)[4]) {
+#pragma unroll
+  for (int k = 0; k < (kCl ? 4 : 1); ++k) {
+    const int ch = tile.co0 + (kCl ? 4 * lane + k : SplitRows<kCl>::kRows * warp + (lane & 15));
+    b[k] = bias != nullptr ? to_float(bias[min(ch, cout - 1)]) : 0.f;
+  }
+}
+
+// Slice m of a tile: bias + Mish + stores by the split epilogue's thread et (0..255), its rows
+// (SplitRows) 16 values at a time. A store writes a row's 64 pixels (NCHW: 256 contiguous bytes in
+// fp32) or a pixel's 128 channels (channels_last). The output pointer steps a row at a time:
+// per-row 64-bit offsets, which the compiler hoists out of the tile loop, spilled.
+template <typename T, int kMish, bool kCl>
+__device__ __forceinline__ void split_slice(const float* buf, const Tile& tile, int m, const Params& p,
+                                            const float (&b)[4], T* __restrict__ out, int et) {
+  using R = SplitRows<kCl>;
+  constexpr int kBatch = 16 / R::kVals;  // rows whose Mish runs at once
   const int warp = et >> 5, lane = et & 31;
-  const int ws = tile.w0 + kSliceRows * m, co = tile.co0 + kFillChannels * k;
-  // this thread's first row (a pixel in channels_last, a channel in NCHW) and column in the fill
-  const int row0 = 8 * warp + (kCl ? lane >> 4 : 0), col = R::kVals * (lane % R::kLanesPerRow);
-  float b[R::kVals];  // channels_last: channel co + col + j; NCHW: channel co + 8 warp + lane % 8
-#pragma unroll
-  for (int j = 0; j < (kCl ? R::kVals : 1); ++j) {
-    const int ch = kCl ? co + col + j : co + 8 * warp + (lane & 7);
-    b[j] = bias != nullptr ? to_float(bias[min(ch, p.cout - 1)]) : 0.f;
-  }
-  wait_full();
-  const float* const in = buf + row0 * R::kPitch + col;
-  constexpr int kRowStep = kCl ? 2 : 1;  // rows between a thread's rows
-  float v[4][4];  // row r's value j is v[e / 4][e % 4], e = r kVals + j: groups of 4 for Mish
-#pragma unroll
-  for (int r = 0; r < R::kRows; ++r) {
-    const float* x = in + r * kRowStep * R::kPitch;
-    float* const vr = &v[r * R::kVals / 4][r * R::kVals % 4];
-    if constexpr (kCl) {
-      const float4 x4 = *reinterpret_cast<const float4*>(x);
-      vr[0] = x4.x + b[0];
-      vr[1] = x4.y + b[1];
-      vr[2] = x4.z + b[2];
-      vr[3] = x4.w + b[3];
-    } else {
-      const float bc = __shfl_sync(0xffffffffu, b[0], r);
-      const float2 x2 = *reinterpret_cast<const float2*>(x);
-      vr[0] = x2.x + bc;
-      vr[1] = x2.y + bc;
-    }
-  }
-#pragma unroll
-  for (int g = 0; g < 4; ++g) mish_times<kMish>(v[g]);
-  if (p.mode == 1) {  // computed, kept alive, not stored
-    if (v[0][0] == 1234.5f && v[3][3] == -1234.5f) out[0] = from_float<T>(v[0][1]);
-    return;
-  }
-  const int pixels = min(kSliceRows, p.out_w - ws), channels = p.cout - co;
+  const int ws = tile.w0 + kSliceRows * m, row0 = R::kRows * warp;
+  const int pixels = min(kSliceRows, p.out_w - ws), channels = min(kBN, p.cout - tile.co0);
   const long long hw = static_cast<long long>(p.out_h) * p.out_w;
-  T* o;  // this thread's element of row row0, and the step to its next row
+  T* o;  // this thread's first element of row row0, and the step to the next row
   long long step;
   if constexpr (kCl) {
-    o = out + ((static_cast<long long>(tile.n) * p.out_h + tile.h) * p.out_w + ws + row0) * p.cout + co + col;
-    step = kRowStep * p.cout;
+    o = out + ((static_cast<long long>(tile.n) * p.out_h + tile.h) * p.out_w + ws + row0) * p.cout + tile.co0 + 4 * lane;
+    step = p.cout;
   } else {
-    o = out + (static_cast<long long>(tile.n) * p.cout + co + row0) * hw + static_cast<long long>(tile.h) * p.out_w + ws + col;
+    o = out + (static_cast<long long>(tile.n) * p.cout + tile.co0 + row0) * hw + static_cast<long long>(tile.h) * p.out_w +
+        ws + 2 * lane;
     step = hw;
   }
+  const float* const in = buf + row0 * R::kPitch + R::kVals * lane;
 #pragma unroll
-  for (int r = 0; r < R::kRows; ++r, o += step) {
-    const int row = row0 + r * kRowStep;
-    const float* const vr = &v[r * R::kVals / 4][r * R::kVals % 4];
-    if constexpr (kCl) {  // Cout and co are multiples of 8: a lane's 4 channels are all in or all out
-      if (row < pixels && col < channels)
-        *reinterpret_cast<mishops::Pack<T, 4>*>(o) = mishops::Pack<T, 4>{
-            {from_float<T>(vr[0]), from_float<T>(vr[1]), from_float<T>(vr[2]), from_float<T>(vr[3])}};
-    } else if (row < channels) {
-      if (p.pair_rows) {  // pixels is even
-        if (col < pixels) *reinterpret_cast<mishops::Pack<T, 2>*>(o) = mishops::Pack<T, 2>{{from_float<T>(vr[0]), from_float<T>(vr[1])}};
+  for (int r0 = 0; r0 < R::kRows; r0 += kBatch) {
+    float v[4][4];  // row r0 + r's value j is v[e / 4][e % 4], e = r kVals + j: groups of 4 for Mish
+#pragma unroll
+    for (int r = 0; r < kBatch; ++r) {
+      const float* x = in + (r0 + r) * R::kPitch;
+      float* const vr = &v[r * R::kVals / 4][r * R::kVals % 4];
+      if constexpr (kCl) {
+        const float4 x4 = *reinterpret_cast<const float4*>(x);
+        vr[0] = x4.x + b[0];
+        vr[1] = x4.y + b[1];
+        vr[2] = x4.z + b[2];
+        vr[3] = x4.w + b[3];
       } else {
-        if (col < pixels) o[0] = from_float<T>(vr[0]);
-        if (col + 1 < pixels) o[1] = from_float<T>(vr[1]);
+        const float bc = __shfl_sync(0xffffffffu, b[0], r0 + r);
+        const float2 x2 = *reinterpret_cast<const float2*>(x);
+        vr[0] = x2.x + bc;
+        vr[1] = x2.y + bc;
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < 4; ++g) mish_times<kMish>(v[g]);
+    if (p.mode == 1) {  // computed, kept alive, not stored
+      if (v[0][0] == 1234.5f && v[3][3] == -1234.5f) out[0] = from_float<T>(v[0][1]);
+      continue;
+    }
+#pragma unroll
+    for (int r = 0; r < kBatch; ++r, o += step) {
+      const int row = row0 + r0 + r;
+      const float* const vr = &v[r * R::kVals / 4][r * R::kVals % 4];
+      if constexpr (kCl) {  // Cout and co0 are multiples of 8: a lane's 4 channels are all in or all out
+        if (row < pixels && 4 * lane < channels)
+          *reinterpret_cast<mishops::Pack<T, 4>*>(o) = mishops::Pack<T, 4>{
+              {from_float<T>(vr[0]), from_float<T>(vr[1]), from_float<T>(vr[2]), from_float<T>(vr[3])}};
+      } else if (row < channels) {
+        const int px = 2 * lane;
+        if (p.pair_rows) {  // pixels is even
+          if (px < pixels) *reinterpret_cast<mishops::Pack<T, 2>*>(o) = mishops::Pack<T, 2>{{from_float<T>(vr[0]), from_float<T>(vr[1])}};
+        } else {
+          if (px < pixels) o[0] = from_float<T>(vr[0]);
+          if (px + 1 < pixels) o[1] = from_float<T>(vr[1]);
+        }
       }
     }
   }
 }
 
-// The split epilogue's warpgroups: every tile of the CTA in order, four fills a tile. They wait
-// with the idle wait: they are ahead of the consumers, never the other way round.
-template <typename T, int kMish, bool kCl, typename AccFull, typename AccEmpty>
+// The split epilogue's warpgroups: every tile of the CTA in order, a slice a fill of the buffer.
+// They wait with the idle wait: they are ahead of the consumers, never the other way round.
+template <typename T, int kMish, bool kCl, typename AccEmpty>
 __device__ __forceinline__ void split_epilogue(const float* buf, const Params& p, const T* __restrict__ bias,
-                                               T* __restrict__ out, AccFull acc_full, AccEmpty acc_empty) {
+                                               T* __restrict__ out, uint32_t acc_full, AccEmpty acc_empty) {
   const int et = threadIdx.x - 128 * (1 + p.consumers);
-  uint32_t f = 0;  // a CTA has fewer than 2^29 tiles
+  uint32_t f = 0;  // a CTA has fewer than 2^31 tiles
   for (long long t = blockIdx.x; t < p.num_tiles; t += gridDim.x) {
     const Tile tile = decode(t, p);
+    float b[4];
+    split_bias<T, kCl>(bias, tile, p.cout, et >> 5, et & 31, b);
 #pragma unroll 1
-    for (int q = 0; q < 4; ++q, ++f) {
-      split_fill<T, kMish, kCl>(buf + (f & 1) * (kFillBytes / 4), tile, q >> 1, q & 1, p, bias, out, et,
-                                [&] { mbar_wait_idle(acc_full(f), (f >> 1) & 1); });
+    for (int m = 0; m < 2; ++m, ++f) {
+      mbar_wait_idle(acc_full, f & 1);
+      split_slice<T, kMish, kCl>(buf, tile, m, p, b, out, et);
       mbar_arrive(acc_empty(f));
     }
   }
 }
 
-// Shared memory beside the ring for a tile's output: a slice per consumer (kStaged), two fills'
+// Shared memory beside the ring for a tile's output: a slice per consumer (kStaged), a slice's
 // accumulators (kSplit), or none.
 __host__ __device__ constexpr int epilogue_buffer_bytes(int epilogue, int consumers, int elem) {
   return epilogue == kStaged ? consumers * kSliceRows * kBN * elem : epilogue == kSplit ? kSplitBytes : 0;
 }
-// The barriers after it: full and empty per stage, done per consumer, acc_full per buffer, acc_empty[].
-__host__ __device__ constexpr int kBarrierBytes(int stages) { return 8 * (2 * stages + 4 + kFillBarriers); }
+// The barriers after it: full and empty per stage, done per consumer, acc_full, acc_empty[].
+__host__ __device__ constexpr int kBarrierBytes(int stages) { return 8 * (2 * stages + 3 + kFillBarriers); }
 
 // kSplitWgs: the split epilogue's two warpgroups follow the consumers (640 threads). A CTA gets its
 // launch registers (96 a thread at 640) and setmaxnreg only moves them between warpgroups, so the
@@ -637,16 +640,16 @@ __global__ void __launch_bounds__(Registers<kSplitWgs>::kThreads, 1)
   const int stages = p.stages;
   const int consumers = p.consumers;
   // the ring's stages, then the epilogue's buffer, then the barriers: full[s] at bars + 8 s, then
-  // empty[s], then done[c], then (kSplit) acc_full[2] (a buffer each) and acc_empty[kFillBarriers],
-  // which hand the buffers over
+  // empty[s], then done[c], then (kSplit) acc_full and acc_empty[kFillBarriers], which hand the
+  // buffer over
   constexpr int kSliceBytes = kSliceRows * kBN * sizeof(T);
   uint8_t* const out_buf = smem_raw + (base - raw) + stages * kStageBytes;
   const uint32_t bars = base + stages * kStageBytes + epilogue_buffer_bytes(p.epilogue, consumers, sizeof(T));
   auto full = [&](int s) { return bars + 8 * s; };
   auto empty = [&](int s) { return bars + 8 * (stages + s); };
   auto done = [&](int c) { return bars + 8 * (2 * stages + c); };
-  auto acc_full = [&](long long f) { return bars + 8 * (2 * stages + 2 + static_cast<uint32_t>(f & 1)); };
-  auto acc_empty = [&](long long f) { return bars + 8 * (2 * stages + 4 + static_cast<uint32_t>(f % kFillBarriers)); };
+  const uint32_t acc_full = bars + 8 * (2 * stages + 2);
+  auto acc_empty = [&](long long f) { return acc_full + 8 + 8 * static_cast<uint32_t>(f % kFillBarriers); };
   auto tile_a = [&](int s) { return base + s * kStageBytes; };
   auto tile_b = [&](int s) { return base + s * kStageBytes + kABytes; };
 
@@ -660,8 +663,7 @@ __global__ void __launch_bounds__(Registers<kSplitWgs>::kThreads, 1)
     }
     mbar_init(done(0), 4);
     mbar_init(done(1), 4);
-    mbar_init(acc_full(0), 128);  // every thread of the writing consumer
-    mbar_init(acc_full(1), 128);
+    mbar_init(acc_full, 128);                    // every thread of the writing consumer
     for (int f = 0; f < kFillBarriers; ++f) mbar_init(acc_empty(f), 128 * kSplitWarpgroups);  // every epilogue thread
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
@@ -777,22 +779,21 @@ __global__ void __launch_bounds__(Registers<kSplitWgs>::kThreads, 1)
 
       if (p.mode == 2) continue;
       if constexpr (kSplitWgs) {
-        // Fill f = 4 i + 2 m + k waits for the epilogue to be done with fill f - 2, the last in
-        // its buffer, which acc_empty[(f - 2) % 8] records as its phase (f - 2) / 8. A barrier's
-        // even/odd phase only tells the right one apart from the one before if that one is known
-        // complete: fill f - 10 before fill f's wait. For the tile's first fill this consumer
-        // waited for fill 4 i - 7 itself during tile i - 2, while the other consumer may still be
-        // waiting for fill 4 i - 3 (with one barrier for every fill, or one a tile parity, a wait
-        // passed a phase early and the epilogue then waited forever: run 8, bf16, whose main loop
-        // is half fp32's); the others wait for fills after this consumer's own. The waits sleep:
-        // their warps' issue slots are the other consumer's wgmmas'.
+        // Fill f = 2 i + m of the buffer waits for the epilogue to be done with fill f - 1, which
+        // acc_empty[(f - 1) % 4] records as its phase (f - 1) / 4. A barrier's even/odd phase only
+        // tells the right one apart from the one before if that one is known complete: fill f - 5
+        // before fill f's wait. For slice 0 this consumer waited for fill 2 i - 4 itself before
+        // its slice 1 of tile i - 2, while the other consumer may still be waiting for fill 2 i - 2
+        // (with one barrier for every fill, or one a tile parity, a wait passed a phase early and
+        // the epilogue then waited forever: run 8, bf16, whose main loop is half fp32's). Slice 1
+        // waits for this consumer's own slice 0. The waits sleep: their warps' issue slots are the
+        // other consumer's wgmmas'.
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const long long f = 4 * i + q;
-          if (f >= 2) mbar_wait_idle(acc_empty(f - 2), static_cast<uint32_t>(((f - 2) / kFillBarriers) & 1));
-          write_fill(q < 2 ? acc0 : acc1, q & 1, p.channels_last, reinterpret_cast<float*>(out_buf) + (f & 1) * (kFillBytes / 4),
-                     tid >> 5, lane);
-          mbar_arrive(acc_full(f));
+        for (int m = 0; m < 2; ++m) {
+          const long long f = 2 * i + m;
+          if (f > 0) mbar_wait_idle(acc_empty(f - 1), static_cast<uint32_t>(((f - 1) / kFillBarriers) & 1));
+          write_slice(m == 0 ? acc0 : acc1, p.channels_last, reinterpret_cast<float*>(out_buf), tid >> 5, lane);
+          mbar_arrive(acc_full);
         }
       } else {
         // Epilogue: accumulator (slice m, register j) holds pixel 64 m + 16 warp + lane / 4 + 8 ((j >> 1) & 1)

@@ -145,7 +145,7 @@ SPLIT = {"s5_pingpong_rowbox_split", "s5_pingpong_split"}
 ], ids=["fp32-nchw", "fp32-cl", "bf16-nchw"])
 def test_buffered_epilogues_only_where_shared_memory_holds_them(dtype, cl, offered):
     """An fp32 slice buffer per consumer (2 x 32 KB) leaves room for 4 stages, a 16-bit one for 5;
-    the split epilogue's two fp32 quarter tiles (2 x 18 KB) for 5 in either."""
+    the split epilogue's fp32 slice (34 KB) for 5 in either."""
     fmt = CL if cl else torch.contiguous_format
     x = torch.randn(1, 64, 20, 20, dtype=dtype).contiguous(memory_format=fmt)
     w = torch.randn(128, 64, 3, 3, dtype=dtype).contiguous(memory_format=fmt)

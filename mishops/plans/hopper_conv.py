@@ -7,7 +7,7 @@ persistent (one CTA per SM walking a static tile schedule) and warp-specialised:
 producer warpgroup issues TMA loads into an mbarrier ring, and two consumer warpgroups take
 alternate tiles, their main loops in strict turn, so one runs its epilogue while the other's
 wgmmas run (``consumers=2``, "ping-pong"). With ``epilogue="split"`` a consumer instead hands its
-accumulators, a quarter tile at a time into one of two buffers, through shared memory to two epilogue warpgroups of their own,
+accumulators, half a tile at a time, through shared memory to two epilogue warpgroups of their own,
 and goes straight back to its MMAs.
 
 The input goes through ``triton_conv``'s pass first (``padded_input``): zero-padded NHWC with the
@@ -107,19 +107,19 @@ class HopperConfig:
         """Bytes of dynamic shared memory a launch takes (``smem_bytes`` in the kernel)."""
         buffer = {"direct": 0, "staged": self.consumers * SLICE_PIXELS * TILE_CHANNELS * elem,
                   "split": SPLIT_BUFFER_BYTES}[self.epilogue]
-        return self.stages * STAGE_BYTES + buffer + 8 * (2 * self.stages + 12) + 1024
+        return self.stages * STAGE_BYTES + buffer + 8 * (2 * self.stages + 7) + 1024
 
 
 #: rows a row box holds beyond the tile's 128 (``kRowBoxRows - kBM`` in the kernel)
 ROWBOX_SHIFT = 8
 #: the kernel's layout of shared memory: a stage's bytes (``kStageBytes``), an m64 slice's pixels
-#: (``kSliceRows``), a tile's channels (``kBN``), the split epilogue's buffers (``kSplitBytes``: two
-#: fills of a slice's pixels and half the tile's channels, fp32, in rows padded to 72 words), what a
-#: CTA may have (``kMaxSmem``), and the barriers after them (``kBarrierBytes``: 2 a stage and 12 more)
+#: (``kSliceRows``), a tile's channels (``kBN``), the split epilogue's buffer (``kSplitBytes``: a
+#: slice's fp32 accumulators in rows padded to 136 words), what a CTA may have (``kMaxSmem``), and
+#: the barriers after them (``kBarrierBytes``: 2 a stage and 7 more)
 STAGE_BYTES = (128 + ROWBOX_SHIFT) * K_BLOCK_BYTES + 128 * K_BLOCK_BYTES
 SLICE_PIXELS = 64
 TILE_CHANNELS = 128
-SPLIT_BUFFER_BYTES = 2 * SLICE_PIXELS * (TILE_CHANNELS // 2 + 8) * 4
+SPLIT_BUFFER_BYTES = SLICE_PIXELS * (TILE_CHANNELS + 8) * 4
 MAX_SHARED_MEMORY = 227 * 1024
 #: what the plan offers the tuner, and every config the benchmarks and the GPU test of every config
 #: run. The first that fits is what runs where nothing has been tuned: the fastest for fp32 NCHW at
