@@ -575,7 +575,8 @@ __device__ __forceinline__ void split_slice(const float* buf, const Tile& tile, 
 }
 
 // The split epilogue's warpgroups: every tile of the CTA in order, a slice a fill of the buffer.
-// They wait with the idle wait: they are ahead of the consumers, never the other way round.
+// Their waits sleep, so that waiting warps take no issue slots from the consumers' (in fp32 the
+// epilogue waits for the consumers; in bf16, whose main loop is half as long, the other way round).
 template <typename T, int kMish, bool kCl, typename AccEmpty>
 __device__ __forceinline__ void split_epilogue(const float* buf, const Params& p, const T* __restrict__ bias,
                                                T* __restrict__ out, uint32_t acc_full, AccEmpty acc_empty) {
@@ -784,10 +785,10 @@ __global__ void __launch_bounds__(Registers<kSplitWgs>::kThreads, 1)
         // tells the right one apart from the one before if that one is known complete: fill f - 5
         // before fill f's wait. For slice 0 this consumer waited for fill 2 i - 4 itself before
         // its slice 1 of tile i - 2, while the other consumer may still be waiting for fill 2 i - 2
-        // (with one barrier for every fill, or one a tile parity, a wait passed a phase early and
-        // the epilogue then waited forever: run 8, bf16, whose main loop is half fp32's). Slice 1
-        // waits for this consumer's own slice 0. The waits sleep: their warps' issue slots are the
-        // other consumer's wgmmas'.
+        // (run 8's one barrier for every tile let a wait through a phase early, and the epilogue
+        // then waited forever: bf16, whose main loop is half fp32's). Slice 1 waits for this
+        // consumer's own slice 0. The waits sleep: their warps' issue slots are the other
+        // consumer's wgmmas'.
 #pragma unroll
         for (int m = 0; m < 2; ++m) {
           const long long f = 2 * i + m;
