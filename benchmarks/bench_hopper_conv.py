@@ -205,9 +205,9 @@ def main():
         cases.append((f"small_{'fp32' if fp32 else 'bf16'}_{cfg.name}",
                       dict(n=2, cin=64, cout=128, h=20, w=150, k=(3, 3), config=cfg,
                            dtype=torch.float32 if fp32 else torch.bfloat16)))
-    for epilogue in ("staged", "split", "coop"):
+    for epilogue in ("staged", "split"):
         # the buffered epilogues: rows' ends, odd widths (NCHW), clipped rows and channels (channels_last)
-        stages = {"staged": 4, "split": 5, "coop": 4}[epilogue]  # the deepest ring beside each one's fp32 buffer
+        stages = {"staged": 4, "split": 5}[epilogue]  # the deepest ring beside each one's fp32 buffer
         cfg, flat = hc.HopperConfig(stages, 2, True, epilogue), hc.HopperConfig(stages, 2, False, epilogue)
         cases += [(f"{name}_{epilogue}", dict(kw, config=kw.get("config", cfg))) for name, kw in (
             ("multitile_fp32", dict(n=1, cin=64, cout=128, h=256, w=256, k=(3, 3))),

@@ -29,8 +29,7 @@
 // no longer than a tile's main loop; where it is longer, the difference is the kernel's excess over
 // its main loop: benchmarks/results/h200/hopper-conv.md says where it goes). With the split
 // epilogue (kSplit) two more warpgroups take every tile's accumulators from the consumers through
-// shared memory and do the epilogue alone; with kCoop the consumers are cooperative instead (both
-// on every tile, an m64 slice each) beside the same epilogue warpgroups.
+// shared memory and do the epilogue alone.
 
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -74,18 +73,7 @@ static_assert(kBN * kSplitPitchNchw * 4 == kSplitBytes, "both layouts of a slice
 // acc_empty has a barrier per f % kFillBarriers (the kernel's hand-over says why 4).
 constexpr int kFillBarriers = 4;
 constexpr int kSplitWarpgroups = 2;
-// kCoop: the split's warpgroups with cooperative consumers: both consumer warpgroups work on every
-// tile, one m64 slice each, and hand it over through a buffer of their own. A consumer then holds one
-// slice's accumulators (64 registers) instead of two, and the registers that frees go to the
-// epilogue's warpgroups, which in the ping-pong split are the bf16 kernel's bound: 64 registers a
-// thread left room for 16 values in flight, and their warps waited on the latency of the Mish
-// chains (gpu-run10.md). What it costs: the tensor pipe drains at each tile's end, while the
-// consumers hand over, where the ping-pong's other consumer kept it busy; and the two buffers
-// leave room for 4 stages.
-enum Epilogue { kDirect = 0, kStaged = 1, kSplit = 2, kCoop = 3 };
-// How the warpgroups are laid out, by the epilogue: the kernel's template parameter (setmaxnreg takes
-// constants).
-enum Schedule { kPingPong = 0, kPingPongSplit = 1, kCoopSplit = 2 };
+enum Epilogue { kDirect = 0, kStaged = 1, kSplit = 2 };
 
 struct Params {
   int out_h, out_w, cout, hp, wp;
@@ -99,7 +87,7 @@ struct Params {
   int rowbox;  // one A box per (kernel row, channel block), read by its KW taps at shifted rows
   int channels_last;
   int epilogue;   // Epilogue: from registers (store_direct), staged a slice at a time (store_slice_staged),
-                  // or by warpgroups of its own (split_epilogue), from ping-pong or cooperative consumers
+                  // or by warpgroups of its own (split_epilogue)
   int pair_rows;  // NCHW rows start on a pair of elements: staged and split NCHW stores write pairs
   // 0: the block. Measurement modes (benchmarks/bench_hopper_conv.py): 1 epilogue computed but
   // not stored, 2 no epilogue (the main loop alone).
@@ -519,11 +507,11 @@ __device__ __forceinline__ void split_bias(const T* __restrict__ bias, const Til
 // (SplitRows) 16 values at a time. A store writes a row's 64 pixels (NCHW: 256 contiguous bytes in
 // fp32) or a pixel's 128 channels (channels_last). The output pointer steps a row at a time:
 // per-row 64-bit offsets, which the compiler hoists out of the tile loop, spilled.
-template <typename T, int kMish, bool kCl, int kValues>
+template <typename T, int kMish, bool kCl>
 __device__ __forceinline__ void split_slice(const float* buf, const Tile& tile, int m, const Params& p,
                                             const float (&b)[4], T* __restrict__ out, int et) {
   using R = SplitRows<kCl>;
-  constexpr int kBatch = kValues / R::kVals;  // rows whose Mish runs at once
+  constexpr int kBatch = 16 / R::kVals;  // rows whose Mish runs at once
   const int warp = et >> 5, lane = et & 31;
   const int ws = tile.w0 + kSliceRows * m, row0 = R::kRows * warp;
   const int pixels = min(kSliceRows, p.out_w - ws), channels = min(kBN, p.cout - tile.co0);
@@ -541,7 +529,7 @@ __device__ __forceinline__ void split_slice(const float* buf, const Tile& tile, 
   const float* const in = buf + row0 * R::kPitch + R::kVals * lane;
 #pragma unroll
   for (int r0 = 0; r0 < R::kRows; r0 += kBatch) {
-    float v[kValues / 4][4];  // row r0 + r's value j is v[e / 4][e % 4], e = r kVals + j: groups of 4 for Mish
+    float v[4][4];  // row r0 + r's value j is v[e / 4][e % 4], e = r kVals + j: groups of 4 for Mish
 #pragma unroll
     for (int r = 0; r < kBatch; ++r) {
       const float* x = in + (r0 + r) * R::kPitch;
@@ -560,9 +548,9 @@ __device__ __forceinline__ void split_slice(const float* buf, const Tile& tile, 
       }
     }
 #pragma unroll
-    for (int g = 0; g < kValues / 4; ++g) mish_times<kMish>(v[g]);
+    for (int g = 0; g < 4; ++g) mish_times<kMish>(v[g]);
     if (p.mode == 1) {  // computed, kept alive, not stored
-      if (v[0][0] == 1234.5f && v[kValues / 4 - 1][3] == -1234.5f) out[0] = from_float<T>(v[0][1]);
+      if (v[0][0] == 1234.5f && v[3][3] == -1234.5f) out[0] = from_float<T>(v[0][1]);
       continue;
     }
 #pragma unroll
@@ -586,15 +574,12 @@ __device__ __forceinline__ void split_slice(const float* buf, const Tile& tile, 
   }
 }
 
-// The split epilogue's warpgroups: every tile of the CTA in order, a slice a fill f = 2 i + m. The
-// ping-pong's consumers fill one buffer in turn (acc_full, acc_empty[f % kFillBarriers]); kCoop's
-// consumer m fills buffer m (buf_full(m), acc_empty[m]), once a tile. Their waits sleep, so that
-// waiting warps take no issue slots from the consumers' (in fp32 the epilogue waits for the
-// consumers; in bf16, whose main loop is half as long, the other way round). kValues: values a
-// thread keeps in flight, as its registers allow.
-template <typename T, int kMish, bool kCl, bool kCoop, int kValues, typename BufFull, typename AccEmpty>
+// The split epilogue's warpgroups: every tile of the CTA in order, a slice a fill of the buffer.
+// Their waits sleep, so that waiting warps take no issue slots from the consumers' (in fp32 the
+// epilogue waits for the consumers; in bf16, whose main loop is half as long, the other way round).
+template <typename T, int kMish, bool kCl, typename AccEmpty>
 __device__ __forceinline__ void split_epilogue(const float* buf, const Params& p, const T* __restrict__ bias,
-                                               T* __restrict__ out, BufFull buf_full, AccEmpty acc_empty) {
+                                               T* __restrict__ out, uint32_t acc_full, AccEmpty acc_empty) {
   const int et = threadIdx.x - 128 * (1 + p.consumers);
   uint32_t f = 0;  // a CTA has fewer than 2^31 tiles
   for (long long t = blockIdx.x; t < p.num_tiles; t += gridDim.x) {
@@ -603,62 +588,51 @@ __device__ __forceinline__ void split_epilogue(const float* buf, const Params& p
     split_bias<T, kCl>(bias, tile, p.cout, et >> 5, et & 31, b);
 #pragma unroll 1
     for (int m = 0; m < 2; ++m, ++f) {
-      mbar_wait_idle(buf_full(kCoop ? m : 0), kCoop ? (f >> 1) & 1 : f & 1);
-      split_slice<T, kMish, kCl, kValues>(buf + (kCoop ? m * (kSplitBytes / 4) : 0), tile, m, p, b, out, et);
-      mbar_arrive(acc_empty(kCoop ? m : f));
+      mbar_wait_idle(acc_full, f & 1);
+      split_slice<T, kMish, kCl>(buf, tile, m, p, b, out, et);
+      mbar_arrive(acc_empty(f));
     }
   }
 }
 
 // Shared memory beside the ring for a tile's output: a slice per consumer (kStaged), a slice's
-// accumulators (kSplit) or one per consumer (kCoop), or none.
+// accumulators (kSplit), or none.
 __host__ __device__ constexpr int epilogue_buffer_bytes(int epilogue, int consumers, int elem) {
-  return epilogue == kStaged ? consumers * kSliceRows * kBN * elem
-         : epilogue == kSplit ? kSplitBytes
-         : epilogue == kCoop  ? consumers * kSplitBytes
-                              : 0;
+  return epilogue == kStaged ? consumers * kSliceRows * kBN * elem : epilogue == kSplit ? kSplitBytes : 0;
 }
 // The barriers after it: full and empty per stage, done per consumer, acc_full, acc_empty[].
 __host__ __device__ constexpr int kBarrierBytes(int stages) { return 8 * (2 * stages + 3 + kFillBarriers); }
 
-// With the split epilogue its two warpgroups follow the consumers (640 threads). A CTA gets its
+// kSplitWgs: the split epilogue's two warpgroups follow the consumers (640 threads). A CTA gets its
 // launch registers (96 a thread at 640) and setmaxnreg only moves them between warpgroups, so the
-// shares must add up to 5 x 96 = 480: producer 32, ping-pong consumers 160 (the 128 accumulators and
-// the main loop; 152 spilled), epilogue 64 a thread (32 + 2 * 160 + 2 * 64); cooperative consumers
-// hold one slice, 104, and the epilogue gets 120 (32 + 2 * 104 + 2 * 120). Asking for more than was
-// given back blocks the consumers' setmaxnreg forever (the first split build, 168 and 72, hung on
-// the H200). Without the split: 168 at launch, producer 40, consumers 232 (40 + 2 * 232 = 3 * 168).
-template <int kSched>
+// shares must add up to 5 x 96 = 480: producer 32, consumers 160 (the 128 accumulators and the main
+// loop; 152 spilled), epilogue 64 a thread (32 + 2 * 160 + 2 * 64). Asking for more than was given
+// back blocks the consumers' setmaxnreg forever (the first split build, 168 and 72, hung on the
+// H200). Without the split: 168 at launch, producer 40, consumers 232 (40 + 2 * 232 = 3 * 168).
+template <bool kSplitWgs>
 struct Registers {
-  static constexpr int kThreads = kSched == kPingPong ? 384 : 640;
+  static constexpr int kThreads = kSplitWgs ? 640 : 384;
   static constexpr int kLaunch = 65536 / kThreads / 8 * 8;
-  static constexpr int kProducer = kSched == kPingPong ? 40 : 32;
-  static constexpr int kConsumer = kSched == kPingPong ? 232 : kSched == kPingPongSplit ? 160 : 104;
-  static constexpr int kEpilogue = kSched == kCoopSplit ? 120 : 64;
-  // the values a split epilogue thread keeps in flight (split_slice): all 32 of its slice with 120
-  static constexpr int kEpilogueValues = kSched == kCoopSplit ? 32 : 16;
-  static_assert(kProducer + 2 * kConsumer + (kSched != kPingPong ? kSplitWarpgroups * kEpilogue : 0) <=
-                    kLaunch * kThreads / 128,
+  static constexpr int kProducer = kSplitWgs ? 32 : 40;
+  static constexpr int kConsumer = kSplitWgs ? 160 : 232;
+  static constexpr int kEpilogue = 64;
+  static_assert(kProducer + 2 * kConsumer + (kSplitWgs ? kSplitWarpgroups * kEpilogue : 0) <= kLaunch * kThreads / 128,
                 "setmaxnreg cannot hand out more registers than the launch gave the CTA");
 };
-// A warpgroup's register count set to kRegs: given back below the launch's kLaunch, taken above it.
-template <int kRegs, int kLaunch>
-__device__ __forceinline__ void set_max_registers() {
-  if constexpr (kRegs < kLaunch) {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs) : "memory");
-  } else if constexpr (kRegs > kLaunch) {
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs) : "memory");
-  }
+template <int kRegs>
+__device__ __forceinline__ void set_max_registers_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs) : "memory");
+}
+template <int kRegs>
+__device__ __forceinline__ void set_max_registers_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs) : "memory");
 }
 
-template <typename T, int kMish, int kSched>
-__global__ void __launch_bounds__(Registers<kSched>::kThreads, 1)
+template <typename T, int kMish, bool kSplitWgs>
+__global__ void __launch_bounds__(Registers<kSplitWgs>::kThreads, 1)
     conv_mish_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
                      const __grid_constant__ CUtensorMap map_o, const Params p, const T* __restrict__ bias,
                      T* __restrict__ out) {
-  using Regs = Registers<kSched>;
-  constexpr bool kSplitWgs = kSched != kPingPong;  // the epilogue has warpgroups of its own
-  constexpr bool kCoopWgs = kSched == kCoopSplit;   // both consumers on every tile, a slice each
   extern __shared__ uint8_t smem_raw[];
   // TMA's 128-byte swizzle repeats every 1024 bytes and wgmma reads it from the address bits:
   // stage buffers start on 1024-byte boundaries.
@@ -677,9 +651,6 @@ __global__ void __launch_bounds__(Registers<kSched>::kThreads, 1)
   auto done = [&](int c) { return bars + 8 * (2 * stages + c); };
   const uint32_t acc_full = bars + 8 * (2 * stages + 2);
   auto acc_empty = [&](long long f) { return acc_full + 8 + 8 * static_cast<uint32_t>(f % kFillBarriers); };
-  // the barrier a fill of buffer c completes: kCoop's consumer c fills buffer c, guarded by the place
-  // of done(c), which it has no use for; the ping-pong's consumers fill the one buffer
-  auto buf_full = [&](int c) { return kCoopWgs ? done(c) : acc_full; };
   auto tile_a = [&](int s) { return base + s * kStageBytes; };
   auto tile_b = [&](int s) { return base + s * kStageBytes + kABytes; };
 
@@ -689,10 +660,11 @@ __global__ void __launch_bounds__(Registers<kSched>::kThreads, 1)
   if (threadIdx.x == 0) {
     for (int s = 0; s < stages; ++s) {
       mbar_init(full(s), 1);
-      mbar_init(empty(s), kCoopWgs ? 8 : 4);  // one arrival per warp of the consuming warpgroup(s)
+      mbar_init(empty(s), 4);  // one arrival per warp of the consuming warpgroup
     }
-    for (int c = 0; c < 2; ++c) mbar_init(done(c), kCoopWgs ? 128 : 4);  // kCoop: buf_full(c), every thread of c
-    if (!kCoopWgs) mbar_init(acc_full, 128);                             // every thread of the writing consumer
+    mbar_init(done(0), 4);
+    mbar_init(done(1), 4);
+    mbar_init(acc_full, 128);                    // every thread of the writing consumer
     for (int f = 0; f < kFillBarriers; ++f) mbar_init(acc_empty(f), 128 * kSplitWarpgroups);  // every epilogue thread
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
@@ -703,7 +675,7 @@ __global__ void __launch_bounds__(Registers<kSched>::kThreads, 1)
   const uint32_t a_box_bytes = (p.rowbox ? kRowBoxRows : kBM) * kRowBytes;
 
   if (wg == 0) {
-    set_max_registers<Regs::kProducer, Regs::kLaunch>();
+    set_max_registers_dec<Registers<kSplitWgs>::kProducer>();
     if (threadIdx.x == 0) {
       asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&map_a)) : "memory");
       asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&map_b)) : "memory");
@@ -736,25 +708,20 @@ __global__ void __launch_bounds__(Registers<kSched>::kThreads, 1)
       }
     }
   } else if (wg <= consumers) {
-    set_max_registers<Regs::kConsumer, Regs::kLaunch>();
+    set_max_registers_inc<Registers<kSplitWgs>::kConsumer>();
     const int c = wg - 1;
     const int tid = threadIdx.x & 127;
     const int lane = tid & 31;
-    // kCoop: consumer c's slice of every tile is acc0, its A rows 64 c on
-    const uint32_t desc_a = desc_lo(tile_a(0)) + (kCoopWgs ? c * ((kSliceRows * kRowBytes) >> 4) : 0);
-    const uint32_t desc_b = desc_lo(tile_b(0));
+    const uint32_t desc_a = desc_lo(tile_a(0)), desc_b = desc_lo(tile_b(0));
     float acc0[64], acc1[64];
-    // the CTA's i-th tile; ping-pong consumers take every second one
-    const int step = kCoopWgs ? 1 : consumers;
-    long long i = kCoopWgs ? 0 : c;
-    for (long long t = blockIdx.x + i * gridDim.x; t < p.num_tiles; t += static_cast<long long>(step) * gridDim.x,
-                   i += step) {
+    long long i = c;
+    for (long long t = blockIdx.x + static_cast<long long>(c) * gridDim.x; t < p.num_tiles;
+         t += static_cast<long long>(consumers) * gridDim.x, i += consumers) {
       // Main loops alternate strictly between the consumers: this tile's waits start once the
       // previous tile's main loop (the other consumer's) is done. A ring stage's barrier phase
       // only says even or odd, so a consumer that waited for its next tile's stages while the
       // other was still consuming its own would take a phase two rounds early for its own.
-      if (!kCoopWgs && consumers == 2 && i > 0)
-        mbar_wait(done(static_cast<int>((i - 1) & 1)), static_cast<uint32_t>(((i - 1) >> 1) & 1));
+      if (consumers == 2 && i > 0) mbar_wait(done(static_cast<int>((i - 1) & 1)), static_cast<uint32_t>(((i - 1) >> 1) & 1));
       // This tile's place in the ring: the producer filled it in tile order, kiters stages a tile.
       const Tile tile = decode(t, p);
       float bias_v[32];
@@ -775,7 +742,7 @@ __global__ void __launch_bounds__(Registers<kSched>::kThreads, 1)
       for (int k = 0; k < kiters; ++k) {
         mbar_wait(full(s), phase);
         fence_regs(acc0);
-        if constexpr (!kCoopWgs) fence_regs(acc1);
+        fence_regs(acc1);
         wgmma_fence();
         if (!p.rowbox || kw == 0) s_a = s;
         const uint32_t a = desc_a + s_a * (kStageBytes >> 4) + (p.rowbox ? kw * p.dw * (kRowBytes >> 4) : 0);
@@ -784,11 +751,11 @@ __global__ void __launch_bounds__(Registers<kSched>::kThreads, 1)
         for (int kk = 0; kk < kRowBytes / 32; ++kk) {  // wgmma K = 32 bytes
           const int scale = (k > 0 || kk > 0) ? 1 : 0;
           wgmma<T>(acc0, desc(a + 2 * kk), desc(b + 2 * kk), scale);
-          if constexpr (!kCoopWgs) wgmma<T>(acc1, desc(a + ((64 * kRowBytes) >> 4) + 2 * kk), desc(b + 2 * kk), scale);
+          wgmma<T>(acc1, desc(a + ((64 * kRowBytes) >> 4) + 2 * kk), desc(b + 2 * kk), scale);
         }
         wgmma_commit();
         fence_regs(acc0);
-        if constexpr (!kCoopWgs) fence_regs(acc1);
+        fence_regs(acc1);
         wgmma_wait<1>();  // the previous iteration's wgmmas are done
         if (k > 0) give_back(prev, prev_kw, prev_s_a);
         prev = s;
@@ -805,20 +772,14 @@ __global__ void __launch_bounds__(Registers<kSched>::kThreads, 1)
       // alone was 10% slower with two consumers than with one when the turn passed after
       // wait<0>). Every stage of this tile has been waited on, so the other's waits are for later
       // phases, and the stages still being read are not given back until they are done.
-      if (!kCoopWgs && lane == 0 && consumers == 2) mbar_arrive(done(c));
+      if (lane == 0 && consumers == 2) mbar_arrive(done(c));
       wgmma_wait<0>();
       fence_regs(acc0);
-      if constexpr (!kCoopWgs) fence_regs(acc1);
+      fence_regs(acc1);
       give_back(prev, prev_kw, prev_s_a);
 
       if (p.mode == 2) continue;
-      if constexpr (kCoopWgs) {
-        // Buffer c's fill for tile i waits for the epilogue to be done with tile i - 1 there (its
-        // phase i - 1 of acc_empty[c]; this consumer waited for phase i - 2 before filling i - 1).
-        if (i > 0) mbar_wait_idle(acc_empty(c), static_cast<uint32_t>((i - 1) & 1));
-        write_slice(acc0, p.channels_last, reinterpret_cast<float*>(out_buf) + c * (kSplitBytes / 4), tid >> 5, lane);
-        mbar_arrive(buf_full(c));
-      } else if constexpr (kSplitWgs) {
+      if constexpr (kSplitWgs) {
         // Fill f = 2 i + m of the buffer waits for the epilogue to be done with fill f - 1, which
         // acc_empty[(f - 1) % 4] records as its phase (f - 1) / 4. A barrier's even/odd phase only
         // tells the right one apart from the one before if that one is known complete: fill f - 5
@@ -843,13 +804,13 @@ __global__ void __launch_bounds__(Registers<kSched>::kThreads, 1)
     }
     if (p.epilogue == kStaged && p.channels_last && tid == 0) tma_store_wait_all();  // the buffer outlives its last stores
   } else if constexpr (kSplitWgs) {  // the split epilogue's warpgroups
-    set_max_registers<Regs::kEpilogue, Regs::kLaunch>();
+    set_max_registers_dec<Registers<kSplitWgs>::kEpilogue>();
     if (p.mode == 2) return;
     const float* const buf = reinterpret_cast<const float*>(out_buf);
     if (p.channels_last) {
-      split_epilogue<T, kMish, true, kCoopWgs, Regs::kEpilogueValues>(buf, p, bias, out, buf_full, acc_empty);
+      split_epilogue<T, kMish, true>(buf, p, bias, out, acc_full, acc_empty);
     } else {
-      split_epilogue<T, kMish, false, kCoopWgs, Regs::kEpilogueValues>(buf, p, bias, out, buf_full, acc_empty);
+      split_epilogue<T, kMish, false>(buf, p, bias, out, acc_full, acc_empty);
     }
   }
 }
@@ -899,7 +860,7 @@ static int smem_bytes(int stages, int consumers, int epilogue, int elem) {
   return stages * kStageBytes + epilogue_buffer_bytes(epilogue, consumers, elem) + kBarrierBytes(stages) + 1024;
 }
 
-template <typename T, int kMish, int kSched>
+template <typename T, int kMish, bool kSplitWgs>
 static std::string launch_typed(CUtensorMapDataType dtype, const void* xp, const void* wk, const void* bias, void* out,
                                 const Params& p, long long rows, int sms, cudaStream_t stream) {
   std::string error;
@@ -919,11 +880,11 @@ static std::string launch_typed(CUtensorMapDataType dtype, const void* xp, const
       return error;
   }
   const int smem = smem_bytes(p.stages, p.consumers, p.epilogue, sizeof(T));
-  auto kernel = conv_mish_kernel<T, kMish, kSched>;
+  auto kernel = conv_mish_kernel<T, kMish, kSplitWgs>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return std::string("hopper_conv: cudaFuncSetAttribute: ") + cudaGetErrorString(err);
   const long long grid = p.num_tiles < sms ? p.num_tiles : sms;
-  const int threads = 128 * (1 + p.consumers + (kSched != kPingPong ? kSplitWarpgroups : 0));  // at most Registers::kThreads
+  const int threads = 128 * (1 + p.consumers + (kSplitWgs ? kSplitWarpgroups : 0));  // at most Registers::kThreads
   kernel<<<static_cast<unsigned>(grid), threads, smem, stream>>>(
       map_a, map_b, map_o, p, static_cast<const T*>(bias), static_cast<T*>(out));
   err = cudaGetLastError();
@@ -942,17 +903,15 @@ std::string launch(int dtype, int mish_count, const void* xp, const void* wk, co
   if (stages < 2 || stages > kMaxStages) return "hopper_conv: stages must be 2.." + std::to_string(kMaxStages);
   if (consumers < 1 || consumers > 2) return "hopper_conv: consumers must be 1 or 2";
   if (rows >= (1LL << 31)) return "hopper_conv: 2^31 padded pixels or more in one launch";
-  if (epilogue < kDirect || epilogue > kCoop)
-    return "hopper_conv: epilogue must be 0 (direct), 1 (staged), 2 (split) or 3 (split, cooperative consumers)";
-  if (epilogue == kCoop && consumers != 2) return "hopper_conv: cooperative consumers are two";
+  if (epilogue < kDirect || epilogue > kSplit) return "hopper_conv: epilogue must be 0 (direct), 1 (staged) or 2 (split)";
   if (smem_bytes(stages, consumers, epilogue, elem) > kMaxSmem)
     return "hopper_conv: " + std::to_string(stages) + " stages" +
-           (epilogue == kStaged ? " and the staged epilogue" : epilogue >= kSplit ? " and the split epilogue" : "") +
+           (epilogue == kStaged ? " and the staged epilogue" : epilogue == kSplit ? " and the split epilogue" : "") +
            " need more than " + std::to_string(kMaxSmem) + " bytes of shared memory";
   // TMA's global addresses and strides are multiples of 16 bytes
   if (epilogue == kStaged && channels_last && (reinterpret_cast<uintptr_t>(out) % 16 != 0 || (cout * elem) % 16 != 0))
     return "hopper_conv: the staged epilogue in channels_last needs a 16-byte aligned output and Cout * element size a multiple of 16 bytes (TMA)";
-  if (epilogue >= kSplit && channels_last && reinterpret_cast<uintptr_t>(out) % (4 * elem) != 0)
+  if (epilogue == kSplit && channels_last && reinterpret_cast<uintptr_t>(out) % (4 * elem) != 0)
     return "hopper_conv: the split epilogue in channels_last needs an output aligned to 4 elements";
   if (sh < 1 || sw < 1 || wp % sw != 0) return "hopper_conv: strides must be positive and divide the padded width";
   if (rowbox && (sw != 1 || kw < 2 || kw >= stages || (kw - 1) * dw > kRowBoxRows - kBM))
@@ -983,10 +942,9 @@ std::string launch(int dtype, int mish_count, const void* xp, const void* wk, co
   p.pair_rows = out_w % 2 == 0 && reinterpret_cast<uintptr_t>(out) % (2 * elem) == 0;
   p.mode = mode;
   if (p.num_tiles == 0) return "";
-#define HOPPER_CONV_CASE(T, CU, M)                                                                   \
-  return epilogue == kSplit  ? launch_typed<T, M, kPingPongSplit>(CU, xp, wk, bias, out, p, rows, sms, stream) \
-         : epilogue == kCoop ? launch_typed<T, M, kCoopSplit>(CU, xp, wk, bias, out, p, rows, sms, stream)     \
-                             : launch_typed<T, M, kPingPong>(CU, xp, wk, bias, out, p, rows, sms, stream)
+#define HOPPER_CONV_CASE(T, CU, M)                                                      \
+  return epilogue == kSplit ? launch_typed<T, M, true>(CU, xp, wk, bias, out, p, rows, sms, stream) \
+                            : launch_typed<T, M, false>(CU, xp, wk, bias, out, p, rows, sms, stream)
   if (dtype == 0) {
     if (mish_count == 1) HOPPER_CONV_CASE(float, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 1);
     HOPPER_CONV_CASE(float, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 2);

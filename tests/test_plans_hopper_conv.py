@@ -33,9 +33,8 @@ def _nvcc() -> str | None:
 
 
 def test_kernel_compiles_for_sm90a_without_spills(tmp_path):
-    """ptxas's report for every instance (fp32/bf16/fp16 x one or two Mish x ping-pong, ping-pong with the
-    split epilogue's warpgroups, or cooperative with them): no stack, no spills, registers within one
-    CTA an SM, and no warning
+    """ptxas's report for every instance (fp32/bf16/fp16 x one or two Mish x with or without the split
+    epilogue's warpgroups): no stack, no spills, registers within one CTA an SM, and no warning
     (a plain sm_90 build would reject the wgmma and TMA instructions)."""
     nvcc = _nvcc()
     if nvcc is None:
@@ -47,15 +46,14 @@ def test_kernel_compiles_for_sm90a_without_spills(tmp_path):
     report = done.stdout + done.stderr
     assert done.returncode == 0, report
     functions = re.findall(r"Compiling entry function '(\w+)'", report)
-    assert len(functions) == 18, report
+    assert len(functions) == 12, report
     spills = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", report)
-    assert len(spills) == 18 and all(s == ("0", "0", "0") for s in spills), report
+    assert len(spills) == 12 and all(s == ("0", "0", "0") for s in spills), report
     registers = dict(zip(functions, (int(r) for r in re.findall(r"Used (\d+) registers", report))))
     # setmaxnreg only moves the launch's registers between warpgroups, and the kernel's shares add up
     # to all of them (Registers in the kernel): with fewer at launch the consumers would wait forever
-    for name, count in registers.items():  # 384 threads for the plain ping-pong (schedule 0), else 640
-        schedule = re.search(r"Li\dELi(\d)EEEv", name).group(1)  # <T, kMish, kSched>
-        assert count == (168 if schedule == "0" else 96), report
+    for name, count in registers.items():  # 640 threads with the split epilogue (template flag Lb1), else 384
+        assert count == (96 if "Lb1E" in name else 168), report
     print(f"registers per instance: {registers}")
     assert "warning" not in report.lower(), report  # e.g. wgmma serialised, setmaxnreg ignored
 
@@ -137,7 +135,7 @@ def test_row_boxes_only_where_the_ring_and_box_hold_a_kernel_row(kernel, dilatio
     assert {c.stages for c in found if c.rowbox} == rowbox_stages
 
 
-SPLIT = {"s5_pingpong_rowbox_split", "s5_pingpong_split", "s4_coop_rowbox", "s4_coop"}
+SPLIT = {"s5_pingpong_rowbox_split", "s5_pingpong_split"}
 
 
 @pytest.mark.parametrize("dtype,cl,offered", [
@@ -147,7 +145,7 @@ SPLIT = {"s5_pingpong_rowbox_split", "s5_pingpong_split", "s4_coop_rowbox", "s4_
 ], ids=["fp32-nchw", "fp32-cl", "bf16-nchw"])
 def test_buffered_epilogues_only_where_shared_memory_holds_them(dtype, cl, offered):
     """An fp32 slice buffer per consumer (2 x 32 KB) leaves room for 4 stages, a 16-bit one for 5;
-    the split epilogue's fp32 slice (34 KB) for 5 in either, cooperative consumers' two for 4."""
+    the split epilogue's fp32 slice (34 KB) for 5 in either."""
     fmt = CL if cl else torch.contiguous_format
     x = torch.randn(1, 64, 20, 20, dtype=dtype).contiguous(memory_format=fmt)
     w = torch.randn(128, 64, 3, 3, dtype=dtype).contiguous(memory_format=fmt)
@@ -159,11 +157,8 @@ def test_buffered_epilogues_only_where_shared_memory_holds_them(dtype, cl, offer
 
 def test_config_names_an_epilogue_it_has():
     assert hc.HopperConfig(4, 2, True, "split").kernel_args == (4, 2, True, 2)
-    assert hc.HopperConfig(4, 2, True, "coop").kernel_args == (4, 2, True, 3)
     with pytest.raises(ValueError, match="one of"):
         hc.HopperConfig(4, 2, epilogue="tma")
-    with pytest.raises(ValueError, match="two"):
-        hc.HopperConfig(4, 1, epilogue="coop")
 
 
 @pytest.mark.skipif(HAS_HOPPER, reason="checks the answer without a Hopper GPU")

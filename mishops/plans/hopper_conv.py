@@ -8,9 +8,7 @@ producer warpgroup issues TMA loads into an mbarrier ring, and two consumer warp
 alternate tiles, their main loops in strict turn, so one runs its epilogue while the other's
 wgmmas run (``consumers=2``, "ping-pong"). With ``epilogue="split"`` a consumer instead hands its
 accumulators, half a tile at a time, through shared memory to two epilogue warpgroups of their own,
-and goes straight back to its MMAs. With ``epilogue="coop"`` the two consumers are cooperative
-instead: both work on every tile, one half each, so each holds half the accumulators, and the
-registers that frees go to the epilogue's warpgroups.
+and goes straight back to its MMAs.
 
 The input goes through ``triton_conv``'s pass first (``padded_input``): zero-padded NHWC with the
 channels padded to the K block (32 fp32 or 64 16-bit values, one 128-byte swizzle row), fp32
@@ -60,10 +58,8 @@ K_BLOCK_BYTES = 128
 #: how a tile's output leaves, by the kernel's code for it (``Epilogue`` in the kernel): from the
 #: consumer's registers; staged by the consumer a slice at a time in shared memory (channels_last
 #: then leaves by TMA stores, NCHW by whole rows a warp); or handed through shared memory to two
-#: warpgroups that do only the epilogue, so the consumer's registers and issue slots go back to MMAs;
-#: or the same from cooperative consumers (coop: both consumers on every tile, a half each, handed
-#: over through a buffer each; the epilogue's threads get the registers a consumer no longer needs).
-EPILOGUES = ("direct", "staged", "split", "coop")
+#: warpgroups that do only the epilogue, so the consumer's registers and issue slots go back to MMAs.
+EPILOGUES = ("direct", "staged", "split")
 
 
 @dataclass(frozen=True)
@@ -83,14 +79,11 @@ class HopperConfig:
     def __post_init__(self):
         if self.epilogue not in EPILOGUES:
             raise ValueError(f"epilogue {self.epilogue!r}: one of {EPILOGUES}")
-        if self.epilogue == "coop" and self.consumers != 2:
-            raise ValueError("cooperative consumers are two: consumers=2 with epilogue 'coop'")
 
     @property
     def name(self) -> str:
-        schedule = "single" if self.consumers == 1 else "coop" if self.epilogue == "coop" else "pingpong"
-        return (f"s{self.stages}_{schedule}" + ("_rowbox" if self.rowbox else "")
-                + ("" if self.epilogue in ("direct", "coop") else f"_{self.epilogue}"))
+        return (f"s{self.stages}_{'pingpong' if self.consumers == 2 else 'single'}"
+                + ("_rowbox" if self.rowbox else "") + ("" if self.epilogue == "direct" else f"_{self.epilogue}"))
 
     @property
     def kernel_args(self) -> tuple[int, int, bool, int]:
@@ -113,7 +106,7 @@ class HopperConfig:
     def shared_memory(self, elem: int) -> int:
         """Bytes of dynamic shared memory a launch takes (``smem_bytes`` in the kernel)."""
         buffer = {"direct": 0, "staged": self.consumers * SLICE_PIXELS * TILE_CHANNELS * elem,
-                  "split": SPLIT_BUFFER_BYTES, "coop": self.consumers * SPLIT_BUFFER_BYTES}[self.epilogue]
+                  "split": SPLIT_BUFFER_BYTES}[self.epilogue]
         return self.stages * STAGE_BYTES + buffer + 8 * (2 * self.stages + 7) + 1024
 
 
@@ -132,8 +125,7 @@ MAX_SHARED_MEMORY = 227 * 1024
 #: run. The first that fits is what runs where nothing has been tuned: the fastest for fp32 NCHW at
 #: the reference shape on the H200 (benchmarks/results/h200/gpu-run9.md); one consumer stays as the
 #: baseline that hides nothing.
-CONFIGS = (HopperConfig(5, 2, True, "split"), HopperConfig(5, 2, False, "split"), HopperConfig(4, 2, True, "coop"),
-           HopperConfig(4, 2, False, "coop"),
+CONFIGS = (HopperConfig(5, 2, True, "split"), HopperConfig(5, 2, False, "split"),
            HopperConfig(6, 2, True), HopperConfig(6, 2), HopperConfig(4, 2), HopperConfig(4, 2, True),
            HopperConfig(3, 2), HopperConfig(4, 2, True, "staged"), HopperConfig(4, 2, False, "staged"),
            HopperConfig(5, 2, True, "staged"), HopperConfig(6, 1))
