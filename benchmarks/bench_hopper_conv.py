@@ -138,10 +138,9 @@ def timing(quick, configs):
         wk = hc.packed_weight(wd, chan)
         ext = hc.extension()
         out = torch.empty((n, cout, 254, 254), dtype=dtype, device="cuda", memory_format=fmt)
-        for cfg in (c for c in configs if c.fits(wd, 1, cl) and (not c.fold or hc.foldable(xs, wd, 1))):
-            def kern(cfg=cfg, mish_count=2, mode=0):  # a folded config reads the input itself
-                msg = ext.conv_mish(xs if cfg.fold else xp, wk, bd, out, 3, 3, 1, 1, 1, 1, mish_count, cl,
-                                    *cfg.kernel_args, mode, cfg.fold)
+        for cfg in (c for c in configs if c.fits(wd, 1, cl)):
+            def kern(cfg=cfg, mish_count=2, mode=0):
+                msg = ext.conv_mish(xp, wk, bd, out, 3, 3, 1, 1, 1, 1, mish_count, cl, *cfg.kernel_args, mode)
                 if msg:
                     raise RuntimeError(msg)
             rows[f"kernel_{cfg.name}"] = timeit(kern, reps)
@@ -232,23 +231,6 @@ def main():
             ("ref_bf16_nchw", dict(n=64, cin=64, cout=128, h=256, w=256, k=(3, 3), ref_images=2,
                                    dtype=torch.bfloat16)),
         )]
-    fold, fold_flat = hc.HopperConfig(4, 2, True, "split", True), hc.HopperConfig(4, 2, False, "split", True)
-    cases += [  # the folded input pass (fp32 NCHW): padding, clipped channels and rows, specials, widths it declines
-        ("multitile_fp32_fold", dict(n=1, cin=64, cout=128, h=256, w=256, k=(3, 3), config=fold)),
-        ("c8_24_37x52_pad1_fold", dict(n=3, cin=8, cout=24, h=37, w=52, k=(3, 3), padding=(1, 1), config=fold)),
-        ("c8_24_37x53_pad1_fold_declined", dict(n=3, cin=8, cout=24, h=37, w=53, k=(3, 3), padding=(1, 1), config=fold)),
-        ("k7_cin3_pad3_fold", dict(n=2, cin=3, cout=16, h=40, w=40, k=(7, 7), padding=(3, 3), config=fold_flat)),
-        ("k5_dil2_nobias_fold", dict(n=2, cin=40, cout=64, h=33, w=44, k=(5, 5), padding=(2, 2), dilation=(2, 2),
-                                     bias=False, config=fold_flat)),
-        ("cin96_k1_cout256_fold", dict(n=2, cin=96, cout=256, h=17, w=300, k=(1, 1), config=fold_flat)),
-        ("special_fp32_fold", dict(n=2, cin=64, cout=128, h=20, w=152, k=(3, 3), special=True, config=fold)),
-        ("mish1_fp32_fold", dict(n=2, cin=64, cout=128, h=12, w=252, k=(3, 3), mish_count=1, config=fold)),
-        ("stride_h2_fold", dict(n=2, cin=64, cout=128, h=75, w=300, k=(3, 3), padding=(1, 1), stride=(2, 1),
-                                config=fold)),
-        ("ref_fp32_nchw_fold", dict(n=64, cin=64, cout=128, h=256, w=256, k=(3, 3), ref_images=2, config=fold)),
-        ("ref_fp32_nchw_pad1_fold", dict(n=64, cin=64, cout=128, h=256, w=256, k=(3, 3), padding=(1, 1),
-                                         ref_images=2, config=fold)),
-    ]
     cases.append(("multitile_fp32_single_split", dict(n=1, cin=64, cout=128, h=256, w=256, k=(3, 3),
                                                       config=hc.HopperConfig(5, 1, True, "split"))))
     rowbox = hc.HopperConfig(6, 2, True)

@@ -89,10 +89,6 @@ struct Params {
   int epilogue;   // Epilogue: from registers (store_direct), staged a slice at a time (store_slice_staged),
                   // or by warpgroups of its own (split_epilogue)
   int pair_rows;  // NCHW rows start on a pair of elements: staged and split NCHW stores write pairs
-  // kFold: A comes from the unpadded fp32 NCHW input itself (map_a is [N][C][H][W]), padded by TMA's
-  // zero fill (pad_h, pad_w: the padding), rounded to TF32 and made K-major by the producer's other
-  // warps (transpose_round)
-  int pad_h, pad_w;
   // 0: the block. Measurement modes (benchmarks/bench_hopper_conv.py): 1 epilogue computed but
   // not stored, 2 no epilogue (the main loop alone).
   int mode;
@@ -176,39 +172,6 @@ __device__ __forceinline__ void tma_store_wait_all() { asm volatile("cp.async.bu
 __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 // A barrier among one consumer warpgroup's 128 threads (barrier 0 is __syncthreads').
 __device__ __forceinline__ void consumer_sync(int c) { asm volatile("bar.sync %0, 128;" ::"r"(1 + c) : "memory"); }
-// A barrier among the producer's three folding warps (fold).
-constexpr int kFoldThreads = 96;
-__device__ __forceinline__ void fold_sync() { asm volatile("bar.sync 3, %0;" ::"n"(kFoldThreads) : "memory"); }
-
-// fold: one A box as TMA left it in staging, [32 channels][rows pixels] of fp32 (rows = 128 or
-// 136, pixels outside the image and channels past C zero), rewritten into the stage as wgmma reads
-// A: [rows][32 channels] K-major in the 128-byte swizzle (16-byte chunk q of row r at (q ^ r % 8)
-// 16), each value rounded to TF32 to nearest (cvt.rna, as the pad pass rounds; wgmma alone would
-// truncate). Thread t of the 96 takes units (pixel, chunk of 4 channels) t, t + 96, ...: a warp's
-// lanes read 32 consecutive pixels of a channel (conflict-free) and write 16 bytes each, kBatch
-// units' loads issued before their stores (a store's memory clobber would otherwise hold the next
-// unit's loads behind it, and the loop would run at the shared memory's latency).
-template <int kRows>
-__device__ __forceinline__ void transpose_round(const float* staging, uint32_t dst, int t) {
-  constexpr int kUnits = kRows * 8, kBatch = 4;
-  for (int u0 = t; u0 < kUnits; u0 += kBatch * kFoldThreads) {
-    uint32_t v[kBatch][4];
-#pragma unroll
-    for (int b = 0; b < kBatch; ++b) {
-      const int u = min(u0 + b * kFoldThreads, kUnits - 1), r = u % kRows, q = u / kRows;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(v[b][i]) : "f"(staging[(4 * q + i) * kRows + r]));
-    }
-#pragma unroll
-    for (int b = 0; b < kBatch; ++b) {
-      const int u = u0 + b * kFoldThreads, r = u % kRows, q = u / kRows;
-      if (u < kUnits)
-        asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(dst + r * kRowBytes + ((q ^ (r & 7)) << 4)),
-                     "r"(v[b][0]), "r"(v[b][1]), "r"(v[b][2]), "r"(v[b][3])
-                     : "memory");
-    }
-  }
-}
 
 // wgmma's shared-memory descriptor of a K-major operand in TMA's 128-byte swizzle: rows of 128
 // bytes, 8-row groups 1024 bytes apart (the stride byte offset), the leading byte offset unused in
@@ -637,11 +600,8 @@ __device__ __forceinline__ void split_epilogue(const float* buf, const Params& p
 __host__ __device__ constexpr int epilogue_buffer_bytes(int epilogue, int consumers, int elem) {
   return epilogue == kStaged ? consumers * kSliceRows * kBN * elem : epilogue == kSplit ? kSplitBytes : 0;
 }
-// fold's staging after it: two raw A boxes, so that one box's TMA overlaps the other's rewrite.
-__host__ __device__ constexpr int fold_staging_bytes(int fold) { return fold ? 2 * kABytes : 0; }
-// The barriers after them: full and empty per stage, done per consumer, acc_full, acc_empty[],
-// staging_full[2] and staging_empty[2].
-__host__ __device__ constexpr int kBarrierBytes(int stages) { return 8 * (2 * stages + 3 + kFillBarriers + 4); }
+// The barriers after it: full and empty per stage, done per consumer, acc_full, acc_empty[].
+__host__ __device__ constexpr int kBarrierBytes(int stages) { return 8 * (2 * stages + 3 + kFillBarriers); }
 
 // kSplitWgs: the split epilogue's two warpgroups follow the consumers (640 threads). A CTA gets its
 // launch registers (96 a thread at 640) and setmaxnreg only moves them between warpgroups, so the
@@ -649,17 +609,13 @@ __host__ __device__ constexpr int kBarrierBytes(int stages) { return 8 * (2 * st
 // loop; 152 spilled), epilogue 64 a thread (32 + 2 * 160 + 2 * 64). Asking for more than was given
 // back blocks the consumers' setmaxnreg forever (the first split build, 168 and 72, hung on the
 // H200). Without the split: 168 at launch, producer 40, consumers 232 (40 + 2 * 232 = 3 * 168).
-// kFold (fp32 with the split only): the producer's loop over the fold's staging spilled at 32, so
-// it takes 48 and the epilogue 56 (48 + 2 * 160 + 2 * 56), which fp32's epilogue holds without
-// spilling (the 16-bit ones do not: they stay at 64).
-template <bool kSplitWgs, bool kFold>
+template <bool kSplitWgs>
 struct Registers {
   static constexpr int kThreads = kSplitWgs ? 640 : 384;
   static constexpr int kLaunch = 65536 / kThreads / 8 * 8;
-  static constexpr int kProducer = kFold ? 48 : kSplitWgs ? 32 : 40;
+  static constexpr int kProducer = kSplitWgs ? 32 : 40;
   static constexpr int kConsumer = kSplitWgs ? 160 : 232;
-  static constexpr int kEpilogue = kFold ? 56 : 64;
-  static_assert(!kFold || kSplitWgs, "fold comes with the split epilogue");
+  static constexpr int kEpilogue = 64;
   static_assert(kProducer + 2 * kConsumer + (kSplitWgs ? kSplitWarpgroups * kEpilogue : 0) <= kLaunch * kThreads / 128,
                 "setmaxnreg cannot hand out more registers than the launch gave the CTA");
 };
@@ -672,8 +628,8 @@ __device__ __forceinline__ void set_max_registers_inc() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs) : "memory");
 }
 
-template <typename T, int kMish, bool kSplitWgs, bool kFold>
-__global__ void __launch_bounds__(Registers<kSplitWgs, kFold>::kThreads, 1)
+template <typename T, int kMish, bool kSplitWgs>
+__global__ void __launch_bounds__(Registers<kSplitWgs>::kThreads, 1)
     conv_mish_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
                      const __grid_constant__ CUtensorMap map_o, const Params p, const T* __restrict__ bias,
                      T* __restrict__ out) {
@@ -689,16 +645,12 @@ __global__ void __launch_bounds__(Registers<kSplitWgs, kFold>::kThreads, 1)
   // buffer over
   constexpr int kSliceBytes = kSliceRows * kBN * sizeof(T);
   uint8_t* const out_buf = smem_raw + (base - raw) + stages * kStageBytes;
-  const uint32_t staging0 = base + stages * kStageBytes + epilogue_buffer_bytes(p.epilogue, consumers, sizeof(T));
-  const uint32_t bars = staging0 + fold_staging_bytes(kFold);
+  const uint32_t bars = base + stages * kStageBytes + epilogue_buffer_bytes(p.epilogue, consumers, sizeof(T));
   auto full = [&](int s) { return bars + 8 * s; };
   auto empty = [&](int s) { return bars + 8 * (stages + s); };
   auto done = [&](int c) { return bars + 8 * (2 * stages + c); };
   const uint32_t acc_full = bars + 8 * (2 * stages + 2);
   auto acc_empty = [&](long long f) { return acc_full + 8 + 8 * static_cast<uint32_t>(f % kFillBarriers); };
-  auto staging = [&](int j) { return staging0 + j * kABytes; };
-  auto staging_full = [&](int j) { return acc_full + 8 * (1 + kFillBarriers + j); };
-  auto staging_empty = [&](int j) { return acc_full + 8 * (3 + kFillBarriers + j); };
   auto tile_a = [&](int s) { return base + s * kStageBytes; };
   auto tile_b = [&](int s) { return base + s * kStageBytes + kABytes; };
 
@@ -707,17 +659,13 @@ __global__ void __launch_bounds__(Registers<kSplitWgs, kFold>::kThreads, 1)
   const int wg = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x / 128), 0);
   if (threadIdx.x == 0) {
     for (int s = 0; s < stages; ++s) {
-      mbar_init(full(s), kFold ? 2 : 1);  // fold: the B load's and the folding warps' arrivals
+      mbar_init(full(s), 1);
       mbar_init(empty(s), 4);  // one arrival per warp of the consuming warpgroup
     }
     mbar_init(done(0), 4);
     mbar_init(done(1), 4);
     mbar_init(acc_full, 128);                    // every thread of the writing consumer
     for (int f = 0; f < kFillBarriers; ++f) mbar_init(acc_empty(f), 128 * kSplitWarpgroups);  // every epilogue thread
-    for (int j = 0; kFold && j < 2; ++j) {
-      mbar_init(staging_full(j), 1);   // the A box's TMA
-      mbar_init(staging_empty(j), 1);  // the folding warps, once rewritten
-    }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
@@ -727,42 +675,24 @@ __global__ void __launch_bounds__(Registers<kSplitWgs, kFold>::kThreads, 1)
   const uint32_t a_box_bytes = (p.rowbox ? kRowBoxRows : kBM) * kRowBytes;
 
   if (wg == 0) {
-    set_max_registers_dec<Registers<kSplitWgs, kFold>::kProducer>();
+    set_max_registers_dec<Registers<kSplitWgs>::kProducer>();
     if (threadIdx.x == 0) {
       asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&map_a)) : "memory");
       asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&map_b)) : "memory");
       if (p.epilogue == kStaged && p.channels_last) asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&map_o)) : "memory");
       int s = 0;
       uint32_t phase = 0;  // parity of the ring's current round
-      uint32_t boxes = 0;  // fold: A boxes so far; box b goes through staging b % 2 in its round b / 2
       for (long long t = blockIdx.x; t < p.num_tiles; t += gridDim.x) {
         const Tile tile = decode(t, p);
-        // kernel row 0's padded row (fold: the input's row, and the first pixel's column, both
-        // before the padding, which TMA reads as zeros)
-        const int row0 = kFold ? tile.h * p.sh - p.pad_h : tile.n * p.hp + tile.h * p.sh;
-        const int col0 = tile.w0 - p.pad_w;
+        const int row0 = tile.n * p.hp + tile.h * p.sh;  // padded row of kernel row 0
         // kernel rows, channel blocks, then the taps of the row: the consumers' K order
         for (int kh = 0; kh < p.taps / p.taps_w; ++kh) {
           for (int cb = 0; cb < p.kblocks; ++cb) {
             for (int kw = 0; kw < p.taps_w; ++kw) {
               const bool load_a = !p.rowbox || kw == 0;
               mbar_wait_idle(empty(s), phase ^ 1);
-              if constexpr (kFold) {  // A into staging, from the unpadded input (sw is 1); B alone into the stage
-                if (load_a) {
-                  const int j = boxes & 1;
-                  mbar_wait_idle(staging_empty(j), ((boxes >> 1) & 1) ^ 1);
-                  mbar_expect_tx(staging_full(j), a_box_bytes);
-                  tma_load_4d(staging(j), &map_a, staging_full(j), col0 + (p.rowbox ? 0 : kw * p.dw), row0 + kh * p.dh,
-                              cb * kElems, tile.n);
-                  ++boxes;
-                } else {
-                  mbar_arrive(full(s));  // in the folding warps' place: this stage has no A of its own
-                }
-                mbar_expect_tx(full(s), kTileBytes);
-              } else {
-                mbar_expect_tx(full(s), kTileBytes + (load_a ? a_box_bytes : 0));
-              }
-              if (load_a && !kFold) {  // row boxes: sw is 1 and the box starts at kw = 0
+              mbar_expect_tx(full(s), kTileBytes + (load_a ? a_box_bytes : 0));
+              if (load_a) {  // row boxes: sw is 1 and the box starts at kw = 0
                 const int shift = p.rowbox ? 0 : kw * p.dw;
                 tma_load_4d(tile_a(s), &map_a, full(s), cb * kElems, shift % p.sw, tile.w0 + shift / p.sw,
                             row0 + kh * p.dh);
@@ -776,45 +706,9 @@ __global__ void __launch_bounds__(Registers<kSplitWgs, kFold>::kThreads, 1)
           }
         }
       }
-    } else if (kFold && threadIdx.x >= 32) {
-      // The folding warps: every A box in the producer's order, from staging j into its stage once
-      // the stage is free, then one arrival for the stage and one for the staging buffer.
-      const int ft = threadIdx.x - 32;
-      const float* const staging_ptr = reinterpret_cast<const float*>(smem_raw + (staging0 - raw));
-      int s = 0;
-      uint32_t phase = 0, boxes = 0;
-      for (long long t = blockIdx.x; t < p.num_tiles; t += gridDim.x) {
-        for (int kh = 0; kh < p.taps / p.taps_w; ++kh) {
-          for (int cb = 0; cb < p.kblocks; ++cb) {
-            for (int kw = 0; kw < p.taps_w; ++kw) {
-              if (!p.rowbox || kw == 0) {
-                const int j = boxes & 1;
-                mbar_wait(staging_full(j), (boxes >> 1) & 1);
-                mbar_wait(empty(s), phase ^ 1);
-                if (p.rowbox) {
-                  transpose_round<kRowBoxRows>(staging_ptr + j * (kABytes / 4), tile_a(s), ft);
-                } else {
-                  transpose_round<kBM>(staging_ptr + j * (kABytes / 4), tile_a(s), ft);
-                }
-                fence_async_shared();  // the rewritten box, visible to the wgmmas (the async proxy)
-                fold_sync();
-                if (ft == 0) {
-                  mbar_arrive(full(s));
-                  mbar_arrive(staging_empty(j));
-                }
-                ++boxes;
-              }
-              if (++s == stages) {
-                s = 0;
-                phase ^= 1;
-              }
-            }
-          }
-        }
-      }
     }
   } else if (wg <= consumers) {
-    set_max_registers_inc<Registers<kSplitWgs, kFold>::kConsumer>();
+    set_max_registers_inc<Registers<kSplitWgs>::kConsumer>();
     const int c = wg - 1;
     const int tid = threadIdx.x & 127;
     const int lane = tid & 31;
@@ -910,7 +804,7 @@ __global__ void __launch_bounds__(Registers<kSplitWgs, kFold>::kThreads, 1)
     }
     if (p.epilogue == kStaged && p.channels_last && tid == 0) tma_store_wait_all();  // the buffer outlives its last stores
   } else if constexpr (kSplitWgs) {  // the split epilogue's warpgroups
-    set_max_registers_dec<Registers<kSplitWgs, kFold>::kEpilogue>();
+    set_max_registers_dec<Registers<kSplitWgs>::kEpilogue>();
     if (p.mode == 2) return;
     const float* const buf = reinterpret_cast<const float*>(out_buf);
     if (p.channels_last) {
@@ -938,19 +832,21 @@ static EncodeTiled encode_fn(std::string& error) {
   return fn;
 }
 
-// A tensor map of up to 4 dimensions (dims[0] contiguous; strides of the others in bytes) with the
-// given box and swizzle; out-of-bounds elements read as zeros.
-static bool make_map_boxed(CUtensorMap* map, CUtensorMapDataType dtype, const void* ptr, int rank,
-                           const uint64_t (&dims)[4], const uint64_t (&strides)[3], const cuuint32_t (&box)[4],
-                           CUtensorMapSwizzle swizzle, std::string& error) {
+// A tensor map of up to 4 dimensions (dims[0] contiguous; strides of the others in bytes) whose
+// boxes are 128-byte rows of dims[0] in the 128-byte swizzle: box_rows along dimension row_dim,
+// one along the others.
+static bool make_map(CUtensorMap* map, CUtensorMapDataType dtype, int elem, const void* ptr, int rank,
+                     const uint64_t (&dims)[4], const uint64_t (&strides)[3], int row_dim, uint32_t box_rows,
+                     std::string& error) {
   EncodeTiled fn = encode_fn(error);
   if (fn == nullptr) return false;
+  cuuint32_t box[4] = {static_cast<cuuint32_t>(kRowBytes / elem), 1, 1, 1};
+  box[row_dim] = box_rows;
   const cuuint64_t sizes[4] = {dims[0], dims[1], dims[2], dims[3]};
   const cuuint64_t byte_strides[3] = {strides[0], strides[1], strides[2]};
   const cuuint32_t estrides[4] = {1, 1, 1, 1};
-  CUresult r = fn(map, dtype, rank, const_cast<void*>(ptr), sizes, byte_strides, const_cast<cuuint32_t*>(box), estrides,
-                  CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  CUresult r = fn(map, dtype, rank, const_cast<void*>(ptr), sizes, byte_strides, box, estrides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                  CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS) {
     error = "hopper_conv: cuTensorMapEncodeTiled failed with CUresult " + std::to_string(static_cast<int>(r));
     return false;
@@ -958,41 +854,22 @@ static bool make_map_boxed(CUtensorMap* map, CUtensorMapDataType dtype, const vo
   return true;
 }
 
-// A map whose boxes are 128-byte rows of dims[0] in the 128-byte swizzle: box_rows along dimension
-// row_dim, one along the others.
-static bool make_map(CUtensorMap* map, CUtensorMapDataType dtype, int elem, const void* ptr, int rank,
-                     const uint64_t (&dims)[4], const uint64_t (&strides)[3], int row_dim, uint32_t box_rows,
-                     std::string& error) {
-  cuuint32_t box[4] = {static_cast<cuuint32_t>(kRowBytes / elem), 1, 1, 1};
-  box[row_dim] = box_rows;
-  return make_map_boxed(map, dtype, ptr, rank, dims, strides, box, CU_TENSOR_MAP_SWIZZLE_128B, error);
+// Dynamic shared memory of a launch: the ring, the epilogue's buffer, the barriers, and room to
+// align the ring to 1024 bytes.
+static int smem_bytes(int stages, int consumers, int epilogue, int elem) {
+  return stages * kStageBytes + epilogue_buffer_bytes(epilogue, consumers, elem) + kBarrierBytes(stages) + 1024;
 }
 
-// Dynamic shared memory of a launch: the ring, the epilogue's buffer, fold's staging, the barriers,
-// and room to align the ring to 1024 bytes.
-static int smem_bytes(int stages, int consumers, int epilogue, int elem, int fold) {
-  return stages * kStageBytes + epilogue_buffer_bytes(epilogue, consumers, elem) + fold_staging_bytes(fold) +
-         kBarrierBytes(stages) + 1024;
-}
-
-template <typename T, int kMish, bool kSplitWgs, bool kFold>
+template <typename T, int kMish, bool kSplitWgs>
 static std::string launch_typed(CUtensorMapDataType dtype, const void* xp, const void* wk, const void* bias, void* out,
-                                const Params& p, long long rows, int in_c, int in_h, int in_w, int sms,
-                                cudaStream_t stream) {
+                                const Params& p, long long rows, int sms, cudaStream_t stream) {
   std::string error;
   CUtensorMap map_a, map_b, map_o = {};
   const uint64_t e = sizeof(T), cp = p.cp, sw = p.sw, wp = p.wp;
-  if (kFold) {  // the unpadded NCHW input as [N][C][H][W], boxes of a row's pixels x a K block's channels
-    const uint64_t iw = in_w, ih = in_h, ic = in_c, images = rows / (static_cast<uint64_t>(p.hp) * p.wp);
-    const cuuint32_t box[4] = {static_cast<cuuint32_t>(p.rowbox ? kRowBoxRows : kBM), 1, kRowBytes / sizeof(T), 1};
-    if (!make_map_boxed(&map_a, dtype, xp, 4, {iw, ih, ic, images}, {iw * e, ih * iw * e, ic * ih * iw * e}, box,
-                        CU_TENSOR_MAP_SWIZZLE_NONE, error))
-      return error;
-  } else if (!make_map(&map_a, dtype, e, xp, 4, {cp, sw, wp / sw, static_cast<uint64_t>(rows) / wp},
-                       {cp * e, sw * cp * e, wp * cp * e}, 2, p.rowbox ? kRowBoxRows : kBM, error)) {
-    // the padded input as [N Hp][Wp / sw][sw][Cp] (the file's head says why)
+  // the padded input as [N Hp][Wp / sw][sw][Cp] (the file's head says why)
+  if (!make_map(&map_a, dtype, e, xp, 4, {cp, sw, wp / sw, static_cast<uint64_t>(rows) / wp},
+                {cp * e, sw * cp * e, wp * cp * e}, 2, p.rowbox ? kRowBoxRows : kBM, error))
     return error;
-  }
   const uint64_t k = static_cast<uint64_t>(p.taps) * cp;
   if (!make_map(&map_b, dtype, e, wk, 2, {k, static_cast<uint64_t>(p.cout), 1, 1}, {k * e, 0, 0}, 1, kBN, error))
     return error;
@@ -1002,8 +879,8 @@ static std::string launch_typed(CUtensorMapDataType dtype, const void* xp, const
                   kSliceRows, error))
       return error;
   }
-  const int smem = smem_bytes(p.stages, p.consumers, p.epilogue, sizeof(T), kFold);
-  auto kernel = conv_mish_kernel<T, kMish, kSplitWgs, kFold>;
+  const int smem = smem_bytes(p.stages, p.consumers, p.epilogue, sizeof(T));
+  auto kernel = conv_mish_kernel<T, kMish, kSplitWgs>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return std::string("hopper_conv: cudaFuncSetAttribute: ") + cudaGetErrorString(err);
   const long long grid = p.num_tiles < sms ? p.num_tiles : sms;
@@ -1015,14 +892,11 @@ static std::string launch_typed(CUtensorMapDataType dtype, const void* xp, const
   return "";
 }
 
-// dtype: 0 fp32 (TF32 operands), 1 bf16, 2 fp16. xp is the padded NHWC input, or with fold the
-// unpadded fp32 NCHW one ([N][in_c][in_h][in_w], padded by pad_h and pad_w to hp x wp). Returns an
-// empty string or why it failed.
+// dtype: 0 fp32 (TF32 operands), 1 bf16, 2 fp16. Returns an empty string or why it failed.
 std::string launch(int dtype, int mish_count, const void* xp, const void* wk, const void* bias, void* out,
                    long long rows, int out_h, int out_w, int cout, int hp, int wp, int kh, int kw, int dh, int dw,
                    int sh, int sw, int cp, int stages, int consumers, int rowbox, int channels_last, int epilogue,
-                   int fold, int in_c, int in_h, int in_w, int pad_h, int pad_w, int sms, int mode,
-                   cudaStream_t stream) {
+                   int sms, int mode, cudaStream_t stream) {
   const int elem = dtype == 0 ? 4 : 2;
   const int kelems = kRowBytes / elem;
   if (cp % kelems != 0) return "hopper_conv: padded channels not a multiple of the K block";
@@ -1030,15 +904,10 @@ std::string launch(int dtype, int mish_count, const void* xp, const void* wk, co
   if (consumers < 1 || consumers > 2) return "hopper_conv: consumers must be 1 or 2";
   if (rows >= (1LL << 31)) return "hopper_conv: 2^31 padded pixels or more in one launch";
   if (epilogue < kDirect || epilogue > kSplit) return "hopper_conv: epilogue must be 0 (direct), 1 (staged) or 2 (split)";
-  if (smem_bytes(stages, consumers, epilogue, elem, fold) > kMaxSmem)
+  if (smem_bytes(stages, consumers, epilogue, elem) > kMaxSmem)
     return "hopper_conv: " + std::to_string(stages) + " stages" +
            (epilogue == kStaged ? " and the staged epilogue" : epilogue == kSplit ? " and the split epilogue" : "") +
-           (fold ? " and fold's staging" : "") + " need more than " + std::to_string(kMaxSmem) +
-           " bytes of shared memory";
-  // TMA's global strides are multiples of 16 bytes; the folded box is one stride-1 row of pixels
-  if (fold && (dtype != 0 || epilogue != kSplit || sw != 1 || in_w % 4 != 0 || reinterpret_cast<uintptr_t>(xp) % 16 != 0))
-    return "hopper_conv: fold needs fp32, the split epilogue, stride 1 along the width, a width that is a multiple of 4 and a "
-           "16-byte aligned input";
+           " need more than " + std::to_string(kMaxSmem) + " bytes of shared memory";
   // TMA's global addresses and strides are multiples of 16 bytes
   if (epilogue == kStaged && channels_last && (reinterpret_cast<uintptr_t>(out) % 16 != 0 || (cout * elem) % 16 != 0))
     return "hopper_conv: the staged epilogue in channels_last needs a 16-byte aligned output and Cout * element size a multiple of 16 bytes (TMA)";
@@ -1072,19 +941,10 @@ std::string launch(int dtype, int mish_count, const void* xp, const void* wk, co
   p.epilogue = epilogue;
   p.pair_rows = out_w % 2 == 0 && reinterpret_cast<uintptr_t>(out) % (2 * elem) == 0;
   p.mode = mode;
-  p.pad_h = fold ? pad_h : 0;
-  p.pad_w = fold ? pad_w : 0;
   if (p.num_tiles == 0) return "";
-#define HOPPER_CONV_CASE(T, CU, M)                                                                         \
-  return epilogue == kSplit                                                                                \
-             ? launch_typed<T, M, true, false>(CU, xp, wk, bias, out, p, rows, in_c, in_h, in_w, sms, stream) \
-             : launch_typed<T, M, false, false>(CU, xp, wk, bias, out, p, rows, in_c, in_h, in_w, sms, stream)
-#define HOPPER_CONV_FOLD(M) \
-  return launch_typed<float, M, true, true>(CU_TENSOR_MAP_DATA_TYPE_FLOAT32, xp, wk, bias, out, p, rows, in_c, in_h, in_w, sms, stream)
-  if (fold) {
-    if (mish_count == 1) HOPPER_CONV_FOLD(1);
-    HOPPER_CONV_FOLD(2);
-  }
+#define HOPPER_CONV_CASE(T, CU, M)                                                      \
+  return epilogue == kSplit ? launch_typed<T, M, true>(CU, xp, wk, bias, out, p, rows, sms, stream) \
+                            : launch_typed<T, M, false>(CU, xp, wk, bias, out, p, rows, sms, stream)
   if (dtype == 0) {
     if (mish_count == 1) HOPPER_CONV_CASE(float, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 1);
     HOPPER_CONV_CASE(float, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 2);
@@ -1096,7 +956,6 @@ std::string launch(int dtype, int mish_count, const void* xp, const void* wk, co
     HOPPER_CONV_CASE(__half, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2);
   }
 #undef HOPPER_CONV_CASE
-#undef HOPPER_CONV_FOLD
 }
 
 }  // namespace hopper_conv

@@ -13,8 +13,7 @@ namespace hopper_conv {
 std::string launch(int dtype, int mish_count, const void* xp, const void* wk, const void* bias, void* out,
                    long long rows, int out_h, int out_w, int cout, int hp, int wp, int kh, int kw, int dh, int dw,
                    int sh, int sw, int cp, int stages, int consumers, int rowbox, int channels_last, int epilogue,
-                   int fold, int in_c, int in_h, int in_w, int pad_h, int pad_w, int sms, int mode,
-                   cudaStream_t stream);
+                   int sms, int mode, cudaStream_t stream);
 }
 
 namespace {
@@ -28,30 +27,20 @@ int dtype_code(const torch::Tensor& t) {
   }
 }
 
-// xp: [N, Hp, Wp, Cp] padded NHWC input, or with fold the unpadded fp32 input [N, C, H, W] (contiguous
-// NCHW), which the kernel pads by (ph, pw) itself; wk: [Cout, KH * KW * Cp]; out: [N, Cout, OH, OW],
-// contiguous (NCHW) or channels_last.
+// xp: [N, Hp, Wp, Cp] padded NHWC input; wk: [Cout, KH * KW * Cp]; out: [N, Cout, OH, OW], contiguous
+// (NCHW) or channels_last.
 std::string conv_mish(const torch::Tensor& xp, const torch::Tensor& wk, const c10::optional<torch::Tensor>& bias,
                       const torch::Tensor& out, int64_t kh, int64_t kw, int64_t dh, int64_t dw, int64_t sh, int64_t sw,
                       int64_t mish_count, bool channels_last, int64_t stages, int64_t consumers, bool rowbox,
-                      int64_t epilogue, int64_t mode, bool fold, int64_t ph, int64_t pw) {
+                      int64_t epilogue, int64_t mode) {
   if (!xp.is_cuda() || !wk.is_cuda() || !out.is_cuda()) return "hopper_conv: operands must be CUDA tensors";
   if (xp.device() != wk.device() || xp.device() != out.device()) return "hopper_conv: operands on different devices";
   const int dtype = dtype_code(xp);
   if (dtype < 0 || wk.scalar_type() != xp.scalar_type() || out.scalar_type() != xp.scalar_type())
     return "hopper_conv: operands must share one dtype of float32, bfloat16, float16";
-  if (xp.dim() != 4 || !xp.is_contiguous())
-    return fold ? "hopper_conv: the folded input must be contiguous [N, C, H, W]"
-                : "hopper_conv: padded input must be contiguous [N, Hp, Wp, Cp]";
-  if (!fold && (ph != 0 || pw != 0)) return "hopper_conv: a padded input takes no padding of its own";
-  if (ph < 0 || pw < 0) return "hopper_conv: padding must be non-negative";
-  const int64_t n = xp.size(0), in_c = xp.size(1), in_h = xp.size(2), in_w = xp.size(3);
-  const int64_t taps = kh * kw;
-  if (wk.dim() != 2 || !wk.is_contiguous() || taps < 1 || wk.size(1) % taps != 0)
-    return "hopper_conv: packed weight must be contiguous [Cout, KH * KW * Cp]";
-  const int64_t cp = fold ? wk.size(1) / taps : xp.size(3);
-  const int64_t hp = fold ? in_h + 2 * ph : xp.size(1), wp = fold ? in_w + 2 * pw : xp.size(2);
-  if (wk.size(1) != taps * cp || (fold && cp < in_c))
+  if (xp.dim() != 4 || !xp.is_contiguous()) return "hopper_conv: padded input must be contiguous [N, Hp, Wp, Cp]";
+  const int64_t n = xp.size(0), hp = xp.size(1), wp = xp.size(2), cp = xp.size(3);
+  if (wk.dim() != 2 || !wk.is_contiguous() || wk.size(1) != kh * kw * cp)
     return "hopper_conv: packed weight must be contiguous [Cout, KH * KW * Cp]";
   const int64_t cout = wk.size(0);
   // the padded width may carry zero columns past the conv's own padding (a multiple of sw)
@@ -85,9 +74,7 @@ std::string conv_mish(const torch::Tensor& xp, const torch::Tensor& wk, const c1
                              static_cast<int>(kw), static_cast<int>(dh), static_cast<int>(dw),
                              static_cast<int>(sh), static_cast<int>(sw), static_cast<int>(cp),
                              static_cast<int>(stages), static_cast<int>(consumers), rowbox ? 1 : 0,
-                             channels_last ? 1 : 0, static_cast<int>(epilogue), fold ? 1 : 0, static_cast<int>(in_c),
-                             static_cast<int>(in_h), static_cast<int>(in_w), static_cast<int>(ph),
-                             static_cast<int>(pw), sms, static_cast<int>(mode), stream);
+                             channels_last ? 1 : 0, static_cast<int>(epilogue), sms, static_cast<int>(mode), stream);
 }
 
 }  // namespace
@@ -96,6 +83,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_mish", &conv_mish, "implicit-GEMM conv + bias + Mish (x mish_count) on sm_90a", py::arg("xp"),
         py::arg("wk"), py::arg("bias"), py::arg("out"), py::arg("kh"), py::arg("kw"), py::arg("dh"), py::arg("dw"),
         py::arg("sh"), py::arg("sw"), py::arg("mish_count"), py::arg("channels_last"), py::arg("stages"),
-        py::arg("consumers"), py::arg("rowbox"), py::arg("epilogue"), py::arg("mode") = 0, py::arg("fold") = false,
-        py::arg("ph") = 0, py::arg("pw") = 0);
+        py::arg("consumers"), py::arg("rowbox"), py::arg("epilogue"), py::arg("mode") = 0);
 }

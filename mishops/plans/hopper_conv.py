@@ -14,9 +14,6 @@ The input goes through ``triton_conv``'s pass first (``padded_input``): zero-pad
 channels padded to the K block (32 fp32 or 64 16-bit values, one 128-byte swizzle row), fp32
 rounded to TF32 to nearest, as cuDNN's TF32 conv rounds (wgmma would otherwise truncate, which
 gives several times the eager block's error). Without Triton the same buffer is made with torch ops.
-With ``fold`` (fp32 NCHW input, stride 1, the split epilogue) there is no such pass: TMA reads the
-input's own boxes, padding them with zeros, and the producer's idle warps round them and make them
-K-major in shared memory, which saves the pass's trip through memory.
 
 Any stride, groups 1, numeric zero padding, any kernel size and dilation, Cout a multiple of 8;
 fp32 (TF32, so only with ``torch.backends.cudnn.allow_tf32``), bf16 and fp16; output NCHW or
@@ -78,21 +75,15 @@ class HopperConfig:
     consumers: int = 2
     rowbox: bool = False
     epilogue: str = "direct"
-    #: the input pass folded into the kernel (fp32 NCHW input at stride 1 along the width; with the
-    #: split epilogue): two staging buffers take shared memory from the ring
-    fold: bool = False
 
     def __post_init__(self):
         if self.epilogue not in EPILOGUES:
             raise ValueError(f"epilogue {self.epilogue!r}: one of {EPILOGUES}")
-        if self.fold and self.epilogue != "split":
-            raise ValueError("fold comes with the split epilogue")
 
     @property
     def name(self) -> str:
         return (f"s{self.stages}_{'pingpong' if self.consumers == 2 else 'single'}"
-                + ("_rowbox" if self.rowbox else "") + ("" if self.epilogue == "direct" else f"_{self.epilogue}")
-                + ("_fold" if self.fold else ""))
+                + ("_rowbox" if self.rowbox else "") + ("" if self.epilogue == "direct" else f"_{self.epilogue}"))
 
     @property
     def kernel_args(self) -> tuple[int, int, bool, int]:
@@ -110,16 +101,13 @@ class HopperConfig:
             return False
         if self.epilogue == "staged" and channels_last and cout * elem % 16:
             return False
-        if self.fold and (elem != 4 or stride_w != 1):
-            return False
         return self.shared_memory(elem) <= MAX_SHARED_MEMORY
 
     def shared_memory(self, elem: int) -> int:
         """Bytes of dynamic shared memory a launch takes (``smem_bytes`` in the kernel)."""
         buffer = {"direct": 0, "staged": self.consumers * SLICE_PIXELS * TILE_CHANNELS * elem,
                   "split": SPLIT_BUFFER_BYTES}[self.epilogue]
-        staging = 2 * A_BOX_BYTES if self.fold else 0
-        return self.stages * STAGE_BYTES + buffer + staging + 8 * (2 * self.stages + 11) + 1024
+        return self.stages * STAGE_BYTES + buffer + 8 * (2 * self.stages + 7) + 1024
 
 
 #: rows a row box holds beyond the tile's 128 (``kRowBoxRows - kBM`` in the kernel)
@@ -127,10 +115,8 @@ ROWBOX_SHIFT = 8
 #: the kernel's layout of shared memory: a stage's bytes (``kStageBytes``), an m64 slice's pixels
 #: (``kSliceRows``), a tile's channels (``kBN``), the split epilogue's buffer (``kSplitBytes``: a
 #: slice's fp32 accumulators in rows padded to 136 words), what a CTA may have (``kMaxSmem``), and
-#: the barriers after them (``kBarrierBytes``: 2 a stage and 11 more); a stage's A box (``kABytes``),
-#: of which fold's staging holds two
-A_BOX_BYTES = (128 + ROWBOX_SHIFT) * K_BLOCK_BYTES
-STAGE_BYTES = A_BOX_BYTES + 128 * K_BLOCK_BYTES
+#: the barriers after them (``kBarrierBytes``: 2 a stage and 7 more)
+STAGE_BYTES = (128 + ROWBOX_SHIFT) * K_BLOCK_BYTES + 128 * K_BLOCK_BYTES
 SLICE_PIXELS = 64
 TILE_CHANNELS = 128
 SPLIT_BUFFER_BYTES = SLICE_PIXELS * (TILE_CHANNELS + 8) * 4
@@ -139,7 +125,7 @@ MAX_SHARED_MEMORY = 227 * 1024
 #: run. The first that fits is what runs where nothing has been tuned: the fastest for fp32 NCHW at
 #: the reference shape on the H200 (benchmarks/results/h200/gpu-run9.md); one consumer stays as the
 #: baseline that hides nothing.
-CONFIGS = (HopperConfig(5, 2, True, "split"), HopperConfig(5, 2, False, "split"), HopperConfig(4, 2, True, "split", True),
+CONFIGS = (HopperConfig(5, 2, True, "split"), HopperConfig(5, 2, False, "split"),
            HopperConfig(6, 2, True), HopperConfig(6, 2), HopperConfig(4, 2), HopperConfig(4, 2, True),
            HopperConfig(3, 2), HopperConfig(4, 2, True, "staged"), HopperConfig(4, 2, False, "staged"),
            HopperConfig(5, 2, True, "staged"), HopperConfig(6, 1))
@@ -268,16 +254,6 @@ def padded_input(x: torch.Tensor, padding: tuple[int, int], channels: int, dtype
     return triton_conv.tf32_rounded(xp) if round_tf32 else xp
 
 
-def foldable(x: torch.Tensor, weight: torch.Tensor, stride_w: int) -> bool:
-    """Whether the kernel can read ``x`` itself (``HopperConfig.fold``): fp32 contiguous NCHW, TMA's
-    16-byte row stride and alignment, stride 1 along the width, and rows and channels at least a box
-    (136 pixels, a K block): the first folded build stopped with an illegal instruction on an 8-channel
-    52-wide input on the H200 (gpu-run10.md), while 64 x 256 ran right."""
-    return (x.dtype == weight.dtype == torch.float32 and x.is_contiguous() and x.shape[3] % 4 == 0
-            and x.shape[3] >= 128 + ROWBOX_SHIFT and x.shape[1] >= k_block(torch.float32)
-            and x.data_ptr() % 16 == 0 and stride_w == 1)
-
-
 def packed_weight(weight: torch.Tensor, channels: int) -> torch.Tensor:
     from mishops.plans import triton_conv
 
@@ -305,8 +281,7 @@ def conv_mish(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     if config.epilogue != "direct" and channels_last and out.data_ptr() % 16:  # a caller's view
         config = dataclasses.replace(config, epilogue="direct")  # (TMA, or the split's 4-element stores)
     channels = padded_channels(cin, dtype)
-    fold = config.fold and foldable(x, weight, sw)  # else the input pass, as for the same config unfolded
-    xp = x if fold else padded_input(x, padding, channels, dtype, wp)
+    xp = padded_input(x, padding, channels, dtype, wp)
     wk = packed_weight(weight, channels)
     b = None if bias is None else bias.to(dtype).contiguous()
     ext = extension()
@@ -314,7 +289,7 @@ def conv_mish(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     for n0 in range(0, n, per_launch):
         n1 = min(n, n0 + per_launch)
         message = ext.conv_mish(xp[n0:n1], wk, b, out[n0:n1], kh, kw, dh, dw, sh, sw, mish_count, channels_last,
-                                *config.kernel_args, fold=fold, ph=ph if fold else 0, pw=pw if fold else 0)
+                                *config.kernel_args)
         if message:
             raise RuntimeError(f"{message} (input {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)})")
     return out
@@ -386,9 +361,8 @@ class HopperConvPlan(Plan):
         taps = weight.shape[2] * weight.shape[3]
         kiters = taps * padded_channels(x.shape[1], weight.dtype) // k_block(weight.dtype)
         channels_last = expected_memory_format(x, weight) == torch.channels_last
-        fold = foldable(x, weight, spec.stride[1])
         found = [c for c in CONFIGS
-                 if c.stages <= max(3, 2 * kiters) and (fold or not c.fold)
+                 if c.stages <= max(3, 2 * kiters)
                  and c.fits(weight, spec.dilation[1], channels_last, spec.stride[1])]
         return found or [CONFIGS[-1]]
 

@@ -1,4 +1,4 @@
-# run 10, call 6: call 5 again after its fixes (batched rewrite, fold declined below a box) (s4_pingpong_rowbox_split_fold): its checks against
+# run 10, call 6: call 5 again after its fixes (batched rewrite, 3 staging boxes loaded ahead of the ring, fold declined below a box) (s4_pingpong_rowbox_split_fold): its checks against
 # float64, its output bit for bit against the same config unfolded, an A/B of the kernel and the plan against the
 # split in two processes, then the hopper_conv GPU tests
 export MISHOPS_CACHE_DIR=/tmp/mishops-cache PYTHONUNBUFFERED=1
